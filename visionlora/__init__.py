@@ -1,0 +1,61 @@
+"""visionlora: LoRA for vision models, exact on every conv configuration.
+
+Example:
+    >>> import torchvision, visionlora as vl
+    >>> model = vl.apply_lora(torchvision.models.resnet50(), vl.LoraConfig(targets="layer4.*", rank=4))
+"""
+
+from visionlora.adapters import (
+    active_adapters,
+    delete_adapter,
+    disable_adapters,
+    enable_adapters,
+    list_adapters,
+    set_adapter,
+)
+from visionlora.config import LoraConfig
+from visionlora.errors import (
+    AdapterError,
+    AdapterFileError,
+    ConfigError,
+    MergeError,
+    TargetError,
+    UnsupportedModuleError,
+    VisionLoraError,
+)
+from visionlora.inject import Match, apply_lora, match_targets, summary
+from visionlora.io import load_adapter, read_adapter, save_adapter
+from visionlora.layers import LoraConv, LoraLayer, LoraLinear
+from visionlora.merge import merge, merge_and_unload, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "AdapterFileError",
+    "ConfigError",
+    "LoraConfig",
+    "LoraConv",
+    "LoraLayer",
+    "LoraLinear",
+    "Match",
+    "MergeError",
+    "TargetError",
+    "UnsupportedModuleError",
+    "VisionLoraError",
+    "active_adapters",
+    "apply_lora",
+    "delete_adapter",
+    "disable_adapters",
+    "enable_adapters",
+    "list_adapters",
+    "load_adapter",
+    "match_targets",
+    "merge",
+    "merge_and_unload",
+    "read_adapter",
+    "save_adapter",
+    "set_adapter",
+    "summary",
+    "unmerge",
+]

@@ -1,0 +1,246 @@
+"""Configuration dataclasses, the strict dict loader they share, and the target-name grammar.
+
+A config is a dataclass; ``from_dict`` maps a plain dict (from YAML or JSON) onto it one to
+one, rejecting unknown keys with the closest valid name and checking every value's type.
+
+Target names follow one grammar:
+
+- a glob over full module names (``layer4.*``, ``*.to_q``, ``0``), matched case-sensitively,
+  where ``*`` also crosses dots;
+- ``re:<regex>``, a regular expression that must match the whole module name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from visionlora.errors import ConfigError
+
+__all__ = [
+    "LAYER_KINDS",
+    "LoraConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "is_exact_name",
+    "pattern_matches",
+]
+
+LayerKind = Literal["Linear", "Conv1d", "Conv2d", "Conv3d"]
+LAYER_KINDS: tuple[str, ...] = typing.get_args(LayerKind)
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def is_exact_name(pattern: str) -> bool:
+    """True when ``pattern`` names one module literally (no glob characters, no ``re:``)."""
+    return not pattern.startswith("re:") and not (_GLOB_CHARS & set(pattern))
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Whether a target pattern selects the module called ``name``.
+
+    Example:
+        >>> pattern_matches("layer4.*", "layer4.0.conv1"), pattern_matches("re:fc|head", "fc")
+        (True, True)
+    """
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _check_pattern(pattern: str, where: str) -> None:
+    if not pattern:
+        raise ConfigError(f"{where}: empty pattern; use a module name, a glob such as 'layer4.*', or 're:<regex>'")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ConfigError(f"{where}: {pattern!r} is not a valid regular expression: {exc}") from None
+
+
+@dataclass
+class LoraConfig:
+    """Which layers get LoRA, at what rank and scale, and what else trains with them.
+
+    Example:
+        >>> cfg = LoraConfig(targets=["layer4.*"], rank=4, alpha=8, rank_pattern={"layer4.0.*": 16})
+    """
+
+    targets: str | list[str]
+    """Module name patterns to adapt: globs over full names, or ``re:<regex>``."""
+    rank: int = 8
+    """Rank r of every adapter unless ``rank_pattern`` says otherwise (r >= 1)."""
+    alpha: float = 8.0
+    """Scale numerator: the branch is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-layer ranks, pattern -> rank. An exact module name wins, then the first matching pattern."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-layer alphas, pattern -> alpha, with the same precedence as ``rank_pattern``."""
+    target_types: list[LayerKind] = field(default_factory=lambda: list(LAYER_KINDS))
+    """Layer types that wildcard patterns may select."""
+    exclude: list[str] = field(default_factory=list)
+    """Patterns of modules never to adapt, even when a target pattern selects them."""
+    dropout: float = 0.0
+    """Dropout probability on the adapter's input during training (0 <= p < 1)."""
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    """Initialisation of A: kaiming-uniform (as nn.Linear) or gaussian with std 1/r. B starts at zero."""
+    rslora: bool = False
+    """Scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA)."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train: none, every bias in the model, or the biases of adapted layers."""
+    trainable: list[str] = field(default_factory=list)
+    """Patterns of modules trained in full (e.g. a new classifier head) and saved with the adapter."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        _check_fields(self)
+        self.alpha = float(self.alpha)
+        self.alpha_pattern = {k: float(v) for k, v in self.alpha_pattern.items()}
+        if not self.targets:
+            raise ConfigError("targets: empty; give at least one module name or pattern such as 'layer4.*'")
+        for name in ("targets", "exclude", "trainable"):
+            for pattern in getattr(self, name):
+                _check_pattern(pattern, name)
+        for pattern in (*self.rank_pattern, *self.alpha_pattern):
+            _check_pattern(pattern, "rank_pattern/alpha_pattern")
+        _check_rank(self.rank, "rank")
+        for pattern, rank in self.rank_pattern.items():
+            _check_rank(rank, f"rank_pattern[{pattern!r}]")
+        _check_alpha(self.alpha, "alpha")
+        for pattern, alpha in self.alpha_pattern.items():
+            _check_alpha(alpha, f"alpha_pattern[{pattern!r}]")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: {self.dropout} is out of range; expected 0 <= dropout < 1")
+        if not self.target_types:
+            raise ConfigError(f"target_types: empty; choose from {list(LAYER_KINDS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON/YAML safe) that ``from_dict`` reads back to an equal config."""
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
+        """Build from a plain dict; unknown keys and wrong types raise :class:`ConfigError`."""
+        return config_from_dict(cls, data)
+
+
+def _check_rank(rank: int, where: str) -> None:
+    if rank < 1:
+        raise ConfigError(f"{where}: rank {rank} is invalid; ranks are integers >= 1")
+
+
+def _check_alpha(alpha: float, where: str) -> None:
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ConfigError(f"{where}: alpha {alpha} is invalid; alpha is a finite number > 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict dict <-> dataclass mapping, shared by every config in visionlora (recipes included).
+
+C = TypeVar("C")
+
+
+def config_to_dict(obj: Any) -> Any:
+    """A dataclass (recursively) as plain dicts, lists and scalars."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: config_to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: config_to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [config_to_dict(v) for v in obj]
+    return obj
+
+
+def config_from_dict(cls: type[C], data: Mapping[str, Any], path: str = "") -> C:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and checking types.
+
+    Args:
+        cls: The dataclass to build; nested dataclass fields take nested mappings.
+        data: Plain mapping, e.g. parsed YAML.
+        path: Key path of ``data`` inside a larger document, used in error messages.
+
+    Raises:
+        ConfigError: naming the full key path, and for unknown keys the closest valid one.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown key{hint} Valid keys: {', '.join(names)}")
+        hint_type = hints[key]
+        if dataclasses.is_dataclass(hint_type):
+            kwargs[key] = config_from_dict(hint_type, value, where)  # type: ignore[arg-type]
+        else:
+            _check_type(value, hint_type, where)
+            kwargs[key] = value
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data
+    ]
+    if missing:
+        raise ConfigError(f"{path or cls.__name__}: missing required key(s) {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def _check_fields(obj: Any) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if not dataclasses.is_dataclass(hints[f.name]):
+            _check_type(getattr(obj, f.name), hints[f.name], f.name)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_describe(a) for a in typing.get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_type(value: Any, tp: Any, where: str) -> None:
+    if not _type_ok(value, tp):
+        raise ConfigError(f"{where}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items())
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)

@@ -1,0 +1,405 @@
+"""Target selection, wrapping and trainability: from a model and a :class:`LoraConfig` to LoRA layers.
+
+Matching is a pure step (:func:`match_targets` returns names, modules and ranks before anything
+changes); :func:`apply_lora` validates everything first and only then replaces modules.
+
+Selection rules:
+
+- a pattern with a wildcard (or ``re:``) selects the adaptable layers among the modules it
+  matches (``layer4.*`` takes the convs, not the BatchNorms); it must select at least one;
+- an exact name must name an adaptable layer; naming any other module is an error;
+- ``exclude`` patterns, and modules listed in ``trainable`` (and everything inside them), are
+  never adapted by a wildcard;
+- the root module itself is never a target.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from visionlora.config import LoraConfig, is_exact_name, pattern_matches
+from visionlora.errors import AdapterError, ConfigError, TargetError, UnsupportedModuleError
+from visionlora.layers import (
+    InitFn,
+    LoraLayer,
+    gaussian_init,
+    kaiming_init,
+    layer_kind,
+    lora_shapes,
+    max_useful_rank,
+    wrap_layer,
+)
+from visionlora.ranks import allocate
+
+__all__ = [
+    "Match",
+    "adapter_configs",
+    "apply_lora",
+    "check_wrappable",
+    "extra_parameters",
+    "forget_configs",
+    "iter_modules",
+    "lora_layers",
+    "mark_trainable",
+    "match_targets",
+    "original_parameters",
+    "replace_module",
+    "summary",
+]
+
+_INITS: dict[str, InitFn] = {"kaiming": kaiming_init, "gaussian": gaussian_init}
+_CONFIGS_ATTR = "_visionlora_configs"
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+@dataclass(frozen=True)
+class Match:
+    """One layer a config selects: its full name, the module, and the rank and alpha it gets."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    rank: int
+    alpha: float
+
+
+def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) below ``model``, with LoRA layers seen as one module (their insides hidden)."""
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        for child_name, child in module.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            yield name, child
+            if not isinstance(child, LoraLayer):
+                yield from walk(child, name)
+
+    return walk(model, "")
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """Every LoRA layer in ``model`` with its full name."""
+    return [(n, m) for n, m in iter_modules(model) if isinstance(m, LoraLayer)]
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The config each named adapter of ``model`` was applied with (empty before :func:`apply_lora`)."""
+    return model.__dict__.setdefault(_CONFIGS_ATTR, {})
+
+
+def forget_configs(model: nn.Module) -> None:
+    """Drop the adapter configs recorded on ``model`` (after LoRA is unloaded)."""
+    model.__dict__.pop(_CONFIGS_ATTR, None)
+
+
+def _adaptable_kind(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> str | None:
+    parent = parents.get(name.rpartition(".")[0]) if "." in name else None
+    if isinstance(parent, nn.MultiheadAttention):
+        return None  # MultiheadAttention reads out_proj.weight directly and never calls its forward
+    return layer_kind(module)
+
+
+def _near_names(pattern: str, names: list[str]) -> str:
+    literal = pattern[3:] if pattern.startswith("re:") else pattern.split("*")[0].split("?")[0]
+    near = difflib.get_close_matches(literal or pattern, names, n=5, cutoff=0.3) or names[:5]
+    return ", ".join(near)
+
+
+def _matching(patterns: list[str], names: list[str], field_name: str) -> set[str]:
+    selected: set[str] = set()
+    for pattern in patterns:
+        hits = {n for n in names if pattern_matches(pattern, n)}
+        if not hits:
+            raise TargetError(
+                f"{field_name} pattern {pattern!r} matches no module; near names: {_near_names(pattern, names)}"
+            )
+        selected |= hits
+    return selected
+
+
+def _under(name: str, roots: set[str]) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in roots)
+
+
+def match_targets(model: nn.Module, cfg: LoraConfig, *, adapter_name: str = "default") -> list[Match]:
+    """The layers ``cfg`` selects in ``model``, in model order, with their ranks and alphas.
+
+    Changes nothing. Raises :class:`TargetError` for a pattern that selects no adaptable layer
+    (listing near module names), :class:`UnsupportedModuleError` for an exact name of a module that
+    cannot be adapted, and :class:`AdapterError` if a layer already has ``adapter_name``.
+
+    Example:
+        >>> [m.name for m in match_targets(resnet, LoraConfig(targets="layer4.0.conv*"))]
+        ['layer4.0.conv1', 'layer4.0.conv2', 'layer4.0.conv3']
+    """
+    modules = list(iter_modules(model))
+    names = [n for n, _ in modules]
+    parents = dict(modules)
+    trainable = _matching(cfg.trainable, names, "trainable")
+    excluded = _matching(cfg.exclude, names, "exclude")
+    selected: dict[str, nn.Module] = {}
+    for pattern in cfg.targets:
+        hits = [(n, m) for n, m in modules if pattern_matches(pattern, n)]
+        if is_exact_name(pattern):
+            if not hits:
+                raise TargetError(
+                    f"target {pattern!r}: no module of that name; near names: {_near_names(pattern, names)}"
+                )
+            name, module = hits[0]
+            kind = _adaptable_kind(name, module, parents)
+            if kind is None:
+                hint = f"; to adapt the layers inside it use '{name}.*'" if any(True for _ in module.children()) else ""
+                if isinstance(module, nn.Linear):
+                    hint = "; nn.MultiheadAttention reads its projection weights directly, never through forward"
+                raise UnsupportedModuleError(
+                    f"target {name!r} is a {type(module).__name__}, which visionlora cannot adapt "
+                    f"(it adapts nn.Linear and nn.Conv1d/2d/3d){hint}"
+                )
+            if _under(name, trainable):
+                raise TargetError(
+                    f"target {name!r} is also listed in trainable; a module is either adapted or trained in full"
+                )
+            selected[name] = module
+            continue
+        usable = [
+            (n, m)
+            for n, m in hits
+            if _adaptable_kind(n, m, parents) in cfg.target_types and not _under(n, trainable) and n not in excluded
+        ]
+        if not usable:
+            found = sorted({type(m).__name__ for _, m in hits})
+            what = f"only modules of type {', '.join(found)}" if hits else "no module"
+            raise TargetError(
+                f"target {pattern!r} selects no adaptable layer of types {cfg.target_types}: it matches {what}; "
+                f"near names: {_near_names(pattern, names)}"
+            )
+        selected.update(usable)
+    seen: dict[int, str] = {}
+    for name, module in selected.items():
+        if id(module) in seen:
+            raise TargetError(f"{name!r} and {seen[id(module)]!r} are the same module object; adapt it under one name")
+        seen[id(module)] = name
+        if isinstance(module, LoraLayer) and adapter_name in module.adapters:
+            raise AdapterError(
+                f"{name!r} already has adapter {adapter_name!r}; pass adapter_name='<new name>' to add another adapter"
+            )
+    order = {n: i for i, n in enumerate(names)}
+    ordered = sorted(selected, key=order.__getitem__)
+    ranks = allocate(ordered, cfg)
+    matches = [Match(n, selected[n], layer_kind(selected[n]) or "", *ranks[n]) for n in ordered]
+    check_wrappable(matches, cfg.dropout)
+    return matches
+
+
+def check_wrappable(matches: list[Match], dropout: float) -> None:
+    """Raise now, before any change, for anything :func:`add_adapters` would refuse."""
+    for m in matches:
+        layer = m.module if isinstance(m.module, LoraLayer) else wrap_layer(m.module, m.name)
+        try:
+            layer.check_dropout(dropout)
+        except ConfigError as exc:
+            raise ConfigError(f"{m.name!r}: {exc}") from None
+
+
+def _check_adapter_name(adapter_name: str) -> None:
+    if not _ADAPTER_NAME.fullmatch(adapter_name):
+        raise AdapterError(f"adapter name {adapter_name!r} is invalid; use letters, digits, '_' and '-' only")
+
+
+def _warn_ranks(matches: list[Match]) -> None:
+    too_high, too_big = [], []
+    for m in matches:
+        base = m.module.base if isinstance(m.module, LoraLayer) else m.module
+        if m.rank > max_useful_rank(base):
+            too_high.append(f"{m.name} (r={m.rank} > {max_useful_rank(base)})")
+        a_shape, b_shape = lora_shapes(base, m.rank)
+        if torch.Size(a_shape).numel() + torch.Size(b_shape).numel() > base.weight.numel():
+            too_big.append(m.name)
+    if too_high:
+        warnings.warn(
+            "rank above what the layer can use (ΔW cannot exceed min(out, in) per group): " + "; ".join(too_high),
+            stacklevel=3,
+        )
+    if too_big:
+        warnings.warn(
+            "adapter has more parameters than the layer it adapts (depthwise or tiny layers): " + ", ".join(too_big),
+            stacklevel=3,
+        )
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` inside ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def add_adapters(
+    model: nn.Module,
+    matches: list[Match],
+    cfg: LoraConfig,
+    adapter_name: str,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Wrap each matched layer (once) and give it adapter ``adapter_name``; no activation."""
+    init = _INITS[cfg.init]
+    for m in matches:
+        if isinstance(m.module, LoraLayer):
+            layer = m.module
+        else:
+            layer = wrap_layer(m.module, m.name)
+            replace_module(model, m.name, layer)
+        layer.add_adapter(
+            adapter_name, m.rank, m.alpha, rslora=cfg.rslora, dropout=cfg.dropout, init=init, generator=generator
+        )
+
+
+def original_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every non-LoRA parameter under the name it has in the un-adapted model."""
+    prefixes = [n + "." for n, _ in lora_layers(model)]
+    out: dict[str, nn.Parameter] = {}
+    for name, param in model.named_parameters():
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is None:
+            out[name] = param
+        elif name.startswith(prefix + "base."):
+            out[prefix + name[len(prefix) + len("base.") :]] = param
+    return out
+
+
+def extra_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """Non-LoRA parameters that train and are saved with adapter ``adapter_name``, by original name.
+
+    These are the parameters of ``trainable`` modules plus the biases chosen by ``bias``.
+    """
+    cfg = adapter_configs(model)[adapter_name]
+    params = original_parameters(model)
+    modules = [n for n, _ in iter_modules(model)]
+    roots = {n for n in modules for p in cfg.trainable if pattern_matches(p, n)}
+    chosen = {n: p for n, p in params.items() if _under(n.rpartition(".")[0], roots)}
+    if cfg.bias == "all":
+        chosen.update({n: p for n, p in params.items() if n.rpartition(".")[2] == "bias"})
+    elif cfg.bias == "lora_only":
+        for name, layer in lora_layers(model):
+            if adapter_name in layer.adapters and layer.base.bias is not None:
+                chosen[f"{name}.bias"] = layer.base.bias
+    return dict(sorted(chosen.items()))
+
+
+def mark_trainable(model: nn.Module, adapter_name: str) -> None:
+    """Freeze everything except adapter ``adapter_name`` and its ``trainable`` modules and biases."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.adapters:
+            layer.adapters[adapter_name].requires_grad_(True)
+    for param in extra_parameters(model, adapter_name).values():
+        param.requires_grad_(True)
+
+
+def activate(model: nn.Module, weights: dict[str, float]) -> None:
+    """Set the active adapters and weights of every LoRA layer (layers lacking a name skip it)."""
+    for _, layer in lora_layers(model):
+        layer.set_active(weights)
+
+
+def require_unmerged(model: nn.Module, action: str) -> None:
+    """Raise :class:`AdapterError` naming ``action`` if any LoRA layer is merged."""
+    merged = [n for n, layer in lora_layers(model) if layer.merged]
+    if merged:
+        raise AdapterError(
+            f"cannot {action} while adapters are merged (e.g. {merged[0]!r}); call vl.unmerge(model) first"
+        )
+
+
+def apply_lora(
+    model: nn.Module,
+    cfg: LoraConfig,
+    *,
+    adapter_name: str = "default",
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """Add LoRA adapters to the layers ``cfg`` selects, in place, and return ``model``.
+
+    The new adapter becomes the active one; only its parameters, the ``trainable`` modules and
+    the biases chosen by ``cfg.bias`` keep ``requires_grad``. B starts at zero, so outputs are
+    unchanged until training. Nothing changes if any check fails.
+
+    Args:
+        model: Any ``nn.Module``.
+        cfg: What to adapt and how.
+        adapter_name: Name of this adapter; give a new one to add a second adapter to a model.
+        generator: Random source for the initialisation of A.
+
+    Raises:
+        TargetError, UnsupportedModuleError: the targets do not fit the model.
+        AdapterError: ``adapter_name`` is invalid or already used, or the model is merged.
+
+    Example:
+        >>> model = vl.apply_lora(torchvision.models.resnet18(), vl.LoraConfig(targets="layer4.*", rank=4))
+    """
+    if not isinstance(cfg, LoraConfig):
+        raise ConfigError(f"cfg: expected a visionlora.LoraConfig, got {type(cfg).__name__}")
+    _check_adapter_name(adapter_name)
+    require_unmerged(model, "add an adapter")
+    matches = match_targets(model, cfg, adapter_name=adapter_name)
+    _warn_ranks(matches)
+    add_adapters(model, matches, cfg, adapter_name, generator)
+    adapter_configs(model)[adapter_name] = cfg
+    activate(model, {adapter_name: 1.0})
+    mark_trainable(model, adapter_name)
+    return model
+
+
+def summary(model: nn.Module) -> str:
+    """A table of the LoRA layers (layer, adapter, kind, in/out, kernel, rank, alpha, params) with totals.
+
+    Example:
+        >>> print(vl.summary(model))
+    """
+    header = ("layer", "adapter", "kind", "in/out", "kernel", "groups", "rank", "alpha", "LoRA params")
+    rows = []
+    lora_total = 0
+    for name, layer in lora_layers(model):
+        base = layer.base
+        kind = layer_kind(base) or ""
+        if type(base).__name__ != kind:
+            kind = f"{kind} ({type(base).__name__})"
+        if isinstance(base, nn.Linear):
+            in_out, kernel, groups = f"{base.in_features}/{base.out_features}", "-", "-"
+        else:
+            in_out = f"{base.in_channels}/{base.out_channels}"
+            kernel, groups = "x".join(str(k) for k in base.weight.shape[2:]), str(base.groups)
+        for adapter_name, adapter in layer.adapters.items():
+            count = adapter.lora_A.numel() + adapter.lora_B.numel()
+            lora_total += count
+            mark = "" if adapter_name in layer.active else " (inactive)"
+            rows.append(
+                (
+                    name,
+                    adapter_name + mark,
+                    kind,
+                    in_out,
+                    kernel,
+                    groups,
+                    str(adapter.rank),
+                    f"{adapter.alpha:g}",
+                    f"{count:,}",
+                )
+            )
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    pct = 100.0 * trainable / total if total else 0.0
+    lines.append("")
+    lines.append(f"LoRA layers: {len(lora_layers(model))}   LoRA params: {lora_total:,}")
+    lines.append(f"trainable params: {trainable:,} of {total:,} ({pct:.2f}%)")
+    return "\n".join(lines)

@@ -1,0 +1,390 @@
+"""LoRA math as pure functions, and the thin modules that apply it to Linear and Conv layers.
+
+::
+
+    x ──► base (W) ─────────────────────────────────► (+) ──► y
+    └───► dropout ──► A (r × in) ──► B (out × r) ──► × s ─┘
+
+    y = base(x) + s · B(A(dropout(x)))      s = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+A starts random and B at zero, so a fresh adapter leaves every output unchanged (Hu et al.
+2021, "LoRA", §4.1). For a convolution, A is a conv with the base's own kernel and geometry
+(stride, padding, dilation, padding_mode, groups) and B a 1×1 conv. With ``groups = g`` each
+group gets its own rank-r pair: A has g·r output channels and B is a grouped 1×1 conv, so
+ΔW has exactly the base kernel's shape ``(out, in / g, *k)`` and rank <= r within each group.
+For groups = 1 the layouts are the usual ones (kohya's lora_down / lora_up, PEFT's lora_A / lora_B).
+
+Conv and Linear subclasses whose ``forward`` transforms the weight or the input (timm's
+StdConv2d, ScaledStdConv2d, Conv2dSame) are adapted in weight space: their own forward runs on
+W + ΔW, so merging (W <- W + ΔW) gives the same outputs by construction.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.utils import parametrize
+
+from visionlora.errors import AdapterError, ConfigError, MergeError, UnsupportedModuleError
+
+__all__ = [
+    "InitFn",
+    "LoraAdapter",
+    "LoraConv",
+    "LoraLayer",
+    "LoraLinear",
+    "conv_delta",
+    "gaussian_init",
+    "kaiming_init",
+    "layer_kind",
+    "linear_delta",
+    "lora_scale",
+    "lora_shapes",
+    "max_useful_rank",
+    "wrap_layer",
+]
+
+_CONV_TYPES: dict[type[nn.Module], str] = {nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Conv3d: "Conv3d"}
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+InitFn = Callable[[Tensor, int, "torch.Generator | None"], None]
+"""Initialises A in place: ``init(a, rank, generator)``."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure math
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The branch multiplier: alpha / r, or alpha / sqrt(r) for rsLoRA (Kalajdzievski 2023).
+
+    Example:
+        >>> lora_scale(8, 4), lora_scale(8, 4, rslora=True)
+        (2.0, 4.0)
+    """
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def linear_delta(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """ΔW = scale · B @ A for a Linear layer.
+
+    Args:
+        a: A, shape ``(r, in)``.
+        b: B, shape ``(out, r)``.
+        scale: The branch multiplier.
+
+    Returns:
+        ΔW, shape ``(out, in)``, the shape of ``nn.Linear.weight``.
+    """
+    return (b @ a) * scale
+
+
+def conv_delta(a: Tensor, b: Tensor, scale: float, groups: int) -> Tensor:
+    """ΔW for a convolution, low rank within each group, in the base kernel's exact shape.
+
+    Args:
+        a: A as a conv weight, shape ``(groups · r, in / groups, *k)``.
+        b: B as a 1×1 conv weight, shape ``(out, r, 1, …)``.
+        scale: The branch multiplier.
+        groups: The base conv's ``groups``.
+
+    Returns:
+        ΔW, shape ``(out, in / groups, *k)``: group j's block is scale · B_j @ A_j with A and
+        kernel flattened to ``(r, in / groups · prod(k))``. Dilation does not enter ΔW; it
+        enters when ΔW is applied through the base conv.
+    """
+    rank = b.shape[1]
+    out = b.shape[0]
+    a_groups = a.reshape(groups, rank, -1)  # (g, r, in/g · prod(k))
+    b_groups = b.reshape(groups, out // groups, rank)  # (g, out/g, r)
+    return (torch.bmm(b_groups, a_groups) * scale).reshape(out, *a.shape[1:])
+
+
+def lora_shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of A and B for a rank-``rank`` adapter on ``base`` (an nn.Linear or nn.ConvNd).
+
+    Example:
+        >>> lora_shapes(nn.Conv2d(8, 16, 3, groups=2), 4)
+        ((8, 4, 3, 3), (16, 4, 1, 1))
+    """
+    if isinstance(base, nn.Linear):
+        return (rank, base.in_features), (base.out_features, rank)
+    kernel = tuple(base.weight.shape[2:])
+    return (
+        (base.groups * rank, base.in_channels // base.groups, *kernel),
+        (base.out_channels, rank, *(1 for _ in kernel)),
+    )
+
+
+def max_useful_rank(base: nn.Module) -> int:
+    """The rank above which ΔW cannot grow: min(out, in) per group, kernel included."""
+    if isinstance(base, nn.Linear):
+        return min(base.in_features, base.out_features)
+    per_group_in = base.weight[0].numel()  # in/g · prod(k)
+    return min(base.out_channels // base.groups, per_group_in)
+
+
+def kaiming_init(a: Tensor, rank: int, generator: torch.Generator | None = None) -> None:
+    """Kaiming-uniform with a = sqrt(5), the default init of nn.Linear / nn.Conv weights."""
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+
+
+def gaussian_init(a: Tensor, rank: int, generator: torch.Generator | None = None) -> None:
+    """Normal with std 1 / r."""
+    nn.init.normal_(a, std=1.0 / rank, generator=generator)
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"Linear"``, ``"Conv1d"``, ``"Conv2d"`` or ``"Conv3d"`` for adaptable layers, else None."""
+    if isinstance(module, LoraLayer):
+        return layer_kind(module.base)
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    for conv_type, kind in _CONV_TYPES.items():
+        if isinstance(module, conv_type):
+            return kind
+    return None
+
+
+def _transforms_weight_or_input(base: nn.Module) -> bool:
+    """True when ``type(base)`` overrides how torch's own class runs its weight on the input."""
+    reference = nn.Linear if isinstance(base, nn.Linear) else next(t for t in _CONV_TYPES if isinstance(base, t))
+    methods = ("forward",) if reference is nn.Linear else ("forward", "_conv_forward")
+    return any(getattr(type(base), m) is not getattr(reference, m) for m in methods)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+class LoraAdapter(nn.Module):
+    """One named adapter of one layer: A, B and the scalars that define its branch.
+
+    Attributes:
+        lora_A: A; ``(r, in)`` for Linear, ``(groups · r, in / groups, *k)`` for convs.
+        lora_B: B; ``(out, r)`` for Linear, ``(out, r, 1, …)`` for convs.
+        rank, alpha, scale, dropout: as configured; scale = alpha / r (or / sqrt(r)).
+    """
+
+    def __init__(
+        self,
+        a: Tensor,
+        b: Tensor,
+        *,
+        rank: int,
+        alpha: float,
+        rslora: bool,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(b)
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.rslora = rslora
+        self.scale = lora_scale(alpha, rank, rslora)
+        self.dropout = dropout
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout:g}"
+
+
+class LoraLayer(nn.Module, abc.ABC):
+    """A base layer plus named adapters; ``forward`` is the base output plus the active branches.
+
+    Adapters live in ``self.adapters`` (an ``nn.ModuleDict`` of :class:`LoraAdapter`). The active
+    ones and their weights are ``self.active`` (name -> weight); the output adds
+    ``weight · scale · B(A(x))`` for each. While merged, the base weight holds W + ΔW and the
+    original W is kept to restore it exactly on :meth:`unmerge`.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.active: dict[str, float] = {}
+        self.disabled = False
+        self.weight_space = _transforms_weight_or_input(base)
+        self.register_buffer("_original_weight", None, persistent=False)
+
+    # The base's tensors, readable by code that inspects ``module.weight`` (explicit, no __getattr__).
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    @property
+    def merged(self) -> bool:
+        return self._original_weight is not None
+
+    def add_adapter(
+        self,
+        name: str,
+        rank: int,
+        alpha: float,
+        *,
+        rslora: bool = False,
+        dropout: float = 0.0,
+        init: InitFn = kaiming_init,
+        generator: torch.Generator | None = None,
+    ) -> LoraAdapter:
+        """Add adapter ``name`` (B = 0, so outputs are unchanged) and return it. Not activated."""
+        if name in self.adapters:
+            raise AdapterError(f"this layer already has an adapter named {name!r}")
+        self.check_dropout(dropout)
+        weight = self.base.weight
+        a_shape, b_shape = lora_shapes(self.base, rank)
+        a = torch.empty(a_shape, dtype=weight.dtype, device=weight.device)
+        init(a, rank, generator)
+        b = torch.zeros(b_shape, dtype=weight.dtype, device=weight.device)
+        adapter = LoraAdapter(a, b, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout)
+        self.adapters[name] = adapter
+        return adapter
+
+    def check_dropout(self, dropout: float) -> None:
+        """Raise :class:`ConfigError` if this layer cannot apply input dropout ``dropout``."""
+        if self.weight_space and dropout > 0:
+            raise ConfigError(
+                f"dropout: {type(self.base).__name__} transforms its weight or input in forward, so "
+                "visionlora adapts it in weight space where input dropout has no meaning; use dropout=0"
+            )
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (and from the active set)."""
+        self._require_unmerged("delete an adapter")
+        del self.adapters[name]
+        self.active.pop(name, None)
+
+    def set_active(self, weights: Mapping[str, float]) -> None:
+        """Make exactly these adapters active, with these weights (names this layer lacks are skipped)."""
+        self._require_unmerged("change the active adapters")
+        self.active = {n: float(w) for n, w in weights.items() if n in self.adapters}
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Σ weight · ΔW over the active adapters, in the base weight's shape, computed in ``dtype``."""
+        delta = torch.zeros(self.base.weight.shape, dtype=dtype, device=self.base.weight.device)
+        for name, w in self.active.items():
+            adapter = self.adapters[name]
+            delta = delta + w * self._delta(adapter.lora_A.to(dtype), adapter.lora_B.to(dtype), adapter.scale)
+        return delta
+
+    def merged_weight(self) -> Tensor:
+        """W + ΔW computed in float32 and cast to W's dtype.
+
+        Raises:
+            MergeError: if the result holds NaN or Inf (fp16 overflow included).
+        """
+        weight = self.base.weight
+        new = (weight.detach().float() + self.delta_weight(torch.float32)).to(weight.dtype)
+        if not torch.isfinite(new).all():
+            raise MergeError(
+                f"merging into {type(self.base).__name__} weight {tuple(weight.shape)} ({weight.dtype}) "
+                "gives NaN/Inf; the weights were left untouched"
+            )
+        return new
+
+    def commit_merge(self, new_weight: Tensor) -> None:
+        """Write a weight from :meth:`merged_weight`, keeping the original for :meth:`unmerge`."""
+        if self.merged:
+            return
+        weight = self.base.weight
+        self._original_weight = weight.detach().clone()
+        with torch.no_grad():
+            weight.copy_(new_weight)
+
+    def merge(self) -> None:
+        """Fold the active adapters into the base weight (no-op when already merged)."""
+        if not self.merged:
+            self.commit_merge(self.merged_weight())
+
+    def unmerge(self) -> None:
+        """Restore the base weight exactly, bit for bit (no-op when not merged)."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            self.base.weight.copy_(self._original_weight)
+        self._original_weight = None
+
+    def _require_unmerged(self, action: str) -> None:
+        if self.merged:
+            raise AdapterError(f"cannot {action} while adapters are merged; call unmerge first")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged or self.disabled or not self.active:
+            return self.base(x)
+        if self.weight_space:
+            weight = self.base.weight
+            new = weight + self.delta_weight(weight.dtype)
+            return functional_call(self.base, {"weight": new}, (x,))
+        y = self.base(x)
+        for name, w in self.active.items():
+            adapter = self.adapters[name]
+            h = x if not (adapter.dropout and self.training) else F.dropout(x, adapter.dropout, True)
+            branch = self._branch(h.to(adapter.lora_A.dtype), adapter.lora_A, adapter.lora_B)
+            y = torch.add(y, branch.to(y.dtype), alpha=w * adapter.scale)
+        return y
+
+    @abc.abstractmethod
+    def _delta(self, a: Tensor, b: Tensor, scale: float) -> Tensor:
+        """ΔW of one adapter in the base weight's shape."""
+
+    @abc.abstractmethod
+    def _branch(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """B(A(x)) of one adapter, unscaled, in the base output's shape."""
+
+    def extra_repr(self) -> str:
+        active = ", ".join(f"{n}:{w:g}" for n, w in self.active.items()) or "-"
+        return f"active={active}, merged={self.merged}, disabled={self.disabled}, weight_space={self.weight_space}"
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on an ``nn.Linear``: y = base(x) + s · (x Aᵀ) Bᵀ."""
+
+    def _delta(self, a: Tensor, b: Tensor, scale: float) -> Tensor:
+        return linear_delta(a, b, scale)
+
+    def _branch(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return F.linear(F.linear(x, a), b)
+
+
+class LoraConv(LoraLayer):
+    """LoRA on an ``nn.Conv1d/2d/3d``: A runs through the base's own geometry, B is a grouped 1×1 conv."""
+
+    def _delta(self, a: Tensor, b: Tensor, scale: float) -> Tensor:
+        return conv_delta(a, b, scale, self.base.groups)
+
+    def _branch(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        # The base's own _conv_forward applies stride, padding (ints, tuples, 'same', 'valid'),
+        # dilation, padding_mode and groups exactly as for W; this is the one place it is called.
+        h = self.base._conv_forward(x, a, None)
+        return _CONV_FN[b.dim() - 2](h, b, groups=self.base.groups)
+
+
+def wrap_layer(module: nn.Module, name: str = "") -> LoraLayer:
+    """A :class:`LoraLinear` or :class:`LoraConv` around ``module``, with no adapters yet.
+
+    Raises:
+        UnsupportedModuleError: for any other type, and for uninitialised (lazy) or
+            parametrized layers; the message names ``name`` and the type.
+    """
+    label = f"{name!r} ({type(module).__name__})" if name else type(module).__name__
+    kind = layer_kind(module)
+    if kind is None:
+        raise UnsupportedModuleError(
+            f"{label}: visionlora adapts nn.Linear and nn.Conv1d/2d/3d (and their subclasses), "
+            f"not {type(module).__name__}"
+        )
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        raise UnsupportedModuleError(f"{label}: lazy layer is not initialised; run one forward pass first")
+    if parametrize.is_parametrized(module):
+        raise UnsupportedModuleError(f"{label}: layers with torch parametrizations are not supported")
+    return LoraLinear(module) if kind == "Linear" else LoraConv(module)
