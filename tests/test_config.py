@@ -17,7 +17,7 @@ def test_unknown_key_names_the_key_and_the_closest_valid_one():
 
 
 def test_missing_required_key():
-    with pytest.raises(vl.ConfigError, match="missing required key.*targets"):
+    with pytest.raises(vl.ConfigError, match=r"missing required key.*targets"):
         vl.LoraConfig.from_dict({"rank": 4})
 
 

@@ -159,7 +159,7 @@ def test_merge_is_idempotent_and_forward_uses_the_merged_weight_only():
     merged_weight = model.block[0].base.weight.clone()
     vl.merge(model)
     assert torch.equal(model.block[0].base.weight, merged_weight)
-    with pytest.raises(vl.AdapterError, match="call vl.unmerge"):
+    with pytest.raises(vl.AdapterError, match=r"call vl.unmerge"):
         vl.set_adapter(model, "default")
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "Match",
     "adapter_configs",
     "apply_lora",
+    "changed_buffers",
     "check_wrappable",
     "extra_parameters",
     "forget_configs",
@@ -49,13 +50,16 @@ __all__ = [
     "lora_layers",
     "mark_trainable",
     "match_targets",
+    "original_buffers",
     "original_parameters",
     "replace_module",
+    "snapshot_buffers",
     "summary",
 ]
 
 _INITS: dict[str, InitFn] = {"kaiming": kaiming_init, "gaussian": gaussian_init}
 _CONFIGS_ATTR = "_visionlora_configs"
+_BUFFERS_ATTR = "_visionlora_buffers"
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
@@ -94,8 +98,9 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 
 def forget_configs(model: nn.Module) -> None:
-    """Drop the adapter configs recorded on ``model`` (after LoRA is unloaded)."""
+    """Drop what visionlora recorded on ``model`` (configs, buffer snapshot) once LoRA is unloaded."""
     model.__dict__.pop(_CONFIGS_ATTR, None)
+    model.__dict__.pop(_BUFFERS_ATTR, None)
 
 
 def _adaptable_kind(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> str | None:
@@ -260,17 +265,43 @@ def add_adapters(
         )
 
 
-def original_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every non-LoRA parameter under the name it has in the un-adapted model."""
+def _original_named(model: nn.Module, named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     prefixes = [n + "." for n, _ in lora_layers(model)]
-    out: dict[str, nn.Parameter] = {}
-    for name, param in model.named_parameters():
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in named:
         prefix = next((p for p in prefixes if name.startswith(p)), None)
         if prefix is None:
-            out[name] = param
+            out[name] = tensor
         elif name.startswith(prefix + "base."):
-            out[prefix + name[len(prefix) + len("base.") :]] = param
+            out[prefix + name[len(prefix) + len("base.") :]] = tensor
     return out
+
+
+def original_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every non-LoRA parameter under the name it has in the un-adapted model."""
+    return _original_named(model, model.named_parameters())  # type: ignore[return-value]
+
+
+def original_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every persistent buffer (e.g. BatchNorm running statistics) under its un-adapted name."""
+    persistent = set(model.state_dict(keep_vars=True))
+    return _original_named(model, ((n, b) for n, b in model.named_buffers() if n in persistent))
+
+
+def snapshot_buffers(model: nn.Module) -> None:
+    """Remember the buffers as they are now (once per model), so training's changes can be saved."""
+    if _BUFFERS_ATTR not in model.__dict__:
+        model.__dict__[_BUFFERS_ATTR] = {n: b.detach().clone() for n, b in original_buffers(model).items()}
+
+
+def changed_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that differ from the snapshot taken when LoRA was first added (all of them without one)."""
+    before = model.__dict__.get(_BUFFERS_ATTR, {})
+    return {
+        n: b
+        for n, b in original_buffers(model).items()
+        if n not in before or before[n].shape != b.shape or not torch.equal(before[n], b.to(before[n].device))
+    }
 
 
 def extra_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -350,6 +381,7 @@ def apply_lora(
     require_unmerged(model, "add an adapter")
     matches = match_targets(model, cfg, adapter_name=adapter_name)
     _warn_ranks(matches)
+    snapshot_buffers(model)
     add_adapters(model, matches, cfg, adapter_name, generator)
     adapter_configs(model)[adapter_name] = cfg
     activate(model, {adapter_name: 1.0})

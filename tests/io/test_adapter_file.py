@@ -201,10 +201,10 @@ def test_truncated_file_and_missing_file_and_foreign_safetensors(saved, tmp_path
     truncated.write_bytes(path.read_bytes()[:-1000])
     model = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(vl.AdapterFileError, match="truncated.safetensors: not a valid safetensors file"):
+    with pytest.raises(vl.AdapterFileError, match=r"truncated.safetensors: not a valid safetensors file"):
         vl.load_adapter(model, truncated)
     _assert_untouched(model, before, {n: True for n, _ in model.named_parameters()})
-    with pytest.raises(vl.AdapterFileError, match="nope.safetensors: no such file"):
+    with pytest.raises(vl.AdapterFileError, match=r"nope.safetensors: no such file"):
         vl.load_adapter(model, tmp_path / "nope.safetensors")
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, plain)
@@ -232,3 +232,25 @@ def test_saving_an_unknown_adapter_names_the_available_ones(saved, tmp_path):
     model, _ = saved
     with pytest.raises(vl.AdapterError, match=r"no adapter 'style'; it has \['default'\]"):
         vl.save_adapter(model, tmp_path / "a.safetensors", adapter_name="style")
+
+
+def test_batchnorm_statistics_updated_in_training_travel_with_the_adapter(tmp_path):
+    model = vl.apply_lora(build(), CFG)
+    randomize_lora(model)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32) * 3 + 1)  # train-mode forward moves every BatchNorm's running stats
+    model.eval()
+    path = vl.save_adapter(model, tmp_path / "a.safetensors")
+    with safe_open(path, "pt") as f:
+        buffers = json.loads(f.metadata()["visionlora"])["buffers"]
+    assert "bn1.running_mean" in buffers and "layer4.1.bn2.num_batches_tracked" in buffers
+    fresh = vl.load_adapter(build(), path)
+    with torch.no_grad():
+        assert torch.equal(fresh(X), model(X))
+
+
+def test_no_buffers_are_saved_when_training_left_them_alone(saved):
+    _, path = saved
+    with safe_open(path, "pt") as f:
+        assert json.loads(f.metadata()["visionlora"])["buffers"] == []

@@ -2,15 +2,17 @@
 
 Tensors:
     ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` for every adapted layer (layouts as in
-    :mod:`visionlora.layers`), and the full tensors of ``trainable`` modules and trained biases
-    under their names in the un-adapted model (``fc.weight``).
+    :mod:`visionlora.layers`), the full tensors of ``trainable`` modules and trained biases, and the
+    buffers training changed (BatchNorm running statistics), under their names in the un-adapted
+    model (``fc.weight``, ``layer4.0.bn1.running_mean``).
 
 Metadata, one JSON document under the header key ``visionlora``::
 
     {"format": "visionlora.adapter", "format_version": 1, "adapter_name": "default",
      "config": {...LoraConfig...},
      "layers": {"layer4.0.conv1": {"kind": "Conv2d", "rank": 16, "alpha": 8.0}, ...},
-     "extra": ["fc.bias", "fc.weight"]}
+     "extra": ["fc.bias", "fc.weight"],
+     "buffers": ["layer4.0.bn1.running_mean", ...]}
 """
 
 from __future__ import annotations
@@ -32,13 +34,16 @@ from visionlora.inject import (
     activate,
     adapter_configs,
     add_adapters,
+    changed_buffers,
     check_wrappable,
     extra_parameters,
     iter_modules,
     lora_layers,
     mark_trainable,
+    original_buffers,
     original_parameters,
     require_unmerged,
+    snapshot_buffers,
 )
 from visionlora.io.files import read_safetensors, write_safetensors
 from visionlora.layers import LoraLayer, layer_kind, lora_shapes
@@ -70,14 +75,17 @@ class AdapterFile:
     config: LoraConfig
     layers: dict[str, LayerSpec]
     extra: list[str]
+    buffers: list[str]
     tensors: dict[str, torch.Tensor]
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str = "default") -> Path:
     """Write adapter ``adapter_name`` (LoRA weights + trainable modules and biases) to ``path``.
 
-    The write is atomic; the config and each layer's name, kind, rank and alpha go in the
-    file's metadata. Returns the path.
+    Buffers that changed since LoRA was first added to the model (BatchNorm running statistics
+    updated by training in train mode) are saved too, so the file reproduces the trained model
+    on the base it was trained from. The write is atomic; the config and each layer's name,
+    kind, rank and alpha go in the file's metadata. Returns the path.
 
     Example:
         >>> vl.save_adapter(model, "adapter.safetensors")
@@ -94,7 +102,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name
             tensors[f"{name}.lora_B.weight"] = adapter.lora_B
             layers[name] = {"kind": layer_kind(layer.base), "rank": adapter.rank, "alpha": adapter.alpha}
     extra = extra_parameters(model, adapter_name)
+    buffers = changed_buffers(model)
     tensors.update(extra)
+    tensors.update(buffers)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -102,6 +112,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name
         "config": configs[adapter_name].to_dict(),
         "layers": layers,
         "extra": list(extra),
+        "buffers": sorted(buffers),
     }
     return write_safetensors(path, tensors, {META_KEY: json.dumps(meta)})
 
@@ -160,19 +171,20 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
     except ConfigError as exc:
         raise _fail(path, f"stored config is invalid: {exc}") from None
     layers = _parse_layers(path, meta.get("layers"))
-    extra = meta.get("extra")
-    if not isinstance(extra, list) or not all(isinstance(k, str) for k in extra):
-        raise _fail(path, "metadata 'extra' must be a list of tensor names")
-    expected = {f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"} | set(extra)
+    extra, buffers = meta.get("extra"), meta.get("buffers")
+    for field_name, names in (("extra", extra), ("buffers", buffers)):
+        if not isinstance(names, list) or not all(isinstance(k, str) for k in names):
+            raise _fail(path, f"metadata {field_name!r} must be a list of tensor names")
+    expected = {f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"} | set(extra) | set(buffers)
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise _fail(path, f"tensors do not match the metadata: missing {missing[:10]}, unexpected {unexpected[:10]}")
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() and key not in buffers:
             raise _fail(path, f"tensor {key!r} has dtype {tensor.dtype}; adapter tensors are floating point")
-        if not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise _fail(path, f"tensor {key!r} holds NaN or Inf")
-    return AdapterFile(path, name, config, layers, list(extra), tensors)
+    return AdapterFile(path, name, config, layers, list(extra), list(buffers), tensors)
 
 
 def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
@@ -202,14 +214,20 @@ def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
                     f"{key}: shape {tuple(file.tensors[key].shape)} in the file, {shape} expected for rank {spec.rank}"
                 )
         matches.append(Match(name, module, spec.kind, spec.rank, spec.alpha))
-    params = original_parameters(model)
-    for key in file.extra:
-        if key not in params:
-            problems.append(f"{key}: no such parameter in {type(model).__name__}")
-        elif params[key].shape != file.tensors[key].shape:
-            problems.append(
-                f"{key}: shape {tuple(file.tensors[key].shape)} in the file, {tuple(params[key].shape)} in the model"
-            )
+    for keys, existing, what in (
+        (file.extra, original_parameters(model), "parameter"),
+        (file.buffers, original_buffers(model), "buffer"),
+    ):
+        for key in keys:
+            if key not in existing:
+                problems.append(f"{key}: no such {what} in {type(model).__name__}")
+            elif existing[key].shape != file.tensors[key].shape:
+                found, wanted = tuple(file.tensors[key].shape), tuple(existing[key].shape)
+                problems.append(f"{key}: shape {found} in the file, {wanted} in the model")
+            elif existing[key].is_floating_point() != file.tensors[key].is_floating_point():
+                problems.append(
+                    f"{key}: dtype {file.tensors[key].dtype} in the file, {existing[key].dtype} in the model"
+                )
     if problems:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise _fail(file.path, f"does not fit {type(model).__name__}:\n  " + "\n  ".join(problems[:20]) + more)
@@ -243,9 +261,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name
         check_wrappable(matches, file.config.dropout)
     except VisionLoraError as exc:
         raise _fail(file.path, str(exc)) from None
+    snapshot_buffers(model)
     add_adapters(model, matches, file.config, name)
     layers = dict(lora_layers(model))
     params = original_parameters(model)
+    buffers = original_buffers(model)
     with torch.no_grad():
         for m in matches:
             adapter = layers[m.name].adapters[name]
@@ -253,6 +273,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name
             adapter.lora_B.copy_(file.tensors[f"{m.name}.lora_B.weight"])
         for key in file.extra:
             params[key].copy_(file.tensors[key])
+        for key in file.buffers:
+            buffers[key].copy_(file.tensors[key])
     adapter_configs(model)[name] = file.config
     activate(model, {name: 1.0})
     mark_trainable(model, name)
