@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
+from torch import nn
 
 import visionlora as vl
 from tests.conftest import assert_rel_close, randomize_lora, tiny_net
@@ -69,3 +71,30 @@ def test_deepcopy_is_independent():
     assert vl.list_adapters(clone) == ["default"]
     vl.merge(clone)
     assert not model.block[0].merged
+
+
+def test_torch_compile_fullgraph_weight_space_layer():
+    timm_layers = pytest.importorskip("timm.layers")
+    torch._dynamo.reset()
+    model = nn.Sequential(timm_layers.StdConv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3))
+    vl.apply_lora(model, vl.LoraConfig(targets=["0", "2"], rank=2))
+    randomize_lora(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_rel_close(compiled(X), model(X))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_merge_equals_unmerged_and_unmerge_is_exact(dtype):
+    model = adapted().to("cuda", dtype)
+    x = X.to("cuda", dtype)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        unmerged = model(x)
+        vl.merge(model)
+        merged = model(x)
+        vl.unmerge(model)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert_rel_close(merged.float(), unmerged.float(), tol=tol)
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
