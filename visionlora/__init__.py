@@ -23,10 +23,11 @@ from visionlora.errors import (
     UnsupportedModuleError,
     VisionLoraError,
 )
-from visionlora.inject import Match, apply_lora, match_targets, summary
+from visionlora.inject import Match, apply_lora, match_targets
 from visionlora.io import load_adapter, read_adapter, save_adapter
 from visionlora.layers import LoraConv, LoraLayer, LoraLinear
 from visionlora.merge import merge, merge_and_unload, unmerge
+from visionlora.summary import summary
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,58 @@
+"""A readable table of the LoRA layers in a model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from visionlora.inject import lora_layers
+from visionlora.layers import layer_kind
+
+__all__ = ["summary"]
+
+
+def summary(model: nn.Module) -> str:
+    """A table of the LoRA layers (layer, adapter, kind, in/out, kernel, rank, alpha, params) with totals.
+
+    Example:
+        >>> print(vl.summary(model))
+    """
+    header = ("layer", "adapter", "kind", "in/out", "kernel", "groups", "rank", "alpha", "LoRA params")
+    rows = []
+    lora_total = 0
+    for name, layer in lora_layers(model):
+        base = layer.base
+        kind = layer_kind(base) or ""
+        if type(base).__name__ != kind:
+            kind = f"{kind} ({type(base).__name__})"
+        if isinstance(base, nn.Linear):
+            in_out, kernel, groups = f"{base.in_features}/{base.out_features}", "-", "-"
+        else:
+            in_out = f"{base.in_channels}/{base.out_channels}"
+            kernel, groups = "x".join(str(k) for k in base.weight.shape[2:]), str(base.groups)
+        for adapter_name, adapter in layer.adapters.items():
+            count = adapter.lora_A.numel() + adapter.lora_B.numel()
+            lora_total += count
+            mark = "" if adapter_name in layer.active else " (inactive)"
+            rows.append(
+                (
+                    name,
+                    adapter_name + mark,
+                    kind,
+                    in_out,
+                    kernel,
+                    groups,
+                    str(adapter.rank),
+                    f"{adapter.alpha:g}",
+                    f"{count:,}",
+                )
+            )
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    pct = 100.0 * trainable / total if total else 0.0
+    lines.append("")
+    lines.append(f"LoRA layers: {len(lora_layers(model))}   LoRA params: {lora_total:,}")
+    lines.append(f"trainable params: {trainable:,} of {total:,} ({pct:.2f}%)")
+    return "\n".join(lines)
