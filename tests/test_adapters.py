@@ -88,3 +88,11 @@ def test_new_adapter_trains_alone(two_adapters):
         "fc.adapters.b.lora_A",
         "fc.adapters.b.lora_B",
     }
+
+
+@pytest.mark.parametrize("bad", [{"default": "x"}, {"default": float("nan")}, {"default": True}, 3, {1: 1.0}])
+def test_set_adapter_refuses_bad_names_and_weights(two_adapters, bad):
+    _, model = two_adapters
+    with pytest.raises(vl.AdapterError, match="set_adapter"):
+        vl.set_adapter(model, bad)
+    assert vl.active_adapters(model) == {"b": 1.0}

@@ -98,3 +98,18 @@ def test_cuda_merge_equals_unmerged_and_unmerge_is_exact(dtype):
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert_rel_close(merged.float(), unmerged.float(), tol=tol)
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
+
+
+def test_state_dict_of_a_merged_model_holds_unmerged_weights():
+    model = adapted(seed=0)
+    with torch.no_grad():
+        expected = model(X)
+        vl.merge(model)
+        state = model.state_dict()
+        other = adapted(seed=1)
+        other.load_state_dict(state, strict=True)  # other is unmerged: the weights must be W, not W + ΔW
+        assert_rel_close(other(X), expected)
+        vl.merge(other)  # loading into a merged model unmerges it first
+        other.load_state_dict(adapted(seed=2).state_dict())
+        assert not other.block[0].merged
+        assert torch.equal(other(X), adapted(seed=2)(X))

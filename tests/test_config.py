@@ -26,7 +26,7 @@ def test_missing_required_key():
     [
         ("rank", "4", r"rank: expected int, got str '4'"),
         ("rank", True, r"rank: expected int, got bool"),
-        ("rank", 0, r"rank: rank 0 is invalid; ranks are integers >= 1"),
+        ("rank", 0, r"rank: rank 0 is invalid; ranks are integers from 1 to 65536"),
         ("alpha", -1.0, r"alpha: alpha -1.0 is invalid"),
         ("alpha", float("nan"), r"alpha: alpha nan is invalid"),
         ("dropout", 1.0, r"dropout: 1.0 is out of range"),

@@ -233,3 +233,95 @@ def test_lazy_and_parametrized_layers_are_refused():
     torch.nn.utils.parametrizations.orthogonal(lin)
     with pytest.raises(vl.UnsupportedModuleError, match="parametrizations"):
         vl.apply_lora(nn.Sequential(lin), vl.LoraConfig(targets="0"))
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = model.state_dict()
+    return (
+        list(after) == list(before)
+        and all(torch.equal(before[k], after[k]) for k in before)
+        and not any(isinstance(m, vl.LoraLayer) for m in model.modules())
+    )
+
+
+@pytest.mark.parametrize("name", ["training", "forward", "keys", "to", "a.b", ""])
+def test_adapter_names_that_torch_cannot_hold_are_refused_before_any_change(name):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    before = _state(model)
+    with pytest.raises(vl.AdapterError, match="adapter name"):
+        vl.apply_lora(model, vl.LoraConfig(targets="*", rank=2), adapter_name=name)
+    assert _unchanged(model, before)
+
+
+def test_layers_with_forward_hooks_are_refused():
+    with pytest.warns(FutureWarning):
+        legacy = nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
+    hooked = nn.Conv2d(3, 4, 3)
+    hooked.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    for layer in (legacy, hooked, nn.utils.spectral_norm(nn.Linear(4, 4))):
+        with pytest.raises(vl.UnsupportedModuleError, match="has forward hooks"):
+            vl.apply_lora(nn.Sequential(layer), vl.LoraConfig(targets="0"))
+
+
+def test_tied_weights_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    with pytest.raises(vl.TargetError, match=r"'0': its weight is tied to '1.weight'"):
+        vl.apply_lora(model, vl.LoraConfig(targets="0"))
+
+
+def test_a_module_reachable_by_two_names_is_refused():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.head = self.fc  # registered twice
+
+        def forward(self, x):
+            return self.head(x)
+
+    with pytest.raises(vl.TargetError, match=r"'fc' is the same module object as 'head'"):
+        vl.apply_lora(Shared(), vl.LoraConfig(targets="fc"))
+
+
+def test_huge_rank_is_a_config_error():
+    with pytest.raises(vl.ConfigError, match=r"rank_pattern\['1'\]: rank 10000000000000 is invalid"):
+        vl.LoraConfig(targets="*", rank_pattern={"1": 10**13})
+
+
+def test_a_failure_while_building_adapters_leaves_the_model_unchanged(monkeypatch):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    before = _state(model)
+    calls = []
+
+    def failing_init(a, rank, generator=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("simulated out of memory on the second layer")
+
+    monkeypatch.setitem(vl.inject._INITS, "kaiming", failing_init)
+    with pytest.raises(MemoryError):
+        vl.apply_lora(model, vl.LoraConfig(targets="*", rank=2))
+    assert _unchanged(model, before) and vl.list_adapters(model) == []
+
+
+def test_a_config_edited_after_construction_is_checked_again():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    before = _state(model)
+    cfg = vl.LoraConfig(targets="*", rank=2)
+    cfg.rank = 0
+    with pytest.raises(vl.ConfigError, match="rank 0 is invalid"):
+        vl.apply_lora(model, cfg)
+    cfg.rank, cfg.init = 2, "xavier"
+    with pytest.raises(vl.ConfigError, match=r"init: expected 'kaiming' \| 'gaussian'"):
+        vl.apply_lora(model, cfg)
+    assert _unchanged(model, before)
+
+
+def test_a_model_that_is_not_a_module_is_refused():
+    with pytest.raises(vl.UnsupportedModuleError, match=r"model: expected a torch\.nn\.Module, got str"):
+        vl.apply_lora("resnet50", vl.LoraConfig(targets="*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from torch import nn
@@ -34,11 +35,17 @@ def set_adapter(model: nn.Module, adapters: str | Sequence[str] | Mapping[str, f
         >>> vl.set_adapter(model, {"style": 0.7, "detail": 0.3})
     """
     if isinstance(adapters, str):
-        weights = {adapters: 1.0}
-    elif isinstance(adapters, Mapping):
-        weights = {str(n): float(w) for n, w in adapters.items()}
-    else:
-        weights = {str(n): 1.0 for n in adapters}
+        adapters = {adapters: 1.0}
+    elif isinstance(adapters, Sequence):
+        adapters = dict.fromkeys(adapters, 1.0)
+    if not isinstance(adapters, Mapping):
+        raise AdapterError(
+            f"set_adapter: expected a name, a list of names or a name -> weight mapping, got {adapters!r}"
+        )
+    for n, w in adapters.items():
+        if not isinstance(n, str) or isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise AdapterError(f"set_adapter: {n!r} -> {w!r}; names are strings and weights finite numbers")
+    weights = {n: float(w) for n, w in adapters.items()}
     if not weights:
         raise AdapterError("set_adapter: no adapter given; use vl.disable_adapters(model) to run the base model")
     _known(model, list(weights))

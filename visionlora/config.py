@@ -27,6 +27,7 @@ from visionlora.errors import ConfigError
 
 __all__ = [
     "LAYER_KINDS",
+    "MAX_RANK",
     "LoraConfig",
     "config_from_dict",
     "config_to_dict",
@@ -134,9 +135,13 @@ class LoraConfig:
         return config_from_dict(cls, data)
 
 
+MAX_RANK = 1 << 16
+"""Largest rank visionlora accepts (in configs and in files)."""
+
+
 def _check_rank(rank: int, where: str) -> None:
-    if rank < 1:
-        raise ConfigError(f"{where}: rank {rank} is invalid; ranks are integers >= 1")
+    if not 1 <= rank <= MAX_RANK:
+        raise ConfigError(f"{where}: rank {rank} is invalid; ranks are integers from 1 to {MAX_RANK}")
 
 
 def _check_alpha(alpha: float, where: str) -> None:

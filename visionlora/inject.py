@@ -15,9 +15,11 @@ Selection rules:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import warnings
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,9 +42,12 @@ from visionlora.ranks import allocate
 
 __all__ = [
     "Match",
+    "adaptable_kind",
     "adapter_configs",
     "apply_lora",
     "changed_buffers",
+    "check_adapter_name",
+    "check_selected",
     "check_wrappable",
     "extra_parameters",
     "forget_configs",
@@ -74,10 +79,18 @@ class Match:
 
 
 def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) below ``model``, with LoRA layers seen as one module (their insides hidden)."""
+    """(name, module) below ``model``, every path of a shared module included, LoRA layers' insides hidden.
+
+    Raises:
+        UnsupportedModuleError: if ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModuleError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
 
     def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
-        for child_name, child in module.named_children():
+        for child_name, child in module._modules.items():  # named_children() would hide a second path
+            if child is None:
+                continue
             name = f"{prefix}.{child_name}" if prefix else child_name
             yield name, child
             if not isinstance(child, LoraLayer):
@@ -87,8 +100,14 @@ def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    """Every LoRA layer in ``model`` with its full name."""
-    return [(n, m) for n, m in iter_modules(model) if isinstance(m, LoraLayer)]
+    """Every LoRA layer in ``model`` with its (first) full name."""
+    seen: set[int] = set()
+    out = []
+    for name, module in iter_modules(model):
+        if isinstance(module, LoraLayer) and id(module) not in seen:
+            seen.add(id(module))
+            out.append((name, module))
+    return out
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
@@ -102,11 +121,40 @@ def forget_configs(model: nn.Module) -> None:
     model.__dict__.pop(_BUFFERS_ATTR, None)
 
 
-def _adaptable_kind(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> str | None:
-    parent = parents.get(name.rpartition(".")[0]) if "." in name else None
+def adaptable_kind(name: str, module: nn.Module, by_name: dict[str, nn.Module]) -> str | None:
+    """The layer kind of ``module`` if visionlora can adapt it where it sits in the model, else None."""
+    parent = by_name.get(name.rpartition(".")[0]) if "." in name else None
     if isinstance(parent, nn.MultiheadAttention):
         return None  # MultiheadAttention reads out_proj.weight directly and never calls its forward
     return layer_kind(module)
+
+
+def check_selected(model: nn.Module, selected: dict[str, nn.Module], adapter_name: str) -> None:
+    """Refuse layers that are shared, whose weight is tied to another parameter, or that have ``adapter_name``."""
+    paths: defaultdict[int, list[str]] = defaultdict(list)
+    for name, module in iter_modules(model):
+        paths[id(module)].append(name)
+    owners: defaultdict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)].append(name)
+    for name, module in selected.items():
+        others = [p for p in paths[id(module)] if p != name]
+        if others:
+            raise TargetError(
+                f"{name!r} is the same module object as {others[0]!r}; a shared module cannot be adapted "
+                "under one name only (the other path would run without the adapter)"
+            )
+        weight = module.base.weight if isinstance(module, LoraLayer) else module.weight
+        if len(owners[id(weight)]) > 1:
+            tied = [o for o in owners[id(weight)] if not o.startswith(name + ".")]
+            raise TargetError(
+                f"{name!r}: its weight is tied to {tied[0]!r}; merging would change both, so tied weights "
+                "cannot be adapted"
+            )
+        if isinstance(module, LoraLayer) and adapter_name in module.adapters:
+            raise AdapterError(
+                f"{name!r} already has adapter {adapter_name!r}; pass adapter_name='<new name>' to add another adapter"
+            )
 
 
 def _near_names(pattern: str, names: list[str]) -> str:
@@ -144,7 +192,7 @@ def match_targets(model: nn.Module, cfg: LoraConfig, *, adapter_name: str = "def
     """
     modules = list(iter_modules(model))
     names = [n for n, _ in modules]
-    parents = dict(modules)
+    by_name = dict(modules)
     trainable = _matching(cfg.trainable, names, "trainable")
     excluded = _matching(cfg.exclude, names, "exclude")
     selected: dict[str, nn.Module] = {}
@@ -156,7 +204,7 @@ def match_targets(model: nn.Module, cfg: LoraConfig, *, adapter_name: str = "def
                     f"target {pattern!r}: no module of that name; near names: {_near_names(pattern, names)}"
                 )
             name, module = hits[0]
-            kind = _adaptable_kind(name, module, parents)
+            kind = adaptable_kind(name, module, by_name)
             if kind is None:
                 hint = f"; to adapt the layers inside it use '{name}.*'" if any(True for _ in module.children()) else ""
                 if isinstance(module, nn.Linear):
@@ -174,7 +222,7 @@ def match_targets(model: nn.Module, cfg: LoraConfig, *, adapter_name: str = "def
         usable = [
             (n, m)
             for n, m in hits
-            if _adaptable_kind(n, m, parents) in cfg.target_types and not _under(n, trainable) and n not in excluded
+            if adaptable_kind(n, m, by_name) in cfg.target_types and not _under(n, trainable) and n not in excluded
         ]
         if not usable:
             found = sorted({type(m).__name__ for _, m in hits})
@@ -184,15 +232,7 @@ def match_targets(model: nn.Module, cfg: LoraConfig, *, adapter_name: str = "def
                 f"near names: {_near_names(pattern, names)}"
             )
         selected.update(usable)
-    seen: dict[int, str] = {}
-    for name, module in selected.items():
-        if id(module) in seen:
-            raise TargetError(f"{name!r} and {seen[id(module)]!r} are the same module object; adapt it under one name")
-        seen[id(module)] = name
-        if isinstance(module, LoraLayer) and adapter_name in module.adapters:
-            raise AdapterError(
-                f"{name!r} already has adapter {adapter_name!r}; pass adapter_name='<new name>' to add another adapter"
-            )
+    check_selected(model, selected, adapter_name)
     order = {n: i for i, n in enumerate(names)}
     ordered = sorted(selected, key=order.__getitem__)
     ranks = allocate(ordered, cfg)
@@ -211,9 +251,12 @@ def check_wrappable(matches: list[Match], dropout: float) -> None:
             raise ConfigError(f"{m.name!r}: {exc}") from None
 
 
-def _check_adapter_name(adapter_name: str) -> None:
-    if not _ADAPTER_NAME.fullmatch(adapter_name):
+def check_adapter_name(adapter_name: str) -> None:
+    """Raise :class:`AdapterError` unless ``adapter_name`` can name an adapter."""
+    if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
         raise AdapterError(f"adapter name {adapter_name!r} is invalid; use letters, digits, '_' and '-' only")
+    if hasattr(nn.ModuleDict(), adapter_name):
+        raise AdapterError(f"adapter name {adapter_name!r} is reserved by torch.nn.ModuleDict; choose another")
 
 
 def _warn_ranks(matches: list[Match]) -> None:
@@ -251,17 +294,23 @@ def add_adapters(
     adapter_name: str,
     generator: torch.Generator | None = None,
 ) -> None:
-    """Wrap each matched layer (once) and give it adapter ``adapter_name``; no activation."""
+    """Wrap each matched layer (once) and give it adapter ``adapter_name``; no activation.
+
+    Every wrapper and adapter tensor is built before the first one is attached, so a failure
+    (out of memory, say) leaves the model unchanged.
+    """
     init = _INITS[cfg.init]
+    built = []
     for m in matches:
-        if isinstance(m.module, LoraLayer):
-            layer = m.module
-        else:
-            layer = wrap_layer(m.module, m.name)
-            replace_module(model, m.name, layer)
-        layer.add_adapter(
-            adapter_name, m.rank, m.alpha, rslora=cfg.rslora, dropout=cfg.dropout, init=init, generator=generator
+        layer = m.module if isinstance(m.module, LoraLayer) else wrap_layer(m.module, m.name)
+        adapter = layer.new_adapter(
+            m.rank, m.alpha, rslora=cfg.rslora, dropout=cfg.dropout, init=init, generator=generator
         )
+        built.append((m, layer, adapter))
+    for m, layer, adapter in built:
+        layer.adapters[adapter_name] = adapter
+        if layer is not m.module:
+            replace_module(model, m.name, layer)
 
 
 def _original_named(model: nn.Module, named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -376,7 +425,8 @@ def apply_lora(
     """
     if not isinstance(cfg, LoraConfig):
         raise ConfigError(f"cfg: expected a visionlora.LoraConfig, got {type(cfg).__name__}")
-    _check_adapter_name(adapter_name)
+    cfg = dataclasses.replace(cfg)  # re-runs every check, in case fields were edited after construction
+    check_adapter_name(adapter_name)
     require_unmerged(model, "add an adapter")
     matches = match_targets(model, cfg, adapter_name=adapter_name)
     _warn_ranks(matches)

@@ -212,6 +212,8 @@ class LoraLayer(nn.Module, abc.ABC):
         self.disabled = False
         self.weight_space = _transforms_weight_or_input(base)
         self.register_buffer("_original_weight", None, persistent=False)
+        # torch's long-standing (private) state_dict hook; see _state_dict_unmerged.
+        self._register_state_dict_hook(self._state_dict_unmerged)
 
     # The base's tensors, readable by code that inspects ``module.weight`` (explicit, no __getattr__).
     @property
@@ -240,15 +242,28 @@ class LoraLayer(nn.Module, abc.ABC):
         """Add adapter ``name`` (B = 0, so outputs are unchanged) and return it. Not activated."""
         if name in self.adapters:
             raise AdapterError(f"this layer already has an adapter named {name!r}")
+        adapter = self.new_adapter(rank, alpha, rslora=rslora, dropout=dropout, init=init, generator=generator)
+        self.adapters[name] = adapter
+        return adapter
+
+    def new_adapter(
+        self,
+        rank: int,
+        alpha: float,
+        *,
+        rslora: bool = False,
+        dropout: float = 0.0,
+        init: InitFn = kaiming_init,
+        generator: torch.Generator | None = None,
+    ) -> LoraAdapter:
+        """A new adapter for this layer (A initialised, B = 0), not yet attached to it."""
         self.check_dropout(dropout)
         weight = self.base.weight
         a_shape, b_shape = lora_shapes(self.base, rank)
         a = torch.empty(a_shape, dtype=weight.dtype, device=weight.device)
         init(a, rank, generator)
         b = torch.zeros(b_shape, dtype=weight.dtype, device=weight.device)
-        adapter = LoraAdapter(a, b, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout)
-        self.adapters[name] = adapter
-        return adapter
+        return LoraAdapter(a, b, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout)
 
     def check_dropout(self, dropout: float) -> None:
         """Raise :class:`ConfigError` if this layer cannot apply input dropout ``dropout``."""
@@ -313,6 +328,18 @@ class LoraLayer(nn.Module, abc.ABC):
         with torch.no_grad():
             self.base.weight.copy_(self._original_weight)
         self._original_weight = None
+
+    def _state_dict_unmerged(self, module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        # While merged, base.weight holds W + ΔW; a state_dict always holds W, so it means the same
+        # model whether it was taken merged or not (loading one unmerges first, below).
+        if self._original_weight is not None:
+            state_dict[prefix + "base.weight"] = self._original_weight.detach().clone()
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Tensor], prefix: str, *args: object, **kwargs: object
+    ) -> None:
+        self.unmerge()  # the incoming base.weight is an unmerged W (see _state_dict_unmerged)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _require_unmerged(self, action: str) -> None:
         if self.merged:
@@ -387,4 +414,9 @@ def wrap_layer(module: nn.Module, name: str = "") -> LoraLayer:
         raise UnsupportedModuleError(f"{label}: lazy layer is not initialised; run one forward pass first")
     if parametrize.is_parametrized(module):
         raise UnsupportedModuleError(f"{label}: layers with torch parametrizations are not supported")
+    if module._forward_pre_hooks or module._forward_hooks:
+        raise UnsupportedModuleError(
+            f"{label}: has forward hooks (old-style weight_norm and spectral_norm are hooks too); the LoRA branch "
+            "would bypass them, so merged and unmerged outputs would differ. Remove the hooks before adapting"
+        )
     return LoraLinear(module) if kind == "Linear" else LoraConv(module)

@@ -143,6 +143,11 @@ BAD_FILES = {
         r"rank 1000000000 is not an integer in \[1, 65536\]",
     ),
     "metadata not JSON": (dict(meta=lambda m: "{not json"), r"metadata is not valid JSON"),
+    "reserved adapter name": (dict(meta=lambda m: _with(m, "adapter_name", "training")), r"reserved by torch.nn"),
+    "float8 tensor": (
+        dict(tensors=lambda t: _with(t, "fc.bias", torch.zeros(5).to(torch.float8_e4m3fn))),
+        r"tensor 'fc.bias' has dtype torch.float8_e4m3fn; expected one of float16",
+    ),
     "unknown config key": (
         dict(meta=lambda m: _with(m, "config", _with(m["config"], "rnak", 3))),
         r"stored config is invalid: rnak: unknown key; did you mean 'rank'",
@@ -254,3 +259,31 @@ def test_no_buffers_are_saved_when_training_left_them_alone(saved):
     _, path = saved
     with safe_open(path, "pt") as f:
         assert json.loads(f.metadata()["visionlora"])["buffers"] == []
+
+
+def test_explicit_invalid_adapter_name_is_refused_before_any_change(saved):
+    _, path = saved
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(vl.AdapterError, match=r"adapter name 'a.b' is invalid"):
+        vl.load_adapter(model, path, adapter_name="a.b")
+    _assert_untouched(model, before, {n: True for n, _ in model.named_parameters()})
+
+
+def test_a_file_cannot_put_an_adapter_on_a_multihead_attention_projection(tmp_path):
+    source = vl.apply_lora(torch.nn.Sequential(torch.nn.Linear(8, 8)), vl.LoraConfig(targets="0", rank=2))
+    path = vl.save_adapter(source, tmp_path / "a.safetensors")
+    forged = _rewrite(
+        path,
+        tmp_path,
+        tensors=lambda t: {k.replace("0.", "0.out_proj.", 1): v for k, v in t.items()},
+        meta=lambda m: _with(m, "layers", {"0.out_proj": m["layers"]["0"]}),
+    )
+    with pytest.raises(vl.AdapterFileError, match=r"0\.out_proj: file has a Linear adapter, the model has a"):
+        vl.load_adapter(torch.nn.Sequential(torch.nn.MultiheadAttention(8, 2)), forged)
+
+
+def test_saving_to_a_folder_is_refused(saved, tmp_path):
+    model, _ = saved
+    with pytest.raises(vl.AdapterFileError, match="is a folder; give a file path"):
+        vl.save_adapter(model, tmp_path)

@@ -27,14 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionlora.config import LAYER_KINDS, LoraConfig
+from visionlora.config import LAYER_KINDS, MAX_RANK, LoraConfig
 from visionlora.errors import AdapterError, AdapterFileError, ConfigError, VisionLoraError
 from visionlora.inject import (
     Match,
     activate,
+    adaptable_kind,
     adapter_configs,
     add_adapters,
     changed_buffers,
+    check_adapter_name,
+    check_selected,
     check_wrappable,
     extra_parameters,
     iter_modules,
@@ -54,7 +57,7 @@ FORMAT = "visionlora.adapter"
 FORMAT_VERSION = 1
 META_KEY = "visionlora"
 _MAX_METADATA_BYTES = 16 * 1024 * 1024
-_MAX_RANK = 1 << 16
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,8 @@ def _parse_layers(path: Path, raw: Any) -> dict[str, LayerSpec]:
         kind, rank, alpha = spec["kind"], spec["rank"], spec["alpha"]
         if kind not in LAYER_KINDS:
             raise _fail(path, f"layer {name!r}: kind {kind!r} is not one of {list(LAYER_KINDS)}")
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= _MAX_RANK:
-            raise _fail(path, f"layer {name!r}: rank {rank!r} is not an integer in [1, {_MAX_RANK}]")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
+            raise _fail(path, f"layer {name!r}: rank {rank!r} is not an integer in [1, {MAX_RANK}]")
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not (math.isfinite(alpha) and alpha > 0):
             raise _fail(path, f"layer {name!r}: alpha {alpha!r} is not a finite number > 0")
         layers[name] = LayerSpec(kind, rank, float(alpha))
@@ -164,8 +167,10 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
             f"format_version {meta.get('format_version')!r} is not supported (this visionlora reads {FORMAT_VERSION})",
         )
     name = meta.get("adapter_name")
-    if not isinstance(name, str) or not name:
-        raise _fail(path, "metadata 'adapter_name' is missing or not a string")
+    try:
+        check_adapter_name(name)
+    except AdapterError as exc:
+        raise _fail(path, f"metadata 'adapter_name': {exc}") from None
     try:
         config = LoraConfig.from_dict(meta.get("config"))
     except ConfigError as exc:
@@ -180,9 +185,12 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
     if missing or unexpected:
         raise _fail(path, f"tensors do not match the metadata: missing {missing[:10]}, unexpected {unexpected[:10]}")
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point() and key not in buffers:
-            raise _fail(path, f"tensor {key!r} has dtype {tensor.dtype}; adapter tensors are floating point")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        floating = tensor.dtype in _DTYPES
+        if not floating and (key not in buffers or tensor.is_floating_point() or tensor.is_complex()):
+            raise _fail(
+                path, f"tensor {key!r} has dtype {tensor.dtype}; expected one of float16/bfloat16/float32/float64"
+            )
+        if floating and not torch.isfinite(tensor).all():
             raise _fail(path, f"tensor {key!r} holds NaN or Inf")
     return AdapterFile(path, name, config, layers, list(extra), list(buffers), tensors)
 
@@ -197,13 +205,8 @@ def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
         if module is None:
             problems.append(f"{name}: no such module in {type(model).__name__}")
             continue
-        if layer_kind(module) != spec.kind:
-            problems.append(f"{name}: file has a {spec.kind} adapter, the model has a {type(module).__name__}")
-            continue
-        if isinstance(module, LoraLayer) and adapter_name in module.adapters:
-            problems.append(
-                f"{name}: already has adapter {adapter_name!r} (pass adapter_name= to load it under another name)"
-            )
+        if adaptable_kind(name, module, modules) != spec.kind:
+            problems.append(f"{name}: file has a {spec.kind} adapter, the model has a {type(module).__name__} there")
             continue
         base = module.base if isinstance(module, LoraLayer) else module
         for key, shape in zip(
@@ -251,6 +254,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name
     Example:
         >>> vl.load_adapter(torchvision.models.resnet50(), "adapter.safetensors")
     """
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     file = read_adapter(path)
     name = adapter_name or file.adapter_name
     require_unmerged(model, "load an adapter")
@@ -258,6 +263,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name
         raise AdapterError(f"model already has adapter {name!r}; pass adapter_name='<new name>'")
     matches = _fit(file, model, name)
     try:
+        check_selected(model, {m.name: m.module for m in matches}, name)
         check_wrappable(matches, file.config.dropout)
     except VisionLoraError as exc:
         raise _fail(file.path, str(exc)) from None

@@ -26,6 +26,8 @@ def write_safetensors(
     ``path``, so a reader (or a crash) sees either the old file or the complete new one.
     """
     path = Path(path)
+    if path.is_dir():
+        raise AdapterFileError(f"{path}: is a folder; give a file path such as {path / 'adapter.safetensors'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
