@@ -57,11 +57,11 @@ class TinyNet(nn.Module):
         self.block = nn.Sequential(
             nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2, padding_mode="reflect"),
             nn.ReLU(),
-            nn.Conv2d(8, 16, 3, padding="same", groups=8, padding_mode="circular"),
+            nn.Conv2d(8, 32, 3, padding="same", groups=8, padding_mode="circular"),  # depthwise, multiplier 4
             nn.ReLU(),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, num_classes)
+        self.fc = nn.Linear(32, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.block(torch.relu(self.bn(self.stem(x))))

@@ -23,6 +23,7 @@ def two_adapters():
 
 
 X = torch.randn(2, 3, 12, 12)
+ALPHAS = {"default": 4.0, "b": 3.0}
 
 
 def test_new_adapter_is_active_and_switching_selects_each(two_adapters):
@@ -32,7 +33,7 @@ def test_new_adapter_is_active_and_switching_selects_each(two_adapters):
     with torch.no_grad():
         for active in ("default", "b"):
             vl.set_adapter(model, active)
-            assert_rel_close(model(X), textbook_merged_copy(base, model)(X))
+            assert_rel_close(model(X), textbook_merged_copy(base, model, ALPHAS, {active: 1.0})(X))
         assert not torch.allclose(model(X), base(X))
 
 
@@ -41,7 +42,7 @@ def test_weighted_combination_unmerged_equals_merged_equals_reference(two_adapte
     vl.set_adapter(model, {"default": 0.5, "b": -1.5})
     assert model.block[0].active == {"default": 0.5, "b": -1.5} and model.block[2].active == {"default": 0.5}
     with torch.no_grad():
-        expected = textbook_merged_copy(base, model)(X)
+        expected = textbook_merged_copy(base, model, ALPHAS, {"default": 0.5, "b": -1.5})(X)
         unmerged = model(X)
         assert_rel_close(unmerged, expected)
         vl.merge(model)

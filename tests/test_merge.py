@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -15,18 +16,26 @@ from tests.conftest import assert_rel_close, randomize_lora, reference_conv_delt
 from visionlora.inject import lora_layers
 
 
-def textbook_merged_copy(base: nn.Module, adapted: nn.Module) -> nn.Module:
-    """A copy of the un-adapted ``base`` with W + scale · ΔW written in by the textbook formula."""
+def textbook_merged_copy(
+    base: nn.Module, adapted: nn.Module, alphas: dict[str, float], weights: dict[str, float]
+) -> nn.Module:
+    """A copy of the un-adapted ``base`` with W + Σ weight · (alpha / r) · ΔW written in by the textbook formula.
+
+    ``alphas`` and ``weights`` are per adapter name, as the test configured them; r is read off B's shape.
+    """
     ref = copy.deepcopy(base)
     with torch.no_grad():
         for name, layer in lora_layers(adapted):
             target = ref.get_submodule(name)
-            for adapter_name, w in layer.active.items():
-                ad = layer.adapters[adapter_name]
+            for adapter_name, w in weights.items():
+                if adapter_name not in layer.adapters:
+                    continue
+                a, b = layer.adapters[adapter_name].lora_A, layer.adapters[adapter_name].lora_B
+                scale = alphas[adapter_name] / b.shape[1]
                 if isinstance(target, nn.Linear):
-                    delta = ad.scale * ad.lora_B @ ad.lora_A
+                    delta = scale * b @ a
                 else:
-                    delta = reference_conv_delta(ad.lora_A, ad.lora_B, ad.scale, target.groups)
+                    delta = reference_conv_delta(a, b, scale, target.groups)
                 target.weight += w * delta
     return ref
 
@@ -39,10 +48,12 @@ def test_dilated_resnet_merged_equals_unmerged_equals_reference():
         model, vl.LoraConfig(targets=["layer3.5.*", "layer4.*"], rank=4, alpha=8, rank_pattern={"layer4.0.*": 16})
     )
     assert model.layer4[1].conv2.base.dilation == (4, 4)
-    randomize_lora(model, std=0.05)
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
-        expected = textbook_merged_copy(base, model)(x)
+        assert torch.equal(model(x), base(x))  # freshly adapted: B = 0
+    randomize_lora(model, std=0.05)
+    with torch.no_grad():
+        expected = textbook_merged_copy(base, model, {"default": 8.0}, {"default": 1.0})(x)
         unmerged = model(x)
         assert not torch.allclose(unmerged, base(x))
         assert_rel_close(unmerged, expected)
@@ -86,19 +97,35 @@ def test_timm_std_conv_is_adapted_on_its_effective_weight():
     assert torch.equal(conv.weight, w0)
 
 
+def _pad_same(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+    """TensorFlow-style 'SAME' padding for this input size: total = max((ceil(i/s) - 1)·s + k - i, 0)."""
+    pads = []
+    for size, k, s in zip(reversed(x.shape[2:]), reversed(kernel), reversed(stride), strict=True):
+        total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
+
+
 @pytest.mark.parametrize("cls_name", ["ScaledStdConv2d", "Conv2dSame", "StdConv2dSame"])
-def test_other_timm_weight_or_input_transforming_convs_merge_exactly(cls_name):
+def test_other_timm_weight_or_input_transforming_convs_match_their_textbook_forms(cls_name):
     timm_layers = pytest.importorskip("timm.layers")
     torch.manual_seed(0)
     conv = getattr(timm_layers, cls_name)(4, 6, 3, stride=2)
     model = nn.Sequential(conv)
-    vl.apply_lora(model, vl.LoraConfig(targets="0", rank=3))
+    w0 = conv.weight.detach().clone()
+    vl.apply_lora(model, vl.LoraConfig(targets="0", rank=3, alpha=6))
     randomize_lora(model)
     x = torch.randn(2, 4, 11, 11)
     with torch.no_grad():
         ad = model[0].adapters["default"]
-        effective = conv.weight + reference_conv_delta(ad.lora_A, ad.lora_B, ad.scale, 1)
-        expected = torch.func.functional_call(copy.deepcopy(conv), {"weight": effective}, (x,))
+        w = w0 + reference_conv_delta(ad.lora_A, ad.lora_B, 6 / 3, 1)
+        if cls_name == "ScaledStdConv2d":  # gain · (fan_in^-1/2) · standardised W, then a plain conv
+            w = conv.gain * w0[0].numel() ** -0.5 * _standardize(w, conv.eps)
+            expected = F.conv2d(x, w, conv.bias, conv.stride, conv.padding)
+        elif cls_name == "Conv2dSame":  # input padded 'SAME' for its size, then an unpadded conv
+            expected = F.conv2d(_pad_same(x, (3, 3), (2, 2)), w, conv.bias, conv.stride)
+        else:
+            expected = F.conv2d(_pad_same(x, (3, 3), (2, 2)), _standardize(w, conv.eps), conv.bias, conv.stride)
         unmerged = model(x)
         assert_rel_close(unmerged, expected)
         vl.merge(model)
