@@ -11,12 +11,16 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def reference_conv_delta(a: Tensor, b: Tensor, scale: float, groups: int) -> Tensor:
-    """ΔW written out group by group: block j = scale · B_j @ A_j, reshaped to the kernel."""
+    """ΔW written out group by group: block j = scale · B_j @ A_j, reshaped to the kernel.
+
+    A_j is A's rows j·r .. (j+1)·r (per-group layout), or all of A when A has r rows (shared layout).
+    """
     rank = b.shape[1]
     out_per_group = b.shape[0] // groups
+    shared = a.shape[0] == rank
     blocks = []
     for j in range(groups):
-        a_j = a[j * rank : (j + 1) * rank].reshape(rank, -1)
+        a_j = (a if shared else a[j * rank : (j + 1) * rank]).reshape(rank, -1)
         b_j = b[j * out_per_group : (j + 1) * out_per_group].reshape(out_per_group, rank)
         blocks.append((scale * (b_j @ a_j)).reshape(out_per_group, *a.shape[1:]))
     return torch.cat(blocks, dim=0)

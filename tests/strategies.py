@@ -27,6 +27,7 @@ class ConvCase:
     rank: int
     alpha: float
     size: tuple[int, ...]
+    conv_groups: str = "per_group"
 
     def kwargs(self) -> dict[str, Any]:
         return {
@@ -78,4 +79,5 @@ def conv_cases(draw: st.DrawFn, dims: int = 2) -> ConvCase:
         rank=draw(ints(1, 6)),
         alpha=draw(st.sampled_from([1.0, 3.0, 8.0, 16.0])),
         size=size,
+        conv_groups=draw(st.sampled_from(["per_group", "shared"])),
     )

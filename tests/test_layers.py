@@ -61,8 +61,8 @@ def _check_conv_case(case: ConvCase) -> None:
     x = torch.randn(2, case.in_channels, *case.size)
     base_out = conv(x)
     w0 = conv.weight.detach().clone()
-    with pytest.warns(UserWarning) if _warns(conv, case.rank) else contextlib.nullcontext():
-        vl.apply_lora(model, vl.LoraConfig(targets="0", rank=case.rank, alpha=case.alpha))
+    with pytest.warns(UserWarning) if _warns(conv, case.rank, case.conv_groups) else contextlib.nullcontext():
+        vl.apply_lora(model, vl.LoraConfig(targets="0", rank=case.rank, alpha=case.alpha, conv_groups=case.conv_groups))
     layer = model[0]
     assert torch.equal(model(x), base_out)  # fresh adapter: B = 0
 
@@ -74,6 +74,8 @@ def _check_conv_case(case: ConvCase) -> None:
     delta64 = reference_conv_delta(adapter.lora_A.double(), adapter.lora_B.double(), scale, case.groups)
     for block in delta64.detach().reshape(case.groups, case.out_channels // case.groups, -1):
         assert torch.linalg.matrix_rank(block) <= case.rank
+    if case.conv_groups == "shared":  # one factorisation: the whole (out × in/g·k) kernel matrix has rank <= r
+        assert torch.linalg.matrix_rank(delta64.detach().reshape(case.out_channels, -1)) <= case.rank
     expected = reference_conv(conv, x, w0 + delta)
 
     unmerged = model(x)
@@ -91,12 +93,14 @@ def _check_conv_case(case: ConvCase) -> None:
     assert_rel_close(model(x), unmerged)
 
 
-def _warns(conv: nn.Module, rank: int) -> bool:
-    a_shape, b_shape = lora_shapes(conv, rank)
-    return rank > max_useful_rank(conv) or math.prod(a_shape) + math.prod(b_shape) > conv.weight.numel()
+def _warns(conv: nn.Module, rank: int, conv_groups: str) -> bool:
+    a_shape, b_shape = lora_shapes(conv, rank, conv_groups)
+    too_big = math.prod(a_shape) + math.prod(b_shape) > conv.weight.numel()
+    return rank > max_useful_rank(conv, conv_groups) or too_big
 
 
 DEPTHWISE_MULTIPLIER = ConvCase(2, 4, 12, (3, 3), (1, 1), "same", (2, 2), 4, True, "reflect", 2, 8.0, (9, 9))
+DEPTHWISE_SHARED = ConvCase(2, 6, 6, (3, 3), (2, 2), 1, (1, 1), 6, False, "circular", 3, 8.0, (9, 9), "shared")
 EVEN_SAME = ConvCase(2, 6, 4, (4, 2), (1, 1), "same", (3, 1), 2, False, "circular", 5, 3.0, (11, 8))
 STRIDED_REPLICATE = ConvCase(2, 3, 6, (3, 3), (2, 3), (1, 2), (1, 2), 3, True, "replicate", 4, 16.0, (10, 10))
 
@@ -104,6 +108,7 @@ STRIDED_REPLICATE = ConvCase(2, 3, 6, (3, 3), (2, 3), (1, 2), (1, 2), 3, True, "
 @settings(max_examples=150, deadline=None)
 @given(conv_cases(dims=2))
 @example(DEPTHWISE_MULTIPLIER)
+@example(DEPTHWISE_SHARED)
 @example(EVEN_SAME)
 @example(STRIDED_REPLICATE)
 def test_conv2d_fresh_unmerged_merged_reference_agree(case):
@@ -202,3 +207,26 @@ def test_same_outputs_as_peft_for_plain_linear_and_conv():
             peft_layer.lora_B["default"].weight.copy_(ad.lora_B.reshape(peft_layer.lora_B["default"].weight.shape))
     x = torch.randn(2, 3, 6, 6)
     assert_rel_close(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(64, 64, 3, groups=64), nn.Conv2d(32, 128, 7, groups=32)])
+def test_shared_layout_keeps_depthwise_adapters_smaller_than_the_layer(conv):
+    shared = nn.Sequential(copy.deepcopy(conv))
+    vl.apply_lora(shared, vl.LoraConfig(targets="0", rank=4, conv_groups="shared"))  # no warning (warnings fail)
+    ad = shared[0].adapters["default"]
+    assert ad.lora_A.shape == (4, 1, *conv.kernel_size)
+    assert ad.lora_A.numel() + ad.lora_B.numel() == 4 * (conv.out_channels + conv.kernel_size[0] ** 2)
+    assert ad.lora_A.numel() + ad.lora_B.numel() < conv.weight.numel()
+    with pytest.warns(UserWarning) as record:
+        vl.apply_lora(nn.Sequential(copy.deepcopy(conv)), vl.LoraConfig(targets="0", rank=4))
+    assert any(
+        "more parameters than the layer" in str(w.message) and "conv_groups='shared'" in str(w.message) for w in record
+    )
+
+
+def test_conv_delta_shared_layout_reuses_one_a_for_every_group():
+    a, b = torch.randn(2, 3, 3, 3), torch.randn(8, 2, 1, 1)  # groups = 4, in/g = 3, out/g = 2
+    delta = conv_delta(a, b, 0.5, 4)
+    for j in range(4):
+        expected = 0.5 * b[2 * j : 2 * j + 2, :, 0, 0] @ a.reshape(2, -1)
+        torch.testing.assert_close(delta[2 * j : 2 * j + 2].reshape(2, -1), expected)

@@ -92,6 +92,9 @@ class LoraConfig:
     """Patterns of modules never to adapt, even when a target pattern selects them."""
     dropout: float = 0.0
     """Dropout probability on the adapter's input during training (0 <= p < 1)."""
+    conv_groups: Literal["per_group", "shared"] = "per_group"
+    """Grouped convs: a rank-r pair per group, or one rank-r factorisation shared by all groups
+    (r · (out + in/groups · k) parameters, the form that stays smaller than a depthwise conv)."""
     init: Literal["kaiming", "gaussian"] = "kaiming"
     """Initialisation of A: kaiming-uniform (as nn.Linear) or gaussian with std 1/r. B starts at zero."""
     rslora: bool = False

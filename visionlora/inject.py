@@ -259,23 +259,26 @@ def check_adapter_name(adapter_name: str) -> None:
         raise AdapterError(f"adapter name {adapter_name!r} is reserved by torch.nn.ModuleDict; choose another")
 
 
-def _warn_ranks(matches: list[Match]) -> None:
+def _warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
     too_high, too_big = [], []
     for m in matches:
         base = m.module.base if isinstance(m.module, LoraLayer) else m.module
-        if m.rank > max_useful_rank(base):
-            too_high.append(f"{m.name} (r={m.rank} > {max_useful_rank(base)})")
-        a_shape, b_shape = lora_shapes(base, m.rank)
+        usable = max_useful_rank(base, cfg.conv_groups)
+        if m.rank > usable:
+            too_high.append(f"{m.name} (r={m.rank} > {usable})")
+        a_shape, b_shape = lora_shapes(base, m.rank, cfg.conv_groups)
         if torch.Size(a_shape).numel() + torch.Size(b_shape).numel() > base.weight.numel():
             too_big.append(m.name)
     if too_high:
         warnings.warn(
-            "rank above what the layer can use (ΔW cannot exceed min(out, in) per group): " + "; ".join(too_high),
+            "rank above what the layer can use (ΔW cannot exceed min(out, in) per factorised matrix): "
+            + "; ".join(too_high),
             stacklevel=3,
         )
     if too_big:
+        hint = " (for depthwise convs use conv_groups='shared')" if cfg.conv_groups == "per_group" else ""
         warnings.warn(
-            "adapter has more parameters than the layer it adapts (depthwise or tiny layers): " + ", ".join(too_big),
+            f"adapter has more parameters than the layer it adapts{hint}: " + ", ".join(too_big),
             stacklevel=3,
         )
 
@@ -304,7 +307,13 @@ def add_adapters(
     for m in matches:
         layer = m.module if isinstance(m.module, LoraLayer) else wrap_layer(m.module, m.name)
         adapter = layer.new_adapter(
-            m.rank, m.alpha, rslora=cfg.rslora, dropout=cfg.dropout, init=init, generator=generator
+            m.rank,
+            m.alpha,
+            rslora=cfg.rslora,
+            dropout=cfg.dropout,
+            init=init,
+            generator=generator,
+            conv_groups=cfg.conv_groups,
         )
         built.append((m, layer, adapter))
     for m, layer, adapter in built:
@@ -429,7 +438,7 @@ def apply_lora(
     check_adapter_name(adapter_name)
     require_unmerged(model, "add an adapter")
     matches = match_targets(model, cfg, adapter_name=adapter_name)
-    _warn_ranks(matches)
+    _warn_ranks(matches, cfg)
     snapshot_buffers(model)
     add_adapters(model, matches, cfg, adapter_name, generator)
     adapter_configs(model)[adapter_name] = cfg

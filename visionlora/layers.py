@@ -9,10 +9,15 @@
 
 A starts random and B at zero, so a fresh adapter leaves every output unchanged (Hu et al.
 2021, "LoRA", §4.1). For a convolution, A is a conv with the base's own kernel and geometry
-(stride, padding, dilation, padding_mode, groups) and B a 1×1 conv. With ``groups = g`` each
-group gets its own rank-r pair: A has g·r output channels and B is a grouped 1×1 conv, so
-ΔW has exactly the base kernel's shape ``(out, in / g, *k)`` and rank <= r within each group.
-For groups = 1 the layouts are the usual ones (kohya's lora_down / lora_up, PEFT's lora_A / lora_B).
+(stride, padding, dilation, padding_mode, groups) and B a 1×1 conv. ΔW always has exactly the
+base kernel's shape ``(out, in / g, *k)``. A grouped conv (``groups = g``) takes one of two layouts:
+
+- ``per_group`` (default): each group gets its own rank-r pair; A has g·r output channels and
+  B is a grouped 1×1 conv; rank <= r within each group; r · (in · prod(k) + out) parameters.
+- ``shared``: one rank-r factorisation of the kernel viewed as an (out × in/g · prod(k))
+  matrix; r · (out + in/g · prod(k)) parameters, the only form smaller than a depthwise conv.
+
+For groups = 1 both are the usual layout (kohya's lora_down / lora_up, PEFT's lora_A / lora_B).
 
 Conv and Linear subclasses whose ``forward`` transforms the weight or the input (timm's
 StdConv2d, ScaledStdConv2d, Conv2dSame) are adapted in weight space: their own forward runs on
@@ -24,6 +29,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +40,7 @@ from torch.nn.utils import parametrize
 from visionlora.errors import AdapterError, ConfigError, MergeError, UnsupportedModuleError
 
 __all__ = [
+    "ConvGroups",
     "InitFn",
     "LoraAdapter",
     "LoraConv",
@@ -86,48 +93,58 @@ def linear_delta(a: Tensor, b: Tensor, scale: float) -> Tensor:
 
 
 def conv_delta(a: Tensor, b: Tensor, scale: float, groups: int) -> Tensor:
-    """ΔW for a convolution, low rank within each group, in the base kernel's exact shape.
+    """ΔW for a convolution, in the base kernel's exact shape, for either grouped-conv layout.
 
     Args:
-        a: A as a conv weight, shape ``(groups · r, in / groups, *k)``.
+        a: A as a conv weight: ``(groups · r, in / groups, *k)`` for the per-group layout (one A_j
+            per group), or ``(r, in / groups, *k)`` for the shared layout (one A for all groups).
+            With groups = 1 the two are the same.
         b: B as a 1×1 conv weight, shape ``(out, r, 1, …)``.
         scale: The branch multiplier.
         groups: The base conv's ``groups``.
 
     Returns:
-        ΔW, shape ``(out, in / groups, *k)``: group j's block is scale · B_j @ A_j with A and
-        kernel flattened to ``(r, in / groups · prod(k))``. Dilation does not enter ΔW; it
-        enters when ΔW is applied through the base conv.
+        ΔW, shape ``(out, in / groups, *k)``: group j's block is scale · B_j @ A_j with A and the
+        kernel flattened to ``(r, in / groups · prod(k))`` and B_j = B's rows of group j. Dilation
+        does not enter ΔW; it enters when ΔW is applied through the base conv.
     """
     rank = b.shape[1]
     out = b.shape[0]
-    a_groups = a.reshape(groups, rank, -1)  # (g, r, in/g · prod(k))
+    a_groups = a.reshape(a.shape[0] // rank, rank, -1)  # (g or 1, r, in/g · prod(k))
     b_groups = b.reshape(groups, out // groups, rank)  # (g, out/g, r)
-    return (torch.bmm(b_groups, a_groups) * scale).reshape(out, *a.shape[1:])
+    return (torch.matmul(b_groups, a_groups) * scale).reshape(out, *a.shape[1:])
 
 
-def lora_shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+ConvGroups = Literal["per_group", "shared"]
+"""Layout of a grouped conv's adapter: one rank-r pair per group, or one shared factorisation."""
+
+
+def lora_shapes(
+    base: nn.Module, rank: int, conv_groups: ConvGroups = "per_group"
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of A and B for a rank-``rank`` adapter on ``base`` (an nn.Linear or nn.ConvNd).
 
     Example:
-        >>> lora_shapes(nn.Conv2d(8, 16, 3, groups=2), 4)
-        ((8, 4, 3, 3), (16, 4, 1, 1))
+        >>> lora_shapes(nn.Conv2d(8, 16, 3, groups=2), 4), lora_shapes(nn.Conv2d(8, 16, 3, groups=2), 4, "shared")
+        (((8, 4, 3, 3), (16, 4, 1, 1)), ((4, 4, 3, 3), (16, 4, 1, 1)))
     """
     if isinstance(base, nn.Linear):
         return (rank, base.in_features), (base.out_features, rank)
     kernel = tuple(base.weight.shape[2:])
+    a_rows = rank if conv_groups == "shared" else base.groups * rank
     return (
-        (base.groups * rank, base.in_channels // base.groups, *kernel),
+        (a_rows, base.in_channels // base.groups, *kernel),
         (base.out_channels, rank, *(1 for _ in kernel)),
     )
 
 
-def max_useful_rank(base: nn.Module) -> int:
-    """The rank above which ΔW cannot grow: min(out, in) per group, kernel included."""
+def max_useful_rank(base: nn.Module, conv_groups: ConvGroups = "per_group") -> int:
+    """The rank above which ΔW cannot grow: min(out, in) of each factorised matrix, kernel included."""
     if isinstance(base, nn.Linear):
         return min(base.in_features, base.out_features)
     per_group_in = base.weight[0].numel()  # in/g · prod(k)
-    return min(base.out_channels // base.groups, per_group_in)
+    out = base.out_channels if conv_groups == "shared" else base.out_channels // base.groups
+    return min(out, per_group_in)
 
 
 def kaiming_init(a: Tensor, rank: int, generator: torch.Generator | None = None) -> None:
@@ -238,11 +255,14 @@ class LoraLayer(nn.Module, abc.ABC):
         dropout: float = 0.0,
         init: InitFn = kaiming_init,
         generator: torch.Generator | None = None,
+        conv_groups: ConvGroups = "per_group",
     ) -> LoraAdapter:
         """Add adapter ``name`` (B = 0, so outputs are unchanged) and return it. Not activated."""
         if name in self.adapters:
             raise AdapterError(f"this layer already has an adapter named {name!r}")
-        adapter = self.new_adapter(rank, alpha, rslora=rslora, dropout=dropout, init=init, generator=generator)
+        adapter = self.new_adapter(
+            rank, alpha, rslora=rslora, dropout=dropout, init=init, generator=generator, conv_groups=conv_groups
+        )
         self.adapters[name] = adapter
         return adapter
 
@@ -255,11 +275,12 @@ class LoraLayer(nn.Module, abc.ABC):
         dropout: float = 0.0,
         init: InitFn = kaiming_init,
         generator: torch.Generator | None = None,
+        conv_groups: ConvGroups = "per_group",
     ) -> LoraAdapter:
         """A new adapter for this layer (A initialised, B = 0), not yet attached to it."""
         self.check_dropout(dropout)
         weight = self.base.weight
-        a_shape, b_shape = lora_shapes(self.base, rank)
+        a_shape, b_shape = lora_shapes(self.base, rank, conv_groups)
         a = torch.empty(a_shape, dtype=weight.dtype, device=weight.device)
         init(a, rank, generator)
         b = torch.zeros(b_shape, dtype=weight.dtype, device=weight.device)
@@ -384,7 +405,12 @@ class LoraLinear(LoraLayer):
 
 
 class LoraConv(LoraLayer):
-    """LoRA on an ``nn.Conv1d/2d/3d``: A runs through the base's own geometry, B is a grouped 1×1 conv."""
+    """LoRA on an ``nn.Conv1d/2d/3d``.
+
+    Per-group layout: A runs through the base's own geometry, then B as a grouped 1×1 conv.
+    Shared layout (grouped convs only): ΔW = B·A, small for depthwise convs, runs through the
+    base's own geometry.
+    """
 
     def _delta(self, a: Tensor, b: Tensor, scale: float) -> Tensor:
         return conv_delta(a, b, scale, self.base.groups)
@@ -392,8 +418,11 @@ class LoraConv(LoraLayer):
     def _branch(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         # The base's own _conv_forward applies stride, padding (ints, tuples, 'same', 'valid'),
         # dilation, padding_mode and groups exactly as for W; this is the one place it is called.
+        groups = self.base.groups
+        if a.shape[0] != groups * b.shape[1]:  # shared layout: run the (small) ΔW itself
+            return self.base._conv_forward(x, conv_delta(a, b, 1.0, groups), None)
         h = self.base._conv_forward(x, a, None)
-        return _CONV_FN[b.dim() - 2](h, b, groups=self.base.groups)
+        return _CONV_FN[b.dim() - 2](h, b, groups=groups)
 
 
 def wrap_layer(module: nn.Module, name: str = "") -> LoraLayer:

@@ -287,3 +287,23 @@ def test_saving_to_a_folder_is_refused(saved, tmp_path):
     model, _ = saved
     with pytest.raises(vl.AdapterFileError, match="is a folder; give a file path"):
         vl.save_adapter(model, tmp_path)
+
+
+def test_shared_layout_round_trips_and_its_shapes_are_checked(tmp_path):
+    from tests.conftest import tiny_net
+
+    cfg = vl.LoraConfig(targets="block.*", rank=3, conv_groups="shared")
+    model = vl.apply_lora(tiny_net(), cfg)
+    randomize_lora(model)
+    assert model.block[2].adapters["default"].lora_A.shape == (3, 1, 3, 3)  # one A for the 8 groups
+    path = vl.save_adapter(model, tmp_path / "shared.safetensors")
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(vl.load_adapter(tiny_net(), path)(x), model(x))
+    per_group = _rewrite(
+        path, tmp_path, meta=lambda m: _with(m, "config", _with(m["config"], "conv_groups", "per_group"))
+    )
+    with pytest.raises(
+        vl.AdapterFileError, match=r"block.0.lora_A.weight: shape \(3, 4, 3, 3\) in the file, \(6, 4, 3, 3\)"
+    ):
+        vl.load_adapter(tiny_net(), per_group)

@@ -210,7 +210,9 @@ def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
             continue
         base = module.base if isinstance(module, LoraLayer) else module
         for key, shape in zip(
-            (f"{name}.lora_A.weight", f"{name}.lora_B.weight"), lora_shapes(base, spec.rank), strict=True
+            (f"{name}.lora_A.weight", f"{name}.lora_B.weight"),
+            lora_shapes(base, spec.rank, file.config.conv_groups),
+            strict=True,
         ):
             if tuple(file.tensors[key].shape) != shape:
                 problems.append(
