@@ -40,6 +40,7 @@ from torch.nn.utils import parametrize
 from visionlora.errors import AdapterError, ConfigError, MergeError, UnsupportedModuleError
 
 __all__ = [
+    "AdaptableLayer",
     "ConvGroups",
     "InitFn",
     "LoraAdapter",
@@ -59,6 +60,9 @@ __all__ = [
 
 _CONV_TYPES: dict[type[nn.Module], str] = {nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Conv3d: "Conv3d"}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+AdaptableLayer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
+"""The layer types visionlora adapts (their subclasses included)."""
 
 InitFn = Callable[[Tensor, int, "torch.Generator | None"], None]
 """Initialises A in place: ``init(a, rank, generator)``."""
@@ -120,7 +124,7 @@ ConvGroups = Literal["per_group", "shared"]
 
 
 def lora_shapes(
-    base: nn.Module, rank: int, conv_groups: ConvGroups = "per_group"
+    base: AdaptableLayer, rank: int, conv_groups: ConvGroups = "per_group"
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of A and B for a rank-``rank`` adapter on ``base`` (an nn.Linear or nn.ConvNd).
 
@@ -138,7 +142,7 @@ def lora_shapes(
     )
 
 
-def max_useful_rank(base: nn.Module, conv_groups: ConvGroups = "per_group") -> int:
+def max_useful_rank(base: AdaptableLayer, conv_groups: ConvGroups = "per_group") -> int:
     """The rank above which ΔW cannot grow: min(out, in) of each factorised matrix, kernel included."""
     if isinstance(base, nn.Linear):
         return min(base.in_features, base.out_features)
@@ -189,6 +193,9 @@ class LoraAdapter(nn.Module):
         rank, alpha, scale, dropout: as configured; scale = alpha / r (or / sqrt(r)).
     """
 
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+
     def __init__(
         self,
         a: Tensor,
@@ -221,7 +228,10 @@ class LoraLayer(nn.Module, abc.ABC):
     original W is kept to restore it exactly on :meth:`unmerge`.
     """
 
-    def __init__(self, base: nn.Module) -> None:
+    base: AdaptableLayer
+    _original_weight: Tensor | None
+
+    def __init__(self, base: AdaptableLayer) -> None:
         super().__init__()
         self.base = base
         self.adapters = nn.ModuleDict()
