@@ -97,3 +97,21 @@ def test_set_adapter_refuses_bad_names_and_weights(two_adapters, bad):
     with pytest.raises(vl.AdapterError, match="set_adapter"):
         vl.set_adapter(model, bad)
     assert vl.active_adapters(model) == {"b": 1.0}
+
+
+def test_set_adapter_takes_numpy_weights_and_refuses_overflowing_ones(two_adapters):
+    import numpy as np
+
+    _, model = two_adapters
+    vl.set_adapter(model, {"default": np.float32(0.5)})
+    assert vl.active_adapters(model) == {"default": 0.5}
+    with pytest.raises(vl.AdapterError, match="weights finite numbers"):
+        vl.set_adapter(model, {"default": 10**400})
+
+
+@pytest.mark.parametrize(
+    "call", [vl.list_adapters, lambda m: vl.set_adapter(m, "a"), lambda m: vl.delete_adapter(m, "a")]
+)
+def test_functions_given_no_model_say_so(call):
+    with pytest.raises(vl.UnsupportedModuleError, match=r"model: expected a torch\.nn\.Module, got NoneType"):
+        call(None)

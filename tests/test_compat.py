@@ -113,3 +113,17 @@ def test_state_dict_of_a_merged_model_holds_unmerged_weights():
         other.load_state_dict(adapted(seed=2).state_dict())
         assert not other.block[0].merged
         assert torch.equal(other(X), adapted(seed=2)(X))
+
+
+def test_lora_layers_are_freed_without_the_cycle_collector():
+    import gc
+    import weakref
+
+    model = adapted()
+    ref = weakref.ref(model.block[0])
+    gc.disable()
+    try:
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()

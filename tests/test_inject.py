@@ -85,7 +85,7 @@ def test_transposed_conv_and_multihead_attention_projection_are_refused_by_name(
     model = nn.Sequential(nn.ConvTranspose2d(3, 3, 3), nn.MultiheadAttention(8, 2))
     with pytest.raises(vl.UnsupportedModuleError, match="ConvTranspose2d"):
         vl.apply_lora(model, vl.LoraConfig(targets="0"))
-    with pytest.raises(vl.UnsupportedModuleError, match="MultiheadAttention reads its projection weights directly"):
+    with pytest.raises(vl.UnsupportedModuleError, match="reads the weight directly in its fast path"):
         vl.apply_lora(model, vl.LoraConfig(targets="1.out_proj"))
 
 
@@ -325,3 +325,66 @@ def test_a_config_edited_after_construction_is_checked_again():
 def test_a_model_that_is_not_a_module_is_refused():
     with pytest.raises(vl.UnsupportedModuleError, match=r"model: expected a torch\.nn\.Module, got str"):
         vl.apply_lora("resnet50", vl.LoraConfig(targets="*"))
+
+
+def test_transformer_encoder_layer_linears_are_never_adapted():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    with pytest.raises(vl.TargetError, match="only modules of type"):  # its fast path reads linear1/2.weight directly
+        vl.apply_lora(nn.Sequential(layer), vl.LoraConfig(targets="0.linear*"))
+    with pytest.raises(vl.UnsupportedModuleError, match="fast path"):
+        vl.apply_lora(nn.Sequential(layer), vl.LoraConfig(targets="0.linear1"))
+
+
+def test_a_target_inside_another_target_is_refused():
+    class GatedConv(nn.Conv2d):
+        def __init__(self) -> None:
+            super().__init__(3, 3, 1)
+            self.gate = nn.Linear(3, 3)
+
+    model = nn.Sequential(GatedConv())
+    before = _state(model)
+    with pytest.raises(vl.TargetError, match=r"'0.gate' lies inside '0', which is adapted too"):
+        vl.apply_lora(model, vl.LoraConfig(targets=["0", "0.gate"]))
+    assert _unchanged(model, before)
+
+
+def test_a_weight_registered_twice_on_one_layer_counts_as_tied():
+    lin = nn.Linear(4, 4)
+    lin.register_parameter("w2", lin.weight)
+    with pytest.raises(vl.TargetError, match=r"'0': its weight is tied to '0.w2'"):
+        vl.apply_lora(nn.Sequential(lin), vl.LoraConfig(targets="0"))
+
+
+def test_the_recorded_config_is_a_copy():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    cfg = vl.LoraConfig(targets=["0"], rank=2)
+    vl.apply_lora(model, cfg)
+    cfg.targets.append("1")
+    assert vl.inject.adapter_configs(model)["default"].targets == ["0"]
+
+
+def test_numbers_too_large_for_a_float_are_config_errors():
+    with pytest.raises(vl.ConfigError, match="alpha: expected float"):
+        vl.LoraConfig(targets="0", alpha=10**400)
+    with pytest.raises(vl.ConfigError, match="alpha_pattern: expected dict"):
+        vl.LoraConfig(targets="0", alpha_pattern={"0": 10**400})
+
+
+def test_module_walk_does_not_loop_on_a_module_that_contains_itself():
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.add_module("loop", model)  # torch's own state_dict() recurses forever on this; our walk must not
+    assert [n for n, _ in vl.inject.iter_modules(model)] == ["0"]
+
+
+def test_adding_an_adapter_to_a_disabled_model_keeps_it_disabled():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    vl.apply_lora(model, vl.LoraConfig(targets="0", rank=2))
+    vl.disable_adapters(model)
+    vl.apply_lora(model, vl.LoraConfig(targets="*", rank=2), adapter_name="b")
+    assert model[0].disabled and model[1].disabled
+
+
+def test_the_depthwise_hint_is_only_given_for_grouped_convs():
+    with pytest.warns(UserWarning) as record:
+        vl.apply_lora(nn.Sequential(nn.Linear(4, 2)), vl.LoraConfig(targets="0", rank=2))
+    assert not any("conv_groups" in str(w.message) for w in record)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from visionlora.config import is_finite_number
 from visionlora.errors import AdapterError
 from visionlora.inject import activate, adapter_configs, lora_layers, replace_module, require_unmerged
 
@@ -43,7 +43,7 @@ def set_adapter(model: nn.Module, adapters: str | Sequence[str] | Mapping[str, f
             f"set_adapter: expected a name, a list of names or a name -> weight mapping, got {adapters!r}"
         )
     for n, w in adapters.items():
-        if not isinstance(n, str) or isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        if not isinstance(n, str) or not is_finite_number(w):
             raise AdapterError(f"set_adapter: {n!r} -> {w!r}; names are strings and weights finite numbers")
     weights = {n: float(w) for n, w in adapters.items()}
     if not weights:

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import fnmatch
 import math
+import numbers
 import re
 import types
 import typing
@@ -32,6 +33,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "is_exact_name",
+    "is_finite_number",
     "pattern_matches",
 ]
 
@@ -39,6 +41,16 @@ LayerKind = Literal["Linear", "Conv1d", "Conv2d", "Conv3d"]
 LAYER_KINDS: tuple[str, ...] = typing.get_args(LayerKind)
 
 _GLOB_CHARS = frozenset("*?[")
+
+
+def is_finite_number(value: object) -> bool:
+    """A real number (not a bool) whose float value is finite; huge ints that overflow are not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def is_exact_name(pattern: str) -> bool:
@@ -225,6 +237,14 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _converts(value: float) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
 def _check_type(value: Any, tp: Any, where: str) -> None:
     if not _type_ok(value, tp):
         raise ConfigError(f"{where}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
@@ -249,6 +269,6 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float:  # ints are fine; NaN passes here and is refused by the range checks
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and _converts(value)
     return isinstance(value, tp)

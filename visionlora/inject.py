@@ -15,6 +15,7 @@ Selection rules:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -58,6 +59,7 @@ __all__ = [
     "original_buffers",
     "original_parameters",
     "replace_module",
+    "require_module",
     "snapshot_buffers",
 ]
 
@@ -84,19 +86,24 @@ def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     Raises:
         UnsupportedModuleError: if ``model`` is not an ``nn.Module``.
     """
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModuleError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    require_module(model)
 
-    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+    def walk(module: nn.Module, prefix: str, ancestors: frozenset[int]) -> Iterator[tuple[str, nn.Module]]:
         for child_name, child in module._modules.items():  # named_children() would hide a second path
-            if child is None:
+            if child is None or id(child) in ancestors:  # a module that contains itself: no new names
                 continue
             name = f"{prefix}.{child_name}" if prefix else child_name
             yield name, child
             if not isinstance(child, LoraLayer):
-                yield from walk(child, name)
+                yield from walk(child, name, ancestors | {id(child)})
 
-    return walk(model, "")
+    return walk(model, "", frozenset({id(model)}))
+
+
+def require_module(model: object) -> None:
+    """Raise :class:`UnsupportedModuleError` unless ``model`` is an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModuleError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
@@ -112,6 +119,7 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     """The config each named adapter of ``model`` was applied with (empty before :func:`apply_lora`)."""
+    require_module(model)
     return model.__dict__.setdefault(_CONFIGS_ATTR, {})
 
 
@@ -121,11 +129,15 @@ def forget_configs(model: nn.Module) -> None:
     model.__dict__.pop(_BUFFERS_ATTR, None)
 
 
+# Parents that read their children's weights directly (fused or fast paths) instead of calling them.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
 def adaptable_kind(name: str, module: nn.Module, by_name: dict[str, nn.Module]) -> str | None:
     """The layer kind of ``module`` if visionlora can adapt it where it sits in the model, else None."""
     parent = by_name.get(name.rpartition(".")[0]) if "." in name else None
-    if isinstance(parent, nn.MultiheadAttention):
-        return None  # MultiheadAttention reads out_proj.weight directly and never calls its forward
+    if isinstance(parent, _READS_CHILD_WEIGHTS):
+        return None
     return layer_kind(module)
 
 
@@ -138,6 +150,9 @@ def check_selected(model: nn.Module, selected: dict[str, nn.Module], adapter_nam
     for name, param in model.named_parameters(remove_duplicate=False):
         owners[id(param)].append(name)
     for name, module in selected.items():
+        outer = [o for o in selected if name.startswith(o + ".")]
+        if outer:
+            raise TargetError(f"{name!r} lies inside {outer[0]!r}, which is adapted too; adapt one of them")
         others = [p for p in paths[id(module)] if p != name]
         if others:
             raise TargetError(
@@ -146,9 +161,9 @@ def check_selected(model: nn.Module, selected: dict[str, nn.Module], adapter_nam
             )
         weight = module.base.weight if isinstance(module, LoraLayer) else module.weight
         if len(owners[id(weight)]) > 1:
-            tied = [o for o in owners[id(weight)] if not o.startswith(name + ".")]
+            tied = [o for o in owners[id(weight)] if not o.startswith(name + ".")] or owners[id(weight)]
             raise TargetError(
-                f"{name!r}: its weight is tied to {tied[0]!r}; merging would change both, so tied weights "
+                f"{name!r}: its weight is tied to {tied[-1]!r}; merging would change both, so tied weights "
                 "cannot be adapted"
             )
         if isinstance(module, LoraLayer) and adapter_name in module.adapters:
@@ -208,7 +223,10 @@ def match_targets(model: nn.Module, cfg: LoraConfig, *, adapter_name: str = "def
             if kind is None:
                 hint = f"; to adapt the layers inside it use '{name}.*'" if any(True for _ in module.children()) else ""
                 if isinstance(module, nn.Linear):
-                    hint = "; nn.MultiheadAttention reads its projection weights directly, never through forward"
+                    hint = (
+                        "; its parent (MultiheadAttention or TransformerEncoderLayer) reads the weight directly "
+                        "in its fast path, so an adapter there would be skipped"
+                    )
                 raise UnsupportedModuleError(
                     f"target {name!r} is a {type(module).__name__}, which visionlora cannot adapt "
                     f"(it adapts nn.Linear and nn.Conv1d/2d/3d){hint}"
@@ -259,10 +277,14 @@ def check_adapter_name(adapter_name: str) -> None:
         raise AdapterError(f"adapter name {adapter_name!r} is reserved by torch.nn.ModuleDict; choose another")
 
 
+def _base(m: Match) -> nn.Module:
+    return m.module.base if isinstance(m.module, LoraLayer) else m.module
+
+
 def _warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
     too_high, too_big = [], []
     for m in matches:
-        base = m.module.base if isinstance(m.module, LoraLayer) else m.module
+        base = _base(m)
         usable = max_useful_rank(base, cfg.conv_groups)
         if m.rank > usable:
             too_high.append(f"{m.name} (r={m.rank} > {usable})")
@@ -276,7 +298,8 @@ def _warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
             stacklevel=3,
         )
     if too_big:
-        hint = " (for depthwise convs use conv_groups='shared')" if cfg.conv_groups == "per_group" else ""
+        grouped = any(getattr(_base(m), "groups", 1) > 1 for m in matches if m.name in too_big)
+        hint = " (for depthwise convs use conv_groups='shared')" if grouped and cfg.conv_groups == "per_group" else ""
         warnings.warn(
             f"adapter has more parameters than the layer it adapts{hint}: " + ", ".join(too_big),
             stacklevel=3,
@@ -296,16 +319,20 @@ def add_adapters(
     cfg: LoraConfig,
     adapter_name: str,
     generator: torch.Generator | None = None,
+    init: InitFn | None = None,
 ) -> None:
     """Wrap each matched layer (once) and give it adapter ``adapter_name``; no activation.
 
     Every wrapper and adapter tensor is built before the first one is attached, so a failure
-    (out of memory, say) leaves the model unchanged.
+    (out of memory, say) leaves the model unchanged. ``init`` overrides ``cfg.init``. New wrappers
+    take the model's disabled state (see :func:`visionlora.disable_adapters`).
     """
-    init = _INITS[cfg.init]
+    init = init or _INITS[cfg.init]
+    disabled = any(layer.disabled for _, layer in lora_layers(model))
     built = []
     for m in matches:
         layer = m.module if isinstance(m.module, LoraLayer) else wrap_layer(m.module, m.name)
+        layer.disabled = layer.disabled or disabled
         adapter = layer.new_adapter(
             m.rank,
             m.alpha,
@@ -434,7 +461,7 @@ def apply_lora(
     """
     if not isinstance(cfg, LoraConfig):
         raise ConfigError(f"cfg: expected a visionlora.LoraConfig, got {type(cfg).__name__}")
-    cfg = dataclasses.replace(cfg)  # re-runs every check, in case fields were edited after construction
+    cfg = dataclasses.replace(copy.deepcopy(cfg))  # our own copy, checked again in case it was edited
     check_adapter_name(adapter_name)
     require_unmerged(model, "add an adapter")
     matches = match_targets(model, cfg, adapter_name=adapter_name)

@@ -239,8 +239,8 @@ class LoraLayer(nn.Module, abc.ABC):
         self.disabled = False
         self.weight_space = _transforms_weight_or_input(base)
         self.register_buffer("_original_weight", None, persistent=False)
-        # torch's long-standing (private) state_dict hook; see _state_dict_unmerged.
-        self._register_state_dict_hook(self._state_dict_unmerged)
+        # torch's long-standing (private) state_dict hook; a plain function, so no reference cycle.
+        self._register_state_dict_hook(_state_dict_unmerged)
 
     # The base's tensors, readable by code that inspects ``module.weight`` (explicit, no __getattr__).
     @property
@@ -360,12 +360,6 @@ class LoraLayer(nn.Module, abc.ABC):
             self.base.weight.copy_(self._original_weight)
         self._original_weight = None
 
-    def _state_dict_unmerged(self, module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-        # While merged, base.weight holds W + ΔW; a state_dict always holds W, so it means the same
-        # model whether it was taken merged or not (loading one unmerges first, below).
-        if self._original_weight is not None:
-            state_dict[prefix + "base.weight"] = self._original_weight.detach().clone()
-
     def _load_from_state_dict(
         self, state_dict: Mapping[str, Tensor], prefix: str, *args: object, **kwargs: object
     ) -> None:
@@ -433,6 +427,13 @@ class LoraConv(LoraLayer):
             return self.base._conv_forward(x, conv_delta(a, b, 1.0, groups), None)
         h = self.base._conv_forward(x, a, None)
         return _CONV_FN[b.dim() - 2](h, b, groups=groups)
+
+
+def _state_dict_unmerged(module: LoraLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    # While merged, base.weight holds W + ΔW; a state_dict always holds W, so it means the same
+    # model whether it was taken merged or not (loading one unmerges first: _load_from_state_dict).
+    if module._original_weight is not None:
+        state_dict[prefix + "base.weight"] = module._original_weight.detach().clone()
 
 
 def wrap_layer(module: nn.Module, name: str = "") -> LoraLayer:

@@ -143,6 +143,15 @@ BAD_FILES = {
         r"rank 1000000000 is not an integer in \[1, 65536\]",
     ),
     "metadata not JSON": (dict(meta=lambda m: "{not json"), r"metadata is not valid JSON"),
+    "deeply nested JSON": (dict(meta=lambda m: "[" * 200_000), r"metadata is not valid JSON \(RecursionError"),
+    "alpha too large for a float": (
+        dict(
+            meta=lambda m: _with(
+                m, "layers", _with(m["layers"], "layer4.1.conv2", {"kind": "Conv2d", "rank": 4, "alpha": 10**400})
+            )
+        ),
+        r"layer 'layer4.1.conv2': alpha 1000.* is not a finite number > 0",
+    ),
     "reserved adapter name": (dict(meta=lambda m: _with(m, "adapter_name", "training")), r"reserved by torch.nn"),
     "float8 tensor": (
         dict(tensors=lambda t: _with(t, "fc.bias", torch.zeros(5).to(torch.float8_e4m3fn))),
@@ -307,3 +316,43 @@ def test_shared_layout_round_trips_and_its_shapes_are_checked(tmp_path):
         vl.AdapterFileError, match=r"block.0.lora_A.weight: shape \(3, 4, 3, 3\) in the file, \(6, 4, 3, 3\)"
     ):
         vl.load_adapter(tiny_net(), per_group)
+
+
+def test_loading_leaves_the_global_random_stream_alone(saved):
+    _, path = saved
+    model = build()
+    torch.manual_seed(123)
+    vl.load_adapter(model, path)
+    after_load = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after_load, torch.rand(3))
+
+
+def test_a_nested_target_in_a_file_is_refused_before_any_change(tmp_path):
+    class GatedConv(torch.nn.Conv2d):
+        def __init__(self) -> None:
+            super().__init__(16, 16, 1)
+            self.gate = torch.nn.Linear(16, 16)
+
+    source = vl.apply_lora(torch.nn.Sequential(GatedConv()), vl.LoraConfig(targets="0.gate", rank=2))
+    path = vl.save_adapter(source, tmp_path / "gate.safetensors")
+    outer = vl.save_adapter(
+        vl.apply_lora(torch.nn.Sequential(GatedConv()), vl.LoraConfig(targets="0", rank=2)), tmp_path / "o.safetensors"
+    )
+    both = _rewrite(
+        path,
+        tmp_path,
+        tensors=lambda t: {**t, **load_file(outer)},
+        meta=lambda m: _with(m, "layers", {"0": {"kind": "Conv2d", "rank": 2, "alpha": 8.0}, **m["layers"]}),
+    )
+    model = torch.nn.Sequential(GatedConv())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(vl.AdapterFileError, match=r"'0.gate' lies inside '0'"):
+        vl.load_adapter(model, both)
+    _assert_untouched(model, before, {n: True for n, _ in model.named_parameters()})
+
+
+def test_saving_under_a_file_is_a_clear_error(saved, tmp_path):
+    model, path = saved
+    with pytest.raises(vl.AdapterFileError, match="cannot create its folder"):
+        vl.save_adapter(model, path / "inside.safetensors")

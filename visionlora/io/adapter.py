@@ -18,7 +18,6 @@ Metadata, one JSON document under the header key ``visionlora``::
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionlora.config import LAYER_KINDS, MAX_RANK, LoraConfig
+from visionlora.config import LAYER_KINDS, MAX_RANK, LoraConfig, is_finite_number
 from visionlora.errors import AdapterError, AdapterFileError, ConfigError, VisionLoraError
 from visionlora.inject import (
     Match,
@@ -136,7 +135,7 @@ def _parse_layers(path: Path, raw: Any) -> dict[str, LayerSpec]:
             raise _fail(path, f"layer {name!r}: kind {kind!r} is not one of {list(LAYER_KINDS)}")
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
             raise _fail(path, f"layer {name!r}: rank {rank!r} is not an integer in [1, {MAX_RANK}]")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not (math.isfinite(alpha) and alpha > 0):
+        if not is_finite_number(alpha) or alpha <= 0:
             raise _fail(path, f"layer {name!r}: alpha {alpha!r} is not a finite number > 0")
         layers[name] = LayerSpec(kind, rank, float(alpha))
     return layers
@@ -157,8 +156,8 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
         raise _fail(path, f"metadata is {len(raw)} bytes, over the {_MAX_METADATA_BYTES} limit")
     try:
         meta = json.loads(raw)
-    except ValueError as exc:
-        raise _fail(path, f"metadata is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise _fail(path, f"metadata is not valid JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _fail(path, f"metadata 'format' is not {FORMAT!r}")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -239,6 +238,10 @@ def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
     return matches
 
 
+def _leave_empty(a: torch.Tensor, rank: int, generator: torch.Generator | None = None) -> None:
+    """An init that draws nothing, so loading leaves the caller's random stream untouched."""
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str | None = None) -> nn.Module:
     """Add the adapter stored in ``path`` to ``model`` (in place) and make it the active one.
 
@@ -270,7 +273,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name
     except VisionLoraError as exc:
         raise _fail(file.path, str(exc)) from None
     snapshot_buffers(model)
-    add_adapters(model, matches, file.config, name)
+    add_adapters(model, matches, file.config, name, init=_leave_empty)  # values come from the file
     layers = dict(lora_layers(model))
     params = original_parameters(model)
     buffers = original_buffers(model)

@@ -28,7 +28,10 @@ def write_safetensors(
     path = Path(path)
     if path.is_dir():
         raise AdapterFileError(f"{path}: is a folder; give a file path such as {path / 'adapter.safetensors'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AdapterFileError(f"{path}: cannot create its folder {path.parent} ({exc})") from None
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
