@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 LayerKind = Literal["Linear", "Conv1d", "Conv2d", "Conv3d"]
-LAYER_KINDS: tuple[str, ...] = typing.get_args(LayerKind)
+LAYER_KINDS: tuple[LayerKind, ...] = typing.get_args(LayerKind)
 
 _GLOB_CHARS = frozenset("*?[")
 

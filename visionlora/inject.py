@@ -23,6 +23,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from torch import nn
 from visionlora.config import LoraConfig, is_exact_name, pattern_matches
 from visionlora.errors import AdapterError, ConfigError, TargetError, UnsupportedModuleError
 from visionlora.layers import (
+    AdaptableLayer,
     InitFn,
     LoraLayer,
     gaussian_init,
@@ -277,8 +279,8 @@ def check_adapter_name(adapter_name: str) -> None:
         raise AdapterError(f"adapter name {adapter_name!r} is reserved by torch.nn.ModuleDict; choose another")
 
 
-def _base(m: Match) -> nn.Module:
-    return m.module.base if isinstance(m.module, LoraLayer) else m.module
+def _base(m: Match) -> AdaptableLayer:
+    return m.module.base if isinstance(m.module, LoraLayer) else cast(AdaptableLayer, m.module)
 
 
 def _warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
@@ -361,9 +363,9 @@ def _original_named(model: nn.Module, named: Iterator[tuple[str, torch.Tensor]])
     return out
 
 
-def original_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+def original_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every non-LoRA parameter under the name it has in the un-adapted model."""
-    return _original_named(model, model.named_parameters())  # type: ignore[return-value]
+    return _original_named(model, model.named_parameters())
 
 
 def original_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -388,7 +390,7 @@ def changed_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def extra_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+def extra_parameters(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """Non-LoRA parameters that train and are saved with adapter ``adapter_name``, by original name.
 
     These are the parameters of ``trainable`` modules plus the biases chosen by ``bias``.
@@ -413,9 +415,9 @@ def mark_trainable(model: nn.Module, adapter_name: str) -> None:
         param.requires_grad_(False)
     for _, layer in lora_layers(model):
         if adapter_name in layer.adapters:
-            layer.adapters[adapter_name].requires_grad_(True)
-    for param in extra_parameters(model, adapter_name).values():
-        param.requires_grad_(True)
+            layer.adapter(adapter_name).requires_grad_(True)
+    for tensor in extra_parameters(model, adapter_name).values():
+        tensor.requires_grad_(True)
 
 
 def activate(model: nn.Module, weights: dict[str, float]) -> None:

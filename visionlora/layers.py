@@ -29,7 +29,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -255,6 +255,10 @@ class LoraLayer(nn.Module, abc.ABC):
     def merged(self) -> bool:
         return self._original_weight is not None
 
+    def adapter(self, name: str) -> LoraAdapter:
+        """Adapter ``name`` of this layer (``self.adapters[name]``, typed)."""
+        return cast(LoraAdapter, self.adapters[name])
+
     def add_adapter(
         self,
         name: str,
@@ -319,7 +323,7 @@ class LoraLayer(nn.Module, abc.ABC):
         """Σ weight · ΔW over the active adapters, in the base weight's shape, computed in ``dtype``."""
         delta = torch.zeros(self.base.weight.shape, dtype=dtype, device=self.base.weight.device)
         for name, w in self.active.items():
-            adapter = self.adapters[name]
+            adapter = self.adapter(name)
             delta = delta + w * self._delta(adapter.lora_A.to(dtype), adapter.lora_B.to(dtype), adapter.scale)
         return delta
 
@@ -354,10 +358,11 @@ class LoraLayer(nn.Module, abc.ABC):
 
     def unmerge(self) -> None:
         """Restore the base weight exactly, bit for bit (no-op when not merged)."""
-        if not self.merged:
+        original = self._original_weight
+        if original is None:
             return
         with torch.no_grad():
-            self.base.weight.copy_(self._original_weight)
+            self.base.weight.copy_(original)
         self._original_weight = None
 
     def _load_from_state_dict(
@@ -379,7 +384,7 @@ class LoraLayer(nn.Module, abc.ABC):
             return functional_call(self.base, {"weight": new}, (x,))
         y = self.base(x)
         for name, w in self.active.items():
-            adapter = self.adapters[name]
+            adapter = self.adapter(name)
             h = x if not (adapter.dropout and self.training) else F.dropout(x, adapter.dropout, True)
             branch = self._branch(h.to(adapter.lora_A.dtype), adapter.lora_A, adapter.lora_B)
             y = torch.add(y, branch.to(y.dtype), alpha=w * adapter.scale)
@@ -415,6 +420,8 @@ class LoraConv(LoraLayer):
     Shared layout (grouped convs only): ΔW = B·A, small for depthwise convs, runs through the
     base's own geometry.
     """
+
+    base: nn.Conv1d | nn.Conv2d | nn.Conv3d
 
     def _delta(self, a: Tensor, b: Tensor, scale: float) -> Tensor:
         return conv_delta(a, b, scale, self.base.groups)
@@ -459,4 +466,5 @@ def wrap_layer(module: nn.Module, name: str = "") -> LoraLayer:
             f"{label}: has forward hooks (old-style weight_norm and spectral_norm are hooks too); the LoRA branch "
             "would bypass them, so merged and unmerged outputs would differ. Remove the hooks before adapting"
         )
-    return LoraLinear(module) if kind == "Linear" else LoraConv(module)
+    layer = cast(AdaptableLayer, module)
+    return LoraLinear(layer) if kind == "Linear" else LoraConv(layer)

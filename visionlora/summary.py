@@ -29,7 +29,8 @@ def summary(model: nn.Module) -> str:
         else:
             in_out = f"{base.in_channels}/{base.out_channels}"
             kernel, groups = "x".join(str(k) for k in base.weight.shape[2:]), str(base.groups)
-        for adapter_name, adapter in layer.adapters.items():
+        for adapter_name in layer.adapters:
+            adapter = layer.adapter(adapter_name)
             count = adapter.lora_A.numel() + adapter.lora_B.numel()
             lora_total += count
             mark = "" if adapter_name in layer.active else " (inactive)"

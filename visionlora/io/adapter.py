@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ from visionlora.inject import (
     snapshot_buffers,
 )
 from visionlora.io.files import read_safetensors, write_safetensors
-from visionlora.layers import LoraLayer, layer_kind, lora_shapes
+from visionlora.layers import AdaptableLayer, LoraLayer, layer_kind, lora_shapes
 
 __all__ = ["AdapterFile", "LayerSpec", "load_adapter", "read_adapter", "save_adapter"]
 
@@ -99,7 +99,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name
     layers: dict[str, dict[str, Any]] = {}
     for name, layer in lora_layers(model):
         if adapter_name in layer.adapters:
-            adapter = layer.adapters[adapter_name]
+            adapter = layer.adapter(adapter_name)
             tensors[f"{name}.lora_A.weight"] = adapter.lora_A
             tensors[f"{name}.lora_B.weight"] = adapter.lora_B
             layers[name] = {"kind": layer_kind(layer.base), "rank": adapter.rank, "alpha": adapter.alpha}
@@ -165,17 +165,18 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
             path,
             f"format_version {meta.get('format_version')!r} is not supported (this visionlora reads {FORMAT_VERSION})",
         )
-    name = meta.get("adapter_name")
+    name: Any = meta.get("adapter_name")
     try:
         check_adapter_name(name)
     except AdapterError as exc:
         raise _fail(path, f"metadata 'adapter_name': {exc}") from None
     try:
-        config = LoraConfig.from_dict(meta.get("config"))
+        config = LoraConfig.from_dict(meta.get("config"))  # type: ignore[arg-type]  # checked inside
     except ConfigError as exc:
         raise _fail(path, f"stored config is invalid: {exc}") from None
     layers = _parse_layers(path, meta.get("layers"))
-    extra, buffers = meta.get("extra"), meta.get("buffers")
+    extra: Any = meta.get("extra")
+    buffers: Any = meta.get("buffers")
     for field_name, names in (("extra", extra), ("buffers", buffers)):
         if not isinstance(names, list) or not all(isinstance(k, str) for k in names):
             raise _fail(path, f"metadata {field_name!r} must be a list of tensor names")
@@ -207,7 +208,7 @@ def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
         if adaptable_kind(name, module, modules) != spec.kind:
             problems.append(f"{name}: file has a {spec.kind} adapter, the model has a {type(module).__name__} there")
             continue
-        base = module.base if isinstance(module, LoraLayer) else module
+        base = module.base if isinstance(module, LoraLayer) else cast(AdaptableLayer, module)
         for key, shape in zip(
             (f"{name}.lora_A.weight", f"{name}.lora_B.weight"),
             lora_shapes(base, spec.rank, file.config.conv_groups),
@@ -279,7 +280,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name
     buffers = original_buffers(model)
     with torch.no_grad():
         for m in matches:
-            adapter = layers[m.name].adapters[name]
+            adapter = layers[m.name].adapter(name)
             adapter.lora_A.copy_(file.tensors[f"{m.name}.lora_A.weight"])
             adapter.lora_B.copy_(file.tensors[f"{m.name}.lora_B.weight"])
         for key in file.extra:
