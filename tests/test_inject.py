@@ -194,6 +194,7 @@ def test_summary_lists_layers_ranks_and_totals():
         "in/out",
         "kernel",
         "groups",
+        "resolution",
         "rank",
         "alpha",
         "LoRA",
@@ -207,6 +208,7 @@ def test_summary_lists_layers_ranks_and_totals():
         "512/512",
         "3x3",
         "1",
+        "-",  # no probe: resolution not measured
         "16",
         "8",
         f"{16 * 512 * 9 + 512 * 16:,}",

@@ -98,6 +98,12 @@ class LoraConfig:
     """Per-layer ranks, pattern -> rank. An exact module name wins, then the first matching pattern."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-layer alphas, pattern -> alpha, with the same precedence as ``rank_pattern``."""
+    rank_by_resolution: dict[int, int] = field(default_factory=dict)
+    """Rank from each layer's output feature-map size min(H, W), found by a probe forward pass:
+    ``{32: 16, 0: 4}`` means >= 32 -> r=16, else r=4. Needs ``example_input`` in apply_lora."""
+    rank_budget: int | None = None
+    """Total LoRA parameters (A and B) to spread over the targets, proportionally to resolution
+    (with ``example_input``) or evenly; never exceeded. None: no budget."""
     target_types: list[LayerKind] = field(default_factory=lambda: list(LAYER_KINDS))
     """Layer types that wildcard patterns may select."""
     exclude: list[str] = field(default_factory=list)
@@ -135,6 +141,14 @@ class LoraConfig:
         _check_alpha(self.alpha, "alpha")
         for pattern, alpha in self.alpha_pattern.items():
             _check_alpha(alpha, f"alpha_pattern[{pattern!r}]")
+        for threshold, rank in self.rank_by_resolution.items():
+            if threshold < 0:
+                raise ConfigError(f"rank_by_resolution: threshold {threshold} is negative; thresholds are sizes >= 0")
+            _check_rank(rank, f"rank_by_resolution[{threshold}]")
+        if self.rank_budget is not None and self.rank_budget < 1:
+            raise ConfigError(f"rank_budget: {self.rank_budget} is invalid; a budget is a parameter count >= 1")
+        if self.rank_budget is not None and self.rank_by_resolution:
+            raise ConfigError("rank_budget and rank_by_resolution are two rules for the same ranks; set one of them")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: {self.dropout} is out of range; expected 0 <= dropout < 1")
         if not self.target_types:
@@ -207,6 +221,7 @@ def config_from_dict(cls: type[C], data: Mapping[str, Any], path: str = "") -> C
         if dataclasses.is_dataclass(hint_type):
             kwargs[key] = config_from_dict(hint_type, value, where)  # type: ignore[arg-type]
         else:
+            value = _int_keys_from_json(value, hint_type)
             _check_type(value, hint_type, where)
             kwargs[key] = value
     missing = [
@@ -217,6 +232,13 @@ def config_from_dict(cls: type[C], data: Mapping[str, Any], path: str = "") -> C
     if missing:
         raise ConfigError(f"{path or cls.__name__}: missing required key(s) {', '.join(missing)}")
     return cls(**kwargs)
+
+
+def _int_keys_from_json(value: Any, tp: Any) -> Any:
+    """JSON object keys are strings: read decimal keys back as ints where the field has int keys."""
+    if typing.get_origin(tp) is dict and typing.get_args(tp)[0] is int and isinstance(value, dict):
+        return {int(k) if isinstance(k, str) and k.isdecimal() else k: v for k, v in value.items()}
+    return value
 
 
 def _check_fields(obj: Any) -> None:

@@ -23,7 +23,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ from visionlora.layers import (
     max_useful_rank,
     wrap_layer,
 )
-from visionlora.ranks import allocate
+from visionlora.ranks import allocate, probe_resolutions
 
 __all__ = [
     "Match",
@@ -80,6 +80,8 @@ class Match:
     kind: str
     rank: int
     alpha: float
+    resolution: int | None = None
+    """min(H, W) of the feature map the layer works on, when measured (see visionlora.ranks)."""
 
 
 def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -196,12 +198,19 @@ def _under(name: str, roots: set[str]) -> bool:
     return any(name == r or name.startswith(r + ".") for r in roots)
 
 
-def match_targets(model: nn.Module, cfg: LoraConfig, *, adapter_name: str = "default") -> list[Match]:
+def match_targets(
+    model: nn.Module, cfg: LoraConfig, *, adapter_name: str = "default", example_input: Any = None
+) -> list[Match]:
     """The layers ``cfg`` selects in ``model``, in model order, with their ranks and alphas.
 
-    Changes nothing. Raises :class:`TargetError` for a pattern that selects no adaptable layer
-    (listing near module names), :class:`UnsupportedModuleError` for an exact name of a module that
-    cannot be adapted, and :class:`AdapterError` if a layer already has ``adapter_name``.
+    With ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword
+    arguments), one probe forward pass measures each layer's resolution (see
+    :mod:`visionlora.ranks`), used by ``rank_by_resolution`` and ``rank_budget``.
+
+    Changes nothing (the probe restores every mode and touches no parameter or buffer). Raises
+    :class:`TargetError` for a pattern that selects no adaptable layer (listing near module names),
+    :class:`UnsupportedModuleError` for an exact name of a module that cannot be adapted, and
+    :class:`AdapterError` if a layer already has ``adapter_name``.
 
     Example:
         >>> [m.name for m in match_targets(resnet, LoraConfig(targets="layer4.0.conv*"))]
@@ -255,8 +264,13 @@ def match_targets(model: nn.Module, cfg: LoraConfig, *, adapter_name: str = "def
     check_selected(model, selected, adapter_name)
     order = {n: i for i, n in enumerate(names)}
     ordered = sorted(selected, key=order.__getitem__)
-    ranks = allocate(ordered, cfg)
-    matches = [Match(n, selected[n], layer_kind(selected[n]) or "", *ranks[n]) for n in ordered]
+    bases = {n: _base_layer(selected[n]) for n in ordered}
+    resolutions = None if example_input is None else probe_resolutions(model, bases, example_input, modules=selected)
+    ranks = allocate(bases, cfg, resolutions)
+    matches = [
+        Match(n, selected[n], layer_kind(selected[n]) or "", *ranks[n], resolutions[n] if resolutions else None)
+        for n in ordered
+    ]
     check_wrappable(matches, cfg.dropout)
     return matches
 
@@ -279,8 +293,12 @@ def check_adapter_name(adapter_name: str) -> None:
         raise AdapterError(f"adapter name {adapter_name!r} is reserved by torch.nn.ModuleDict; choose another")
 
 
+def _base_layer(module: nn.Module) -> AdaptableLayer:
+    return module.base if isinstance(module, LoraLayer) else cast(AdaptableLayer, module)
+
+
 def _base(m: Match) -> AdaptableLayer:
-    return m.module.base if isinstance(m.module, LoraLayer) else cast(AdaptableLayer, m.module)
+    return _base_layer(m.module)
 
 
 def _warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
@@ -344,6 +362,7 @@ def add_adapters(
             generator=generator,
             conv_groups=cfg.conv_groups,
         )
+        adapter.resolution = m.resolution
         built.append((m, layer, adapter))
     for m, layer, adapter in built:
         layer.adapters[adapter_name] = adapter
@@ -441,6 +460,7 @@ def apply_lora(
     *,
     adapter_name: str = "default",
     generator: torch.Generator | None = None,
+    example_input: Any = None,
 ) -> nn.Module:
     """Add LoRA adapters to the layers ``cfg`` selects, in place, and return ``model``.
 
@@ -453,6 +473,9 @@ def apply_lora(
         cfg: What to adapt and how.
         adapter_name: Name of this adapter; give a new one to add a second adapter to a model.
         generator: Random source for the initialisation of A.
+        example_input: Input for one probe forward pass that measures each layer's feature-map
+            resolution (needed by ``rank_by_resolution``; used by ``rank_budget``): a tensor, a
+            tuple of positional arguments or a dict of keyword arguments.
 
     Raises:
         TargetError, UnsupportedModuleError: the targets do not fit the model.
@@ -466,7 +489,7 @@ def apply_lora(
     cfg = dataclasses.replace(copy.deepcopy(cfg))  # our own copy, checked again in case it was edited
     check_adapter_name(adapter_name)
     require_unmerged(model, "add an adapter")
-    matches = match_targets(model, cfg, adapter_name=adapter_name)
+    matches = match_targets(model, cfg, adapter_name=adapter_name, example_input=example_input)
     _warn_ranks(matches, cfg)
     snapshot_buffers(model)
     add_adapters(model, matches, cfg, adapter_name, generator)

@@ -214,6 +214,7 @@ class LoraAdapter(nn.Module):
         self.rslora = rslora
         self.scale = lora_scale(alpha, rank, rslora)
         self.dropout = dropout
+        self.resolution: int | None = None  # feature-map size the rank was chosen for, when measured
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout:g}"
@@ -467,4 +468,5 @@ def wrap_layer(module: nn.Module, name: str = "") -> LoraLayer:
             "would bypass them, so merged and unmerged outputs would differ. Remove the hooks before adapting"
         )
     layer = cast(AdaptableLayer, module)
-    return LoraLinear(layer) if kind == "Linear" else LoraConv(layer)
+    wrapper = LoraLinear(layer) if kind == "Linear" else LoraConv(layer)
+    return wrapper.train(module.training)  # a layer in eval mode stays in eval mode (no branch dropout)

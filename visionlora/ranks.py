@@ -1,23 +1,44 @@
-"""Per-layer rank and alpha allocation.
+"""Per-layer rank and alpha allocation: explicit patterns, feature-map resolution, parameter budgets.
 
-Precedence, for each targeted layer and separately for ranks and alphas:
+Ranks, for each targeted layer, by precedence:
 
-1. a key of ``rank_pattern`` / ``alpha_pattern`` equal to the layer's full name;
-2. otherwise the first key, in the order written, whose pattern matches the name;
-3. otherwise the config's ``rank`` / ``alpha``.
+1. ``rank_pattern``: a key equal to the layer's full name, else the first key (in the order
+   written) whose pattern matches it;
+2. ``rank_by_resolution``: the rank of the largest threshold <= the layer's resolution;
+3. ``rank_budget``: the budget left after the layers fixed by step 1 is spread over the others,
+   proportionally to resolution (evenly without a probe), each rank rounded down, at least 1 and
+   at most what the layer can use, so the total never exceeds the budget;
+4. ``rank``.
 
-A key that selects none of the targeted layers is an error (it is almost always a typo).
+Alphas: ``alpha_pattern`` with the precedence of step 1, else ``alpha``.
+
+A layer's *resolution* is min(spatial size) of the feature map it works on, measured by one probe
+forward pass (:func:`probe_resolutions`):
+
+- a conv: min(H, W) of its output;
+- a Linear: min(H, W) of the feature map, (B, C, H, W), entering the nearest enclosing module
+  (below the model itself) that receives one. An attention block at a 64×64 latent is 64,
+  cross-attention's to_k / to_v included, although their own inputs are text tokens. Without
+  such a module, a Linear on N tokens (B, N, C) is floor(sqrt(N)) (patch tokens on a square grid:
+  a ViT-B/16 at 224 px is 14) and a Linear on a vector (a classifier after pooling) is 1.
+
+A pattern key that selects none of the targeted layers is an error (it is almost always a typo).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
 
 from visionlora.config import LoraConfig, pattern_matches
-from visionlora.errors import TargetError
+from visionlora.errors import ConfigError, TargetError
+from visionlora.layers import AdaptableLayer, lora_shapes, max_useful_rank
 
-__all__ = ["allocate", "pattern_value"]
+__all__ = ["allocate", "budget_ranks", "pattern_value", "probe_resolutions", "rank_for_resolution"]
 
 V = TypeVar("V", int, float)
 
@@ -37,12 +58,152 @@ def pattern_value(name: str, patterns: Mapping[str, V], default: V) -> V:
     return default
 
 
-def allocate(names: Sequence[str], cfg: LoraConfig) -> dict[str, tuple[int, float]]:
-    """Rank and alpha for each targeted layer name, by the precedence in this module's docstring.
+def rank_for_resolution(resolution: int, thresholds: Mapping[int, int], default: int) -> int:
+    """The rank of the largest threshold <= ``resolution``, or ``default`` below every threshold.
+
+    Example:
+        >>> rank_for_resolution(56, {32: 16, 0: 4}, 8), rank_for_resolution(7, {32: 16}, 8)
+        (16, 8)
+    """
+    below = [t for t in thresholds if t <= resolution]
+    return thresholds[max(below)] if below else default
+
+
+def budget_ranks(
+    costs: Mapping[str, int], weights: Mapping[str, float], caps: Mapping[str, int], budget: int
+) -> dict[str, int]:
+    """Ranks r_i = clamp(floor(t · w_i), 1, cap_i) with the largest t such that Σ r_i · cost_i <= budget.
+
+    Args:
+        costs: Parameters one unit of rank costs on each layer (A and B together).
+        weights: Positive weights (resolutions, or 1 for an even spread).
+        caps: Largest useful rank of each layer.
+        budget: Total parameters allowed.
 
     Raises:
-        TargetError: if a ``rank_pattern`` or ``alpha_pattern`` key selects none of ``names``.
+        ConfigError: if rank 1 everywhere already exceeds the budget.
     """
+    floor_cost = sum(costs.values())
+    if floor_cost > budget:
+        raise ConfigError(
+            f"rank_budget: {budget} parameters are fewer than the {floor_cost} that rank 1 on every target needs"
+        )
+
+    def ranks(t: float) -> dict[str, int]:
+        return {n: max(1, min(caps[n], math.floor(t * weights[n]))) for n in costs}
+
+    def cost(r: Mapping[str, int]) -> int:
+        return sum(r[n] * costs[n] for n in costs)
+
+    lo, hi = 0.0, max(caps.values()) / min(weights.values()) + 1.0
+    for _ in range(64):  # cost(ranks(t)) is monotone in t: bisect for the largest affordable t
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(ranks(mid)) <= budget else (lo, mid)
+    return ranks(lo)
+
+
+def _feature_map_size(values: Sequence[Any]) -> int | None:
+    """min(spatial size) of the first feature map, (B, C, H, W) or (B, C, D, H, W), among ``values``."""
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() >= 4:
+            return min(value.shape[2:])
+    return None
+
+
+def _call(model: nn.Module, example_input: Any) -> None:
+    if isinstance(example_input, Mapping):
+        model(**example_input)
+    elif isinstance(example_input, tuple):
+        model(*example_input)
+    else:
+        model(example_input)
+
+
+def probe_resolutions(
+    model: nn.Module,
+    layers: Mapping[str, AdaptableLayer],
+    example_input: Any,
+    *,
+    modules: Mapping[str, nn.Module] | None = None,
+) -> dict[str, int]:
+    """The resolution of each of ``layers`` (name -> base layer), by one forward pass on ``example_input``.
+
+    ``modules`` gives the module to observe for a name when it is not the base layer itself (a LoRA
+    layer already wrapping it).
+
+    ``example_input`` is a tensor, a tuple of positional arguments or a dict of keyword arguments.
+    The pass runs in eval mode without gradients; training flags are restored and hooks removed,
+    so parameters, buffers (BatchNorm statistics) and modes are exactly as before.
+
+    Raises:
+        TargetError: if a layer did not run during the pass.
+    """
+    ran: dict[str, int] = {}  # conv -> resolution; Linear -> its fallback when no enclosing map is found
+    maps: dict[str, int] = {}  # enclosing module -> size of the feature map it received
+
+    def keep_largest(store: dict[str, int], name: str, size: int | None) -> None:
+        if size is not None:  # a module run at several sizes keeps the largest
+            store[name] = max(store.get(name, 0), size)
+
+    def on_layer_output(name: str, is_conv: bool) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if is_conv:
+                size = min(output.shape[2:]) if output.dim() >= 3 else 1
+            else:  # tokens on a square grid, or a vector
+                size = math.isqrt(args[0].shape[1]) if args and args[0].dim() == 3 else 1
+            keep_largest(ran, name, size)
+
+        return hook
+
+    def on_block_input(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            keep_largest(maps, name, _feature_map_size([*args, *kwargs.values()]))
+
+        return hook
+
+    named = dict(model.named_modules())
+    observed = {n: (modules or {}).get(n, layer) for n, layer in layers.items()}
+    linears = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
+    handles = [observed[n].register_forward_hook(on_layer_output(n, n not in linears)) for n in layers]
+    enclosing = {a for n in linears for a in _ancestors(n) if a}  # not the model itself: it takes the image
+    handles += [named[a].register_forward_pre_hook(on_block_input(a), with_kwargs=True) for a in enclosing]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            _call(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    missing = [n for n in layers if n not in ran]
+    if missing:
+        raise TargetError(f"these layers did not run during the probe forward pass: {', '.join(missing[:5])}")
+    out = {n: ran[n] for n in layers if n not in linears}
+    for name in linears:
+        out[name] = next((maps[a] for a in _ancestors(name) if a in maps), ran[name])
+    return out
+
+
+def _ancestors(name: str) -> list[str]:
+    """Enclosing module names, nearest first, ending with the root ''."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def allocate(
+    layers: Mapping[str, AdaptableLayer],
+    cfg: LoraConfig,
+    resolutions: Mapping[str, int] | None = None,
+) -> dict[str, tuple[int, float]]:
+    """Rank and alpha for each targeted layer (name -> base layer), by the precedence in this module's docstring.
+
+    Raises:
+        TargetError: if a ``rank_pattern`` or ``alpha_pattern`` key selects none of the layers.
+        ConfigError: if ``rank_by_resolution`` is set without resolutions, or the budget is too small.
+    """
+    names: Sequence[str] = list(layers)
     for field_name, patterns in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
         for pattern in patterns:
             if not any(pattern_matches(pattern, n) for n in names):
@@ -50,6 +211,20 @@ def allocate(names: Sequence[str], cfg: LoraConfig) -> dict[str, tuple[int, floa
                     f"{field_name} key {pattern!r} selects none of the {len(names)} targeted layers "
                     f"(e.g. {', '.join(list(names)[:3])})"
                 )
-    return {
-        n: (pattern_value(n, cfg.rank_pattern, cfg.rank), pattern_value(n, cfg.alpha_pattern, cfg.alpha)) for n in names
-    }
+    if cfg.rank_by_resolution and resolutions is None:
+        raise ConfigError(
+            "rank_by_resolution needs the feature-map size of each layer: pass example_input= to apply_lora "
+            "(a tensor, a tuple of positional arguments or a dict of keyword arguments)"
+        )
+    fixed = {n for n in names if n in cfg.rank_pattern or any(pattern_matches(p, n) for p in cfg.rank_pattern)}
+    ranks = {n: pattern_value(n, cfg.rank_pattern, cfg.rank) for n in names}
+    free = [n for n in names if n not in fixed]
+    if cfg.rank_by_resolution and resolutions is not None:
+        ranks.update({n: rank_for_resolution(resolutions[n], cfg.rank_by_resolution, cfg.rank) for n in free})
+    elif cfg.rank_budget is not None and free:
+        per_rank = {n: sum(math.prod(s) for s in lora_shapes(layers[n], 1, cfg.conv_groups)) for n in names}
+        spent = sum(ranks[n] * per_rank[n] for n in fixed)
+        weights = {n: float(max(resolutions[n], 1)) if resolutions else 1.0 for n in free}
+        caps = {n: max_useful_rank(layers[n], cfg.conv_groups) for n in free}
+        ranks.update(budget_ranks({n: per_rank[n] for n in free}, weights, caps, cfg.rank_budget - spent))
+    return {n: (ranks[n], pattern_value(n, cfg.alpha_pattern, cfg.alpha)) for n in names}

@@ -11,12 +11,13 @@ __all__ = ["summary"]
 
 
 def summary(model: nn.Module) -> str:
-    """A table of the LoRA layers (layer, adapter, kind, in/out, kernel, rank, alpha, params) with totals.
+    """A table of the LoRA layers (layer, adapter, kind, in/out, kernel, groups, resolution, rank, alpha,
+    params) with totals; resolution is "-" where no probe measured it.
 
     Example:
         >>> print(vl.summary(model))
     """
-    header = ("layer", "adapter", "kind", "in/out", "kernel", "groups", "rank", "alpha", "LoRA params")
+    header = ("layer", "adapter", "kind", "in/out", "kernel", "groups", "resolution", "rank", "alpha", "LoRA params")
     rows = []
     lora_total = 0
     for name, layer in lora_layers(model):
@@ -42,6 +43,7 @@ def summary(model: nn.Module) -> str:
                     in_out,
                     kernel,
                     groups,
+                    "-" if adapter.resolution is None else str(adapter.resolution),
                     str(adapter.rank),
                     f"{adapter.alpha:g}",
                     f"{count:,}",

@@ -58,8 +58,8 @@ def test_file_holds_only_lora_and_trainable_tensors_and_describes_itself(saved):
         meta = json.loads(f.metadata()["visionlora"])
     assert meta["format"] == "visionlora.adapter" and meta["format_version"] == 1
     assert meta["config"] == CFG.to_dict()
-    assert meta["layers"]["layer4.0.conv1"] == {"kind": "Conv2d", "rank": 16, "alpha": 8.0}
-    assert meta["layers"]["layer4.1.conv2"] == {"kind": "Conv2d", "rank": 4, "alpha": 8.0}
+    assert meta["layers"]["layer4.0.conv1"] == {"kind": "Conv2d", "rank": 16, "alpha": 8.0, "resolution": None}
+    assert meta["layers"]["layer4.1.conv2"] == {"kind": "Conv2d", "rank": 4, "alpha": 8.0, "resolution": None}
     assert meta["extra"] == ["fc.bias", "fc.weight"]
 
 
@@ -121,7 +121,9 @@ BAD_FILES = {
     "wrong kind": (
         dict(
             meta=lambda m: _with(
-                m, "layers", _with(m["layers"], "layer4.1.conv2", {"kind": "Linear", "rank": 4, "alpha": 8})
+                m,
+                "layers",
+                _with(m["layers"], "layer4.1.conv2", {"kind": "Linear", "rank": 4, "alpha": 8, "resolution": None}),
             )
         ),
         r"layer4.1.conv2: file has a Linear adapter, the model has a Conv2d",
@@ -137,7 +139,9 @@ BAD_FILES = {
     "absurd rank": (
         dict(
             meta=lambda m: _with(
-                m, "layers", _with(m["layers"], "layer4.1.conv2", {"kind": "Conv2d", "rank": 10**9, "alpha": 8})
+                m,
+                "layers",
+                _with(m["layers"], "layer4.1.conv2", {"kind": "Conv2d", "rank": 10**9, "alpha": 8, "resolution": None}),
             )
         ),
         r"rank 1000000000 is not an integer in \[1, 65536\]",
@@ -147,7 +151,11 @@ BAD_FILES = {
     "alpha too large for a float": (
         dict(
             meta=lambda m: _with(
-                m, "layers", _with(m["layers"], "layer4.1.conv2", {"kind": "Conv2d", "rank": 4, "alpha": 10**400})
+                m,
+                "layers",
+                _with(
+                    m["layers"], "layer4.1.conv2", {"kind": "Conv2d", "rank": 4, "alpha": 10**400, "resolution": None}
+                ),
             )
         ),
         r"layer 'layer4.1.conv2': alpha 1000.* is not a finite number > 0",
@@ -343,7 +351,9 @@ def test_a_nested_target_in_a_file_is_refused_before_any_change(tmp_path):
         path,
         tmp_path,
         tensors=lambda t: {**t, **load_file(outer)},
-        meta=lambda m: _with(m, "layers", {"0": {"kind": "Conv2d", "rank": 2, "alpha": 8.0}, **m["layers"]}),
+        meta=lambda m: _with(
+            m, "layers", {"0": {"kind": "Conv2d", "rank": 2, "alpha": 8.0, "resolution": None}, **m["layers"]}
+        ),
     )
     model = torch.nn.Sequential(GatedConv())
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -10,7 +10,7 @@ Metadata, one JSON document under the header key ``visionlora``::
 
     {"format": "visionlora.adapter", "format_version": 1, "adapter_name": "default",
      "config": {...LoraConfig...},
-     "layers": {"layer4.0.conv1": {"kind": "Conv2d", "rank": 16, "alpha": 8.0}, ...},
+     "layers": {"layer4.0.conv1": {"kind": "Conv2d", "rank": 16, "alpha": 8.0, "resolution": 4}, ...},
      "extra": ["fc.bias", "fc.weight"],
      "buffers": ["layer4.0.bn1.running_mean", ...]}
 """
@@ -56,6 +56,7 @@ FORMAT = "visionlora.adapter"
 FORMAT_VERSION = 1
 META_KEY = "visionlora"
 _MAX_METADATA_BYTES = 16 * 1024 * 1024
+_MAX_RESOLUTION = 1 << 20
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -66,6 +67,7 @@ class LayerSpec:
     kind: str
     rank: int
     alpha: float
+    resolution: int | None
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name
             adapter = layer.adapter(adapter_name)
             tensors[f"{name}.lora_A.weight"] = adapter.lora_A
             tensors[f"{name}.lora_B.weight"] = adapter.lora_B
-            layers[name] = {"kind": layer_kind(layer.base), "rank": adapter.rank, "alpha": adapter.alpha}
+            layers[name] = {
+                "kind": layer_kind(layer.base),
+                "rank": adapter.rank,
+                "alpha": adapter.alpha,
+                "resolution": adapter.resolution,
+            }
     extra = extra_parameters(model, adapter_name)
     buffers = changed_buffers(model)
     tensors.update(extra)
@@ -128,16 +135,24 @@ def _parse_layers(path: Path, raw: Any) -> dict[str, LayerSpec]:
         raise _fail(path, "metadata 'layers' must be a non-empty mapping of module name -> {kind, rank, alpha}")
     layers = {}
     for name, spec in raw.items():
-        if not isinstance(spec, dict) or set(spec) != {"kind", "rank", "alpha"}:
-            raise _fail(path, f"metadata for layer {name!r} must have exactly kind, rank and alpha, got {spec!r}")
-        kind, rank, alpha = spec["kind"], spec["rank"], spec["alpha"]
+        if not isinstance(spec, dict) or set(spec) != {"kind", "rank", "alpha", "resolution"}:
+            raise _fail(
+                path, f"metadata for layer {name!r} must have exactly kind, rank, alpha and resolution, got {spec!r}"
+            )
+        kind, rank, alpha, resolution = spec["kind"], spec["rank"], spec["alpha"], spec["resolution"]
         if kind not in LAYER_KINDS:
             raise _fail(path, f"layer {name!r}: kind {kind!r} is not one of {list(LAYER_KINDS)}")
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
             raise _fail(path, f"layer {name!r}: rank {rank!r} is not an integer in [1, {MAX_RANK}]")
         if not is_finite_number(alpha) or alpha <= 0:
             raise _fail(path, f"layer {name!r}: alpha {alpha!r} is not a finite number > 0")
-        layers[name] = LayerSpec(kind, rank, float(alpha))
+        if resolution is not None and (
+            not isinstance(resolution, int) or isinstance(resolution, bool) or not 0 <= resolution <= _MAX_RESOLUTION
+        ):
+            raise _fail(
+                path, f"layer {name!r}: resolution {resolution!r} is not null or an integer in [0, {_MAX_RESOLUTION}]"
+            )
+        layers[name] = LayerSpec(kind, rank, float(alpha), resolution)
     return layers
 
 
@@ -218,7 +233,7 @@ def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
                 problems.append(
                     f"{key}: shape {tuple(file.tensors[key].shape)} in the file, {shape} expected for rank {spec.rank}"
                 )
-        matches.append(Match(name, module, spec.kind, spec.rank, spec.alpha))
+        matches.append(Match(name, module, spec.kind, spec.rank, spec.alpha, spec.resolution))
     for keys, existing, what in (
         (file.extra, original_parameters(model), "parameter"),
         (file.buffers, original_buffers(model), "buffer"),
