@@ -13,15 +13,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+def python_block(containing: str) -> str:
+    """The README's Python code block that contains ``containing``."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return next(block for block in blocks if containing in block)
 
 
 def test_readme_usage_example_runs_and_round_trips(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # Stand in for "... train ...": give B non-zero values before the adapter is saved.
     trained = "torch.nn.init.normal_(model.layer4[0].conv1.adapters['default'].lora_B, std=0.1)"
-    code = python_blocks()[0].replace("# ... train ...", trained)
+    code = python_block("vl.save_adapter").replace("# ... train ...", trained)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     vl, plain, fresh, build = namespace["vl"], namespace["plain"], namespace["fresh"], namespace["build"]
@@ -41,8 +43,20 @@ def test_readme_adapter_switching_example_runs(tmp_path):
 
     model = vl.apply_lora(torchvision.models.resnet18(), vl.LoraConfig(targets="layer4.*", rank=2))
     namespace = {"vl": vl, "model": model, "style_cfg": vl.LoraConfig(targets="layer4.*", rank=2)}
-    exec(compile(python_blocks()[1], "README.md", "exec"), namespace)
+    exec(compile(python_block("vl.set_adapter"), "README.md", "exec"), namespace)
     assert vl.list_adapters(model) == ["default"]
+
+
+def test_readme_rank_by_resolution_example_gives_the_ranks_its_comment_states():
+    import torchvision
+
+    import visionlora as vl
+
+    namespace = {"vl": vl, "torch": torch, "model": torchvision.models.resnet18()}
+    exec(compile(python_block("rank_by_resolution"), "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert model.layer3[0].conv1.adapter("default").rank == 16
+    assert model.layer4[0].conv1.adapter("default").rank == 4
 
 
 def test_quickstart_reloads_and_merges_exactly(tmp_path):
