@@ -83,3 +83,15 @@ def test_quickstart_reloads_and_merges_exactly(tmp_path):
     assert results["lora_val_accuracy_digits_5_9"] > 0.2  # above chance (5 classes) after one epoch
     assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "merged.pt"]
     assert "| lora_val_accuracy_digits_5_9 |" in result.stdout
+
+
+def test_readme_preset_example_runs_with_local_weights():
+    import timm
+
+    import visionlora as vl
+
+    code = python_block("vl.replace_head").replace("pretrained=True", "pretrained=False")  # no hub here
+    namespace = {"vl": vl, "timm": timm}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["head"] == "fc"
+    assert len(vl.inject.lora_layers(namespace["model"])) == 10  # layer4: 3 blocks x 3 convs + downsample

@@ -27,6 +27,7 @@ from visionlora.inject import Match, apply_lora, match_targets
 from visionlora.io import load_adapter, read_adapter, save_adapter
 from visionlora.layers import LoraConv, LoraLayer, LoraLinear
 from visionlora.merge import merge, merge_and_unload, unmerge
+from visionlora.models import expand_preset, fitting_presets, replace_head
 from visionlora.summary import summary
 
 __version__ = "0.1.0"
@@ -49,12 +50,15 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "enable_adapters",
+    "expand_preset",
+    "fitting_presets",
     "list_adapters",
     "load_adapter",
     "match_targets",
     "merge",
     "merge_and_unload",
     "read_adapter",
+    "replace_head",
     "save_adapter",
     "set_adapter",
     "summary",

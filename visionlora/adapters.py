@@ -6,9 +6,10 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from visionlora._tree import replace_module
 from visionlora.config import is_finite_number
 from visionlora.errors import AdapterError
-from visionlora.inject import activate, adapter_configs, lora_layers, replace_module, require_unmerged
+from visionlora.inject import activate, adapter_configs, lora_layers, require_unmerged
 
 __all__ = ["active_adapters", "delete_adapter", "disable_adapters", "enable_adapters", "list_adapters", "set_adapter"]
 

@@ -10,7 +10,9 @@ Selection rules:
 - an exact name must name an adaptable layer; naming any other module is an error;
 - ``exclude`` patterns, and modules listed in ``trainable`` (and everything inside them), are
   never adapted by a wildcard;
-- the root module itself is never a target.
+- the root module itself is never a target;
+- ``preset:<name>[:<n>]`` stands for the exact layer names the preset selects in this model
+  (see :mod:`visionlora.models.presets`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from visionlora._tree import replace_module, require_module
 from visionlora.config import LoraConfig, is_exact_name, pattern_matches
 from visionlora.errors import AdapterError, ConfigError, TargetError, UnsupportedModuleError
 from visionlora.layers import (
@@ -41,6 +44,7 @@ from visionlora.layers import (
     max_useful_rank,
     wrap_layer,
 )
+from visionlora.models.presets import expand_preset
 from visionlora.ranks import allocate, probe_resolutions
 
 __all__ = [
@@ -60,8 +64,6 @@ __all__ = [
     "match_targets",
     "original_buffers",
     "original_parameters",
-    "replace_module",
-    "require_module",
     "snapshot_buffers",
 ]
 
@@ -102,12 +104,6 @@ def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
                 yield from walk(child, name, ancestors | {id(child)})
 
     return walk(model, "", frozenset({id(model)}))
-
-
-def require_module(model: object) -> None:
-    """Raise :class:`UnsupportedModuleError` unless ``model`` is an ``nn.Module``."""
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModuleError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
@@ -222,7 +218,8 @@ def match_targets(
     trainable = _matching(cfg.trainable, names, "trainable")
     excluded = _matching(cfg.exclude, names, "exclude")
     selected: dict[str, nn.Module] = {}
-    for pattern in cfg.targets:
+    targets = [n for t in cfg.targets for n in (expand_preset(model, t) if t.startswith("preset:") else [t])]
+    for pattern in targets:
         hits = [(n, m) for n, m in modules if pattern_matches(pattern, n)]
         if is_exact_name(pattern):
             if not hits:
@@ -324,13 +321,6 @@ def _warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
             f"adapter has more parameters than the layer it adapts{hint}: " + ", ".join(too_big),
             stacklevel=3,
         )
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted path ``name`` inside ``model``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def add_adapters(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from visionlora._tree import replace_module
 from visionlora.errors import AdapterError
-from visionlora.inject import forget_configs, lora_layers, replace_module
+from visionlora.inject import forget_configs, lora_layers
 
 __all__ = ["merge", "merge_and_unload", "unmerge"]
 

@@ -1,0 +1,181 @@
+"""Presets: named target selections for model families, expanded to exact module names of a model.
+
+A target ``"preset:<name>"`` or ``"preset:<name>:<n>"`` stands for the module names listed here.
+Families are recognised by class (module path and name along the MRO), so neither timm nor
+diffusers is imported.
+
+=====================  ==============================================================================
+preset                 selects
+=====================  ==============================================================================
+resnet-last-blocks[:n] the convs of the last n residual blocks (default: the whole last stage), main
+                       path and shortcut (downsample) convs, not SE gates; torchvision ResNet /
+                       ResNeXt / Wide ResNet, timm ResNet (resnet*, resnext*, seresnet*, resnet*d, ...)
+                       and timm ResNetV2 (BiT)
+last-convs:n           the last n conv layers in module order, any model
+unet-attention         to_q, to_k, to_v, to_out.0 of every attention module (self and cross) of a
+                       diffusers UNet2DConditionModel, or of a UNet2DModel that has attention
+unet-attention-ff      the above plus the feed-forward Linears of the transformer blocks
+unet-locon             the above plus the ResNet blocks' conv1, conv2 and conv_shortcut ("LoCon")
+=====================  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from visionlora.errors import TargetError
+from visionlora.layers import layer_kind
+
+__all__ = ["PRESETS", "RESNET_FAMILIES", "ResNetFamily", "expand_preset", "fitting_presets"]
+
+
+@dataclass(frozen=True)
+class ResNetFamily:
+    """Where a ResNet-style architecture keeps its stages, its blocks' convs and its classifier."""
+
+    classes: tuple[str, ...]
+    """Qualified class names (``module.QualName``) that identify the family."""
+    stages: tuple[str, ...]
+    """Module names of the stages, first to last; each holds the residual blocks in order."""
+    block_convs: tuple[str, ...]
+    """Glob patterns, relative to a block, of its main-path and shortcut convs."""
+    classifier: str
+    """Module name of the classification head."""
+
+
+_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+RESNET_FAMILIES: tuple[ResNetFamily, ...] = (
+    ResNetFamily(("torchvision.models.resnet.ResNet",), _LAYERS, ("conv*", "downsample.*"), "fc"),
+    ResNetFamily(("timm.models.resnet.ResNet",), _LAYERS, ("conv*", "downsample.*"), "fc"),
+    ResNetFamily(
+        ("timm.models.resnetv2.ResNetV2",),
+        tuple(f"stages.{i}.blocks" for i in range(4)),
+        ("conv*", "downsample.*"),
+        "head.fc",
+    ),
+)
+
+
+def _class_names(model: nn.Module) -> set[str]:
+    return {f"{c.__module__}.{c.__qualname__}" for c in type(model).__mro__}
+
+
+def resnet_family(model: nn.Module) -> ResNetFamily | None:
+    """The ResNet family ``model`` belongs to, if any."""
+    names = _class_names(model)
+    return next((f for f in RESNET_FAMILIES if names & set(f.classes)), None)
+
+
+def _is_diffusers(module: nn.Module, class_name: str) -> bool:
+    return type(module).__name__ == class_name and type(module).__module__.startswith("diffusers.")
+
+
+def _is_unet(model: nn.Module) -> bool:
+    return any(_is_diffusers(model, c) for c in ("UNet2DConditionModel", "UNet2DModel"))
+
+
+def _convs(modules: list[tuple[str, nn.Module]]) -> list[str]:
+    return [n for n, m in modules if (layer_kind(m) or "").startswith("Conv")]
+
+
+def _resnet_last_blocks(model: nn.Module, arg: int | None) -> list[str]:
+    family = resnet_family(model)
+    if family is None:
+        return []
+    blocks = [f"{stage}.{child}" for stage in family.stages for child, _ in model.get_submodule(stage).named_children()]
+    count = len(list(model.get_submodule(family.stages[-1]).children())) if arg is None else arg
+    chosen = blocks[-count:] if count else []
+    modules = list(model.named_modules())
+    return [
+        n
+        for n, m in modules
+        if layer_kind(m) and any(fnmatch.fnmatchcase(n, f"{b}.{p}") for b in chosen for p in family.block_convs)
+    ]
+
+
+def _last_convs(model: nn.Module, arg: int | None) -> list[str]:
+    convs = _convs(list(model.named_modules()))
+    return convs[-arg:] if arg else []
+
+
+_ATTENTION_CHILDREN = ("to_q", "to_k", "to_v", "to_out.0")
+_RESNET_CONVS = ("conv1", "conv2", "conv_shortcut")
+
+
+def _unet(model: nn.Module, *, ff: bool, convs: bool) -> list[str]:
+    if not _is_unet(model):
+        return []
+    modules = list(model.named_modules())
+    attention = [n for n, m in modules if _is_diffusers(m, "Attention")]
+    if not attention:
+        return []
+    wanted = {f"{a}.{c}" for a in attention for c in _ATTENTION_CHILDREN}
+    if ff:
+        blocks = [n for n, m in modules if _is_diffusers(m, "FeedForward")]
+        wanted |= {n for n, m in modules if isinstance(m, nn.Linear) and any(n.startswith(b + ".") for b in blocks)}
+    if convs:
+        resnets = [n for n, m in modules if _is_diffusers(m, "ResnetBlock2D")]
+        wanted |= {f"{r}.{c}" for r in resnets for c in _RESNET_CONVS}
+    return [n for n, m in modules if n in wanted and layer_kind(m)]
+
+
+def _unet_attention(model: nn.Module, arg: int | None) -> list[str]:
+    return _unet(model, ff=False, convs=False)
+
+
+def _unet_attention_ff(model: nn.Module, arg: int | None) -> list[str]:
+    return _unet(model, ff=True, convs=False)
+
+
+def _unet_locon(model: nn.Module, arg: int | None) -> list[str]:
+    return _unet(model, ff=True, convs=True)
+
+
+Expand = Callable[[nn.Module, "int | None"], list[str]]
+
+PRESETS: dict[str, tuple[Expand, bool]] = {
+    "resnet-last-blocks": (_resnet_last_blocks, False),
+    "last-convs": (_last_convs, True),
+    "unet-attention": (_unet_attention, False),
+    "unet-attention-ff": (_unet_attention_ff, False),
+    "unet-locon": (_unet_locon, False),
+}
+"""Preset name -> (expansion, whether it needs the ``:n`` argument)."""
+
+
+def fitting_presets(model: nn.Module) -> list[str]:
+    """Names of the presets that select at least one layer of ``model``."""
+    return [name for name, (expand, needs_n) in PRESETS.items() if expand(model, 1 if needs_n else None)]
+
+
+def expand_preset(model: nn.Module, target: str) -> list[str]:
+    """The exact module names a ``preset:<name>[:<n>]`` target selects in ``model``, in model order.
+
+    Raises:
+        TargetError: for an unknown preset, a bad ``n``, or a preset that selects nothing in this
+            model (naming the model class and the presets that fit it).
+
+    Example:
+        >>> expand_preset(torchvision.models.resnet18(), "preset:resnet-last-blocks:1")
+        ['layer4.1.conv1', 'layer4.1.conv2']
+    """
+    _, _, spec = target.partition(":")
+    name, _, raw = spec.partition(":")
+    if name not in PRESETS:
+        raise TargetError(f"{target!r}: unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    expand, needs_n = PRESETS[name]
+    if raw and not (raw.isdecimal() and int(raw) >= 1):
+        raise TargetError(f"{target!r}: the count after the preset name must be an integer >= 1, got {raw!r}")
+    if needs_n and not raw:
+        raise TargetError(f"{target!r}: {name} needs a count, e.g. 'preset:{name}:4'")
+    names = expand(model, int(raw) if raw else None)
+    if not names:
+        fits = fitting_presets(model)
+        raise TargetError(
+            f"{target!r} does not fit {type(model).__name__}; presets that fit it: {', '.join(fits) or 'none'}"
+        )
+    return names
