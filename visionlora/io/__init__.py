@@ -1,6 +1,6 @@
 """Reading and writing adapter files: atomic safetensors I/O and the visionlora format."""
 
-from visionlora.io.adapter import AdapterFile, LayerSpec, load_adapter, read_adapter, save_adapter
+from visionlora.io.adapter import AdapterFile, LayerSpec, load_adapter, read_adapter, save_adapter, write_adapter
 from visionlora.io.files import read_safetensors, write_safetensors
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "read_adapter",
     "read_safetensors",
     "save_adapter",
+    "write_adapter",
     "write_safetensors",
 ]

@@ -17,6 +17,7 @@ Metadata, one JSON document under the header key ``visionlora``::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from visionlora.inject import (
 from visionlora.io.files import read_safetensors, write_safetensors
 from visionlora.layers import AdaptableLayer, LoraLayer, layer_kind, lora_shapes
 
-__all__ = ["AdapterFile", "LayerSpec", "load_adapter", "read_adapter", "save_adapter"]
+__all__ = ["AdapterFile", "LayerSpec", "load_adapter", "read_adapter", "save_adapter", "write_adapter"]
 
 FORMAT = "visionlora.adapter"
 FORMAT_VERSION = 1
@@ -98,32 +99,33 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name
     if adapter_name not in configs:
         raise AdapterError(f"model has no adapter {adapter_name!r}; it has {list(configs) or 'none'}")
     tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict[str, Any]] = {}
+    layers: dict[str, LayerSpec] = {}
     for name, layer in lora_layers(model):
         if adapter_name in layer.adapters:
             adapter = layer.adapter(adapter_name)
             tensors[f"{name}.lora_A.weight"] = adapter.lora_A
             tensors[f"{name}.lora_B.weight"] = adapter.lora_B
-            layers[name] = {
-                "kind": layer_kind(layer.base),
-                "rank": adapter.rank,
-                "alpha": adapter.alpha,
-                "resolution": adapter.resolution,
-            }
+            layers[name] = LayerSpec(layer_kind(layer.base) or "", adapter.rank, adapter.alpha, adapter.resolution)
     extra = extra_parameters(model, adapter_name)
     buffers = changed_buffers(model)
     tensors.update(extra)
     tensors.update(buffers)
+    record = AdapterFile(Path(path), adapter_name, configs[adapter_name], layers, list(extra), sorted(buffers), tensors)
+    return write_adapter(record)
+
+
+def write_adapter(file: AdapterFile) -> Path:
+    """Write an adapter record to ``file.path`` atomically, with its self-describing metadata."""
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "adapter_name": adapter_name,
-        "config": configs[adapter_name].to_dict(),
-        "layers": layers,
-        "extra": list(extra),
-        "buffers": sorted(buffers),
+        "adapter_name": file.adapter_name,
+        "config": file.config.to_dict(),
+        "layers": {name: dataclasses.asdict(spec) for name, spec in file.layers.items()},
+        "extra": list(file.extra),
+        "buffers": list(file.buffers),
     }
-    return write_safetensors(path, tensors, {META_KEY: json.dumps(meta)})
+    return write_safetensors(file.path, file.tensors, {META_KEY: json.dumps(meta)})
 
 
 def _fail(path: Path, problem: str) -> AdapterFileError:
