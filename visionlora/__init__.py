@@ -23,6 +23,7 @@ from visionlora.errors import (
     UnsupportedModuleError,
     VisionLoraError,
 )
+from visionlora.extract import ResizedLayer, extract_lora, resize_adapter
 from visionlora.inject import Match, apply_lora, match_targets
 from visionlora.io import load_adapter, read_adapter, save_adapter
 from visionlora.layers import LoraConv, LoraLayer, LoraLinear
@@ -42,6 +43,7 @@ __all__ = [
     "LoraLinear",
     "Match",
     "MergeError",
+    "ResizedLayer",
     "TargetError",
     "UnsupportedModuleError",
     "VisionLoraError",
@@ -51,6 +53,7 @@ __all__ = [
     "disable_adapters",
     "enable_adapters",
     "expand_preset",
+    "extract_lora",
     "fitting_presets",
     "list_adapters",
     "load_adapter",
@@ -59,6 +62,7 @@ __all__ = [
     "merge_and_unload",
     "read_adapter",
     "replace_head",
+    "resize_adapter",
     "save_adapter",
     "set_adapter",
     "summary",

@@ -65,6 +65,7 @@ __all__ = [
     "original_buffers",
     "original_parameters",
     "snapshot_buffers",
+    "trained_extras",
 ]
 
 _INITS: dict[str, InitFn] = {"kaiming": kaiming_init, "gaussian": gaussian_init}
@@ -404,7 +405,13 @@ def extra_parameters(model: nn.Module, adapter_name: str) -> dict[str, torch.Ten
 
     These are the parameters of ``trainable`` modules plus the biases chosen by ``bias``.
     """
-    cfg = adapter_configs(model)[adapter_name]
+    adapted = {n for n, layer in lora_layers(model) if adapter_name in layer.adapters}
+    return trained_extras(model, adapter_configs(model)[adapter_name], adapted)
+
+
+def trained_extras(model: nn.Module, cfg: LoraConfig, adapted: set[str]) -> dict[str, torch.Tensor]:
+    """The ``trainable`` modules' parameters and the biases ``cfg.bias`` chooses, by original name,
+    for a config whose adapted layers are ``adapted`` (before or after they are wrapped)."""
     params = original_parameters(model)
     modules = [n for n, _ in iter_modules(model)]
     roots = {n for n in modules for p in cfg.trainable if pattern_matches(p, n)}
@@ -412,9 +419,7 @@ def extra_parameters(model: nn.Module, adapter_name: str) -> dict[str, torch.Ten
     if cfg.bias == "all":
         chosen.update({n: p for n, p in params.items() if n.rpartition(".")[2] == "bias"})
     elif cfg.bias == "lora_only":
-        for name, layer in lora_layers(model):
-            if adapter_name in layer.adapters and layer.base.bias is not None:
-                chosen[f"{name}.bias"] = layer.base.bias
+        chosen.update({f"{n}.bias": params[f"{n}.bias"] for n in adapted if f"{n}.bias" in params})
     return dict(sorted(chosen.items()))
 
 

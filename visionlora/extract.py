@@ -1,0 +1,244 @@
+"""SVD re-factorisation of adapters: resize trained adapters, extract adapters from full fine-tunes.
+
+Every layer's ΔW is handled as a stack of matrices, one per group: ``(g, out / g, in / g · prod(k))``
+for the per-group conv layout, a single ``(out, in / g · prod(k))`` matrix for Linear layers and the
+shared layout. The best rank-r approximation of each matrix (Eckart–Young) is its truncated SVD, and
+its relative error in the Frobenius norm is sqrt(Σ dropped σ²) / sqrt(Σ σ²).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from visionlora.config import LoraConfig
+from visionlora.errors import ConfigError, TargetError
+from visionlora.inject import (
+    apply_lora,
+    extra_parameters,
+    lora_layers,
+    match_targets,
+    original_buffers,
+    original_parameters,
+    require_unmerged,
+    trained_extras,
+)
+from visionlora.io.adapter import LayerSpec, read_adapter, write_adapter
+from visionlora.layers import LoraAdapter, lora_scale
+
+__all__ = ["ResizedLayer", "extract_lora", "factor_svd", "resize_adapter", "split_svd"]
+
+
+@dataclass(frozen=True)
+class ResizedLayer:
+    """One layer of a resize: its name, old and new rank, and ||ΔW - ΔW'||_F / ||ΔW||_F."""
+
+    name: str
+    old_rank: int
+    new_rank: int
+    relative_error: float
+
+
+def factor_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of each group's B_j @ A_j without forming the product (float64).
+
+    Args:
+        a: A, ``(groups · r, ...)`` (or ``(r, ...)`` for one group).
+        b: B, ``(out, r, ...)``.
+
+    Returns:
+        U ``(g, out / g, k)``, S ``(g, k)``, Vh ``(g, k, f)`` with k = min(out / g, r, f) and
+        B_j @ A_j = U_j diag(S_j) Vh_j; f is A's per-row size.
+    """
+    rank = b.shape[1]
+    groups = a.shape[0] // rank
+    a64 = a.detach().double().reshape(groups, rank, -1)
+    b64 = b.detach().double().reshape(groups, b.shape[0] // groups, rank)
+    q_b, r_b = torch.linalg.qr(b64)  # B_j = Q_b R_b
+    q_a, r_a = torch.linalg.qr(a64.transpose(1, 2))  # A_j^T = Q_a R_a
+    u, s, vh = torch.linalg.svd(r_b @ r_a.transpose(1, 2), full_matrices=False)
+    return q_b @ u, s, vh @ q_a.transpose(1, 2)
+
+
+def split_svd(u: Tensor, s: Tensor, vh: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor]:
+    """Rank-``rank`` factors (B, A) with scale · B @ A = the truncated SVD, split evenly (√σ each side).
+
+    Components beyond those available are zero, so the shapes are always ``(g, out / g, rank)``
+    and ``(g, rank, f)``.
+    """
+    k = min(rank, s.shape[1])
+    root = torch.sqrt(s[:, :k] / scale)
+    b = torch.zeros(u.shape[0], u.shape[1], rank, dtype=u.dtype)
+    a = torch.zeros(vh.shape[0], rank, vh.shape[2], dtype=vh.dtype)
+    b[:, :, :k] = u[:, :, :k] * root[:, None, :]
+    a[:, :k, :] = root[:, :, None] * vh[:, :k, :]
+    return b, a
+
+
+def _energy_rank(s: Tensor, energy: float) -> int:
+    """Smallest r with Σ_groups Σ_{i<r} σ² >= energy · Σ σ² (at least 1)."""
+    power = (s**2).sum(dim=0)  # energy of the i-th component, summed over groups
+    total = power.sum()
+    if total == 0:
+        return 1
+    kept = torch.cumsum(power, 0) / total
+    return int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype) - 1e-12).item()) + 1
+
+
+def _dropped_error(s: Tensor, rank: int) -> float:
+    total = (s**2).sum()
+    return 0.0 if total == 0 else math.sqrt(((s[:, rank:] ** 2).sum() / total).item())
+
+
+def _resize_factors(
+    a: Tensor, b: Tensor, old_rank: int, target: int | None, energy: float | None
+) -> tuple[Tensor, Tensor, int, float]:
+    u, s, vh = factor_svd(a, b)
+    new_rank = min(old_rank, target if target is not None else _energy_rank(s, energy or 1.0))
+    b_new, a_new = split_svd(u, s, vh, new_rank, 1.0)
+    a_out = a_new.reshape(-1, *a.shape[1:]).to(a.dtype)
+    b_out = b_new.reshape(b.shape[0], new_rank, *b.shape[2:]).to(b.dtype)
+    return a_out, b_out, new_rank, _dropped_error(s, new_rank)
+
+
+def _check_resize_args(rank: int | None, energy: float | None) -> None:
+    if (rank is None) == (energy is None):
+        raise ConfigError("resize_adapter: give exactly one of rank= (a fixed rank) or energy= (a share in (0, 1])")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"resize_adapter: rank={rank!r} is invalid; ranks are integers >= 1")
+    if energy is not None and not 0 < energy <= 1:
+        raise ConfigError(f"resize_adapter: energy={energy!r} is invalid; it is a share of spectral energy in (0, 1]")
+
+
+def _same_scale_alpha(adapter_scale: float, rank: int, rslora: bool) -> float:
+    """The alpha that keeps the branch's scale when the rank changes."""
+    return adapter_scale * (math.sqrt(rank) if rslora else rank)
+
+
+def resize_adapter(
+    model_or_file: nn.Module | str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    adapter_name: str = "default",
+    out: str | os.PathLike[str] | None = None,
+) -> list[ResizedLayer]:
+    """Re-factorise each layer's B·A by SVD to a smaller rank and report the error per layer.
+
+    ``rank`` caps every layer at that rank; ``energy`` gives each layer the smallest rank that
+    keeps that share of ΔW's spectral energy. Ranks never grow. Each layer keeps its scale (alpha
+    becomes scale · r'), so outputs change only by the truncation, whose relative error is reported.
+
+    Args:
+        model_or_file: A model with adapter ``adapter_name`` (resized in place), or an adapter file.
+        rank: Fixed target rank.
+        energy: Share of spectral energy to keep, in (0, 1].
+        adapter_name: The adapter to resize on a model.
+        out: Where to write the resized file (required for a file, not used for a model).
+
+    Example:
+        >>> for row in vl.resize_adapter("adapter.safetensors", energy=0.9, out="small.safetensors"):
+        ...     print(row.name, row.old_rank, "->", row.new_rank, f"{row.relative_error:.2%}")
+    """
+    _check_resize_args(rank, energy)
+    if isinstance(model_or_file, nn.Module):
+        if out is not None:
+            raise ConfigError("resize_adapter: out= is for files; a model is resized in place")
+        return _resize_model(model_or_file, rank, energy, adapter_name)
+    if out is None:
+        raise ConfigError("resize_adapter: give out= (the path of the resized file) when resizing a file")
+    file = read_adapter(model_or_file)
+    tensors = dict(file.tensors)
+    layers: dict[str, LayerSpec] = {}
+    report = []
+    for name, spec in file.layers.items():
+        a_key, b_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        a, b, new_rank, error = _resize_factors(tensors[a_key], tensors[b_key], spec.rank, rank, energy)
+        tensors[a_key], tensors[b_key] = a, b
+        scale = lora_scale(spec.alpha, spec.rank, file.config.rslora)
+        layers[name] = dataclasses.replace(
+            spec, rank=new_rank, alpha=_same_scale_alpha(scale, new_rank, file.config.rslora)
+        )
+        report.append(ResizedLayer(name, spec.rank, new_rank, error))
+    write_adapter(dataclasses.replace(file, path=Path(out), layers=layers, tensors=tensors))
+    return report
+
+
+def _set_factors(adapter: LoraAdapter, a: Tensor, b: Tensor, rank: int) -> None:
+    trains = adapter.lora_A.requires_grad
+    adapter.lora_A = nn.Parameter(a.to(adapter.lora_A.dtype), requires_grad=trains)
+    adapter.lora_B = nn.Parameter(b.to(adapter.lora_B.dtype), requires_grad=trains)
+    adapter.alpha = _same_scale_alpha(adapter.scale, rank, adapter.rslora)
+    adapter.rank = rank
+    adapter.scale = lora_scale(adapter.alpha, rank, adapter.rslora)
+
+
+def _resize_model(model: nn.Module, rank: int | None, energy: float | None, adapter_name: str) -> list[ResizedLayer]:
+    require_unmerged(model, "resize an adapter")
+    layers = [(n, layer.adapter(adapter_name)) for n, layer in lora_layers(model) if adapter_name in layer.adapters]
+    if not layers:
+        raise TargetError(f"resize_adapter: the model has no layer with adapter {adapter_name!r}")
+    resized = [(n, ad, *_resize_factors(ad.lora_A, ad.lora_B, ad.rank, rank, energy)) for n, ad in layers]
+    report = []
+    for name, adapter, a, b, new_rank, error in resized:  # every SVD has succeeded: now write
+        report.append(ResizedLayer(name, adapter.rank, new_rank, error))
+        _set_factors(adapter, a, b, new_rank)
+    return report
+
+
+def extract_lora(
+    base_model: nn.Module,
+    finetuned_model: nn.Module,
+    cfg: LoraConfig,
+    *,
+    adapter_name: str = "default",
+    example_input: Any = None,
+) -> nn.Module:
+    """Turn a full fine-tune into LoRA: add to ``base_model`` (in place) the adapter whose scale · B·A is
+    the best rank-r approximation of (fine-tuned - base) weight on every target.
+
+    Conv kernels are flattened to ``(out, in / g · prod(k))`` and handled per group (or as one
+    matrix with ``conv_groups="shared"``). The ``trainable`` modules and chosen biases are copied
+    from the fine-tune, and so are its buffers (BatchNorm statistics), so :func:`save_adapter`
+    writes a file that reproduces the fine-tune as far as rank r allows. Returns ``base_model``.
+
+    Raises:
+        TargetError: if the two models differ in a targeted weight's name or shape.
+
+    Example:
+        >>> vl.extract_lora(base, finetuned, vl.LoraConfig(targets="preset:resnet-last-blocks", rank=16))
+        >>> vl.save_adapter(base, "extracted.safetensors")
+    """
+    matches = match_targets(base_model, cfg, adapter_name=adapter_name, example_input=example_input)
+    tuned, base = original_parameters(finetuned_model), original_parameters(base_model)
+    needed = [f"{m.name}.weight" for m in matches] + list(trained_extras(base_model, cfg, {m.name for m in matches}))
+    problems = [k for k in needed if k not in tuned or tuned[k].shape != base[k].shape]
+    if problems:
+        raise TargetError(f"the fine-tuned model lacks, or has other shapes for: {', '.join(problems[:10])}")
+    apply_lora(base_model, cfg, adapter_name=adapter_name, example_input=example_input)
+    extra = extra_parameters(base_model, adapter_name)
+    with torch.no_grad():
+        for name, layer in lora_layers(base_model):
+            if adapter_name not in layer.adapters:
+                continue
+            adapter = layer.adapter(adapter_name)
+            delta = tuned[f"{name}.weight"].detach().double() - layer.base.weight.detach().double()
+            groups = adapter.lora_A.shape[0] // adapter.rank
+            u, s, vh = torch.linalg.svd(delta.reshape(groups, delta.shape[0] // groups, -1), full_matrices=False)
+            b, a = split_svd(u, s, vh, adapter.rank, adapter.scale)
+            adapter.lora_A.copy_(a.reshape(adapter.lora_A.shape))
+            adapter.lora_B.copy_(b.reshape(adapter.lora_B.shape))
+        for key, param in extra.items():
+            param.copy_(tuned[key])
+        tuned_buffers = original_buffers(finetuned_model)
+        for key, buffer in original_buffers(base_model).items():
+            if key in tuned_buffers and tuned_buffers[key].shape == buffer.shape:
+                buffer.copy_(tuned_buffers[key])
+    return base_model
