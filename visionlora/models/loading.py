@@ -1,0 +1,134 @@
+"""Building a model from a name or folder, and an example input for its probe pass.
+
+A model spec is ``[source:]name``:
+
+- ``torchvision:<name>``: ``torchvision.models.get_model(name, weights=...)``;
+- ``timm:<name>``: ``timm.create_model(name, pretrained=...)``;
+- ``diffusers:<folder>``: a diffusers UNet folder (``config.json``), or a pipeline folder whose
+  ``unet/`` subfolder is one.
+
+Without a source, an existing folder is read as diffusers, then torchvision's model names are
+tried, then timm's. ``pretrained=False`` builds the architecture with fresh weights and downloads
+nothing; ``pretrained=True`` asks torchvision / timm / diffusers for their weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from visionlora.errors import ConfigError
+
+__all__ = ["SOURCES", "build_model", "example_input_for"]
+
+SOURCES = ("torchvision", "timm", "diffusers")
+
+
+def _torchvision(name: str, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+
+
+def _timm(name: str, pretrained: bool) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=pretrained)
+
+
+def _diffusers(folder: str, pretrained: bool) -> nn.Module:
+    import diffusers
+
+    root = Path(folder)
+    if not (root / "config.json").is_file() and (root / "unet" / "config.json").is_file():
+        root = root / "unet"
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"diffusers:{folder}: no config.json here or in its unet/ subfolder")
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"diffusers:{folder}: config.json is not readable JSON ({exc})") from None
+    class_name = config.get("_class_name", "") if isinstance(config, dict) else ""
+    cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+    if cls is None or not issubclass(cls, nn.Module):
+        raise ConfigError(f"diffusers:{folder}: config.json names {class_name!r}, not a diffusers model class")
+    return cls.from_pretrained(str(root)) if pretrained else cls.from_config(config)
+
+
+def _known_names() -> list[str]:
+    names: list[str] = []
+    try:
+        import torchvision
+
+        names += torchvision.models.list_models()
+    except ImportError:
+        pass
+    try:
+        import timm
+
+        names += timm.list_models()
+    except ImportError:
+        pass
+    return names
+
+
+def build_model(spec: str, *, pretrained: bool = False) -> nn.Module:
+    """The model ``spec`` names (see the module docstring), in eval mode.
+
+    Raises:
+        ConfigError: for an unknown source or name, quoting the spec and listing what is valid
+            or close.
+
+    Example:
+        >>> build_model("timm:resnet50").default_cfg["classifier"]
+        'fc'
+    """
+    source, sep, name = spec.partition(":")
+    if sep and source in SOURCES:
+        builders = {"torchvision": _torchvision, "timm": _timm, "diffusers": _diffusers}
+        return builders[source](name, pretrained).eval()
+    if sep and not Path(spec).exists() and len(source) > 1:
+        raise ConfigError(f"{spec!r}: unknown source {source!r}; sources: {', '.join(SOURCES)}")
+    if Path(spec).is_dir():
+        return _diffusers(spec, pretrained).eval()
+    import torchvision
+
+    if spec in torchvision.models.list_models():
+        return _torchvision(spec, pretrained).eval()
+    import timm
+
+    if timm.is_model(spec):
+        return _timm(spec, pretrained).eval()
+    close = difflib.get_close_matches(spec, _known_names(), n=5)
+    raise ConfigError(
+        f"{spec!r} is neither a folder nor a torchvision or timm model name"
+        + (f"; close names: {', '.join(close)}" if close else "")
+    )
+
+
+def example_input_for(model: nn.Module, size: int | None = None) -> Any:
+    """An input for one probe forward pass: an image batch, or a UNet's sample/timestep/text arguments.
+
+    Args:
+        model: A classifier (3-channel images) or a diffusers UNet.
+        size: Image size, or for a UNet the sample (latent) size; defaults to 224 / the UNet's
+            configured ``sample_size``.
+    """
+    config = getattr(model, "config", None)
+    if type(model).__module__.startswith("diffusers.") and config is not None:
+        side = size or int(config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0])
+        inputs: dict[str, Any] = {
+            "sample": torch.randn(1, config.in_channels, side, side),
+            "timestep": torch.tensor([1]),
+        }
+        cross = getattr(config, "cross_attention_dim", None)
+        if cross is not None:
+            width = cross if isinstance(cross, int) else cross[0]
+            inputs["encoder_hidden_states"] = torch.randn(1, 77, width)
+        return inputs
+    return torch.randn(1, 3, size or 224, size or 224)
