@@ -188,3 +188,28 @@ def test_allocation_is_recorded_in_the_file_and_the_summary(tmp_path):
     row = next(line for line in vl.summary(fresh).splitlines() if line.startswith("layer4.1.conv2 "))
     assert row.split()[6:8] == ["2", "3"]  # resolution, rank
     assert math.isclose(fresh.layer4[1].conv2.adapter("default").scale, 8.0 / 3)
+
+
+def test_example_input_as_a_tuple_of_positional_arguments_and_outputs_unchanged():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x, y):
+            return self.bn(self.a(x)).mean() + self.b(y).mean()
+
+    torch.manual_seed(0)
+    model = TwoInputs()
+    x, y = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 32, 32)
+    model.eval()
+    before = model(x, y)
+    model.train()
+    cfg = vl.LoraConfig(targets=["a", "b"], rank_by_resolution={16: 4, 0: 2})
+    vl.apply_lora(model, cfg, example_input=(x, y))
+    assert allocation(model) == {"a": (16, 4), "b": (16, 4)}  # x at 16 stays 16; y at 32 halves to 16
+    assert model.training
+    model.eval()
+    assert torch.equal(model(x, y), before)  # BatchNorm statistics untouched by the probe
