@@ -260,27 +260,6 @@ class LoraLayer(nn.Module, abc.ABC):
         """Adapter ``name`` of this layer (``self.adapters[name]``, typed)."""
         return cast(LoraAdapter, self.adapters[name])
 
-    def add_adapter(
-        self,
-        name: str,
-        rank: int,
-        alpha: float,
-        *,
-        rslora: bool = False,
-        dropout: float = 0.0,
-        init: InitFn = kaiming_init,
-        generator: torch.Generator | None = None,
-        conv_groups: ConvGroups = "per_group",
-    ) -> LoraAdapter:
-        """Add adapter ``name`` (B = 0, so outputs are unchanged) and return it. Not activated."""
-        if name in self.adapters:
-            raise AdapterError(f"this layer already has an adapter named {name!r}")
-        adapter = self.new_adapter(
-            rank, alpha, rslora=rslora, dropout=dropout, init=init, generator=generator, conv_groups=conv_groups
-        )
-        self.adapters[name] = adapter
-        return adapter
-
     def new_adapter(
         self,
         rank: int,
