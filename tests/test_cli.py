@@ -67,3 +67,47 @@ def test_errors_are_one_clear_line_and_exit_status_2(argv, message, capsys):
 def test_help_and_python_dash_m():
     result = subprocess.run([sys.executable, "-m", "visionlora", "targets", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--rank-by-resolution" in result.stdout
+
+
+def test_targets_on_an_sdxl_style_unet_folder(tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=24 + 6 * 8,
+    )
+    unet.save_pretrained(tmp_path / "sdxl" / "unet")
+    assert main(["targets", str(tmp_path / "sdxl")]) == 0
+    assert "preset:unet-attention" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["targets", "timm:not_a_model"], "'timm:not_a_model': could not build it"),
+        (["targets", "torchvision:not_a_model"], "'torchvision:not_a_model': could not build it"),
+        (
+            ["targets", "vit_b_16", "--size", "64", "--targets", "heads.head"],
+            "the probe forward pass of VisionTransformer failed",
+        ),
+    ],
+)
+def test_library_and_probe_failures_are_one_line_errors(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_size_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["targets", "resnet18", "--size", "0"])
+    assert info.value.code == 2 and "0 is not a size >= 1" in capsys.readouterr().err

@@ -162,3 +162,26 @@ def test_extraction_refuses_models_that_do_not_match():
         vl.extract_lora(base, other, vl.LoraConfig(targets="*", rank=2))
     assert not any(isinstance(m, vl.LoraLayer) for m in base.modules())
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_a_non_finite_fine_tune_is_refused_before_any_change():
+    base = grouped_net()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned[3].weight[0, 0] = float("nan")
+    with pytest.raises(vl.TargetError, match=r"'?3'?: the fine-tuned weight holds NaN or Inf"):
+        vl.extract_lora(base, tuned, vl.LoraConfig(targets="*", rank=2))
+    assert not any(isinstance(m, vl.LoraLayer) for m in base.modules())
+
+
+def test_split_svd_allocates_on_the_inputs_device():
+    from visionlora.extract import split_svd
+
+    u, s, vh = torch.randn(1, 4, 3, device="meta"), torch.rand(1, 3, device="meta"), torch.randn(1, 3, 5, device="meta")
+    b, a = split_svd(u, s, vh, rank=2, scale=1.0)
+    assert b.device.type == a.device.type == "meta" and b.shape == (1, 4, 2) and a.shape == (1, 2, 5)
+
+
+def test_energy_must_be_a_number():
+    with pytest.raises(vl.ConfigError, match=r"energy='0\.9' is invalid"):
+        vl.resize_adapter(adapted(), energy="0.9")

@@ -213,3 +213,30 @@ def test_example_input_as_a_tuple_of_positional_arguments_and_outputs_unchanged(
     assert model.training
     model.eval()
     assert torch.equal(model(x, y), before)  # BatchNorm statistics untouched by the probe
+
+
+def test_a_budget_that_pattern_ranks_already_exceed_is_an_error():
+    cfg = vl.LoraConfig(targets="layer4.*", rank_budget=10_000, rank_pattern={"layer4.*": 64})
+    with pytest.raises(vl.ConfigError, match=r"rank_budget: 10000 parameters are fewer than the \d+ that rank_pattern"):
+        vl.apply_lora(resnet18(), cfg)
+
+
+def test_channels_last_linears_and_pooled_heads_of_a_convnext():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=3)  # MLP Linears see (B, H, W, C)
+    targets = ["stages.0.blocks.0.*", "stages.3.blocks.0.mlp.*", "head.fc"]
+    cfg = vl.LoraConfig(targets=targets, rank=2, conv_groups="shared")  # conv_dw is depthwise
+    vl.apply_lora(model, cfg, example_input=torch.randn(1, 3, 64, 64))
+    got = {n: res for n, (res, _) in allocation(model).items()}
+    assert got["stages.0.blocks.0.conv_dw"] == 16 and got["stages.0.blocks.0.mlp.fc1"] == 16  # 64 / 4
+    assert got["stages.3.blocks.0.mlp.fc2"] == 2  # 64 / 32
+    assert got["head.fc"] == 1  # after global pooling
+
+
+def test_a_probe_that_the_model_rejects_is_a_config_error_and_changes_nothing():
+    model = torchvision.models.vit_b_16(image_size=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(vl.ConfigError, match=r"example_input: the probe forward pass of VisionTransformer failed"):
+        vl.apply_lora(model, vl.LoraConfig(targets="heads.head"), example_input=torch.randn(1, 3, 64, 64))
+    assert not any(isinstance(m, vl.LoraLayer) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -93,5 +93,5 @@ def test_readme_preset_example_runs_with_local_weights():
     code = python_block("vl.replace_head").replace("pretrained=True", "pretrained=False")  # no hub here
     namespace = {"vl": vl, "timm": timm}
     exec(compile(code, "README.md", "exec"), namespace)
-    assert namespace["head"] == "fc"
+    assert namespace["heads"] == ["fc"]
     assert len(vl.inject.lora_layers(namespace["model"])) == 10  # layer4: 3 blocks x 3 convs + downsample

@@ -1,12 +1,15 @@
-"""Small helpers over a module tree, shared by inject and models (imports nothing from visionlora but errors)."""
+"""Small helpers over a module tree, shared by inject and models (they build only on layers and errors)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 from torch import nn
 
 from visionlora.errors import UnsupportedModuleError
+from visionlora.layers import LoraLayer
 
-__all__ = ["replace_module", "require_module"]
+__all__ = ["iter_modules", "replace_module", "require_module"]
 
 
 def require_module(model: object) -> None:
@@ -20,3 +23,23 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) below ``model``, every path of a shared module included, LoRA layers' insides hidden.
+
+    Raises:
+        UnsupportedModuleError: if ``model`` is not an ``nn.Module``.
+    """
+    require_module(model)
+
+    def walk(module: nn.Module, prefix: str, ancestors: frozenset[int]) -> Iterator[tuple[str, nn.Module]]:
+        for child_name, child in module._modules.items():  # named_children() would hide a second path
+            if child is None or id(child) in ancestors:  # a module that contains itself: no new names
+                continue
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            yield name, child
+            if not isinstance(child, LoraLayer):
+                yield from walk(child, name, ancestors | {id(child)})
+
+    return walk(model, "", frozenset({id(model)}))

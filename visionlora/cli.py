@@ -25,6 +25,13 @@ def _thresholds(text: str) -> dict[int, int]:
         raise ConfigError(f"--rank-by-resolution {text!r}: expected size:rank pairs, e.g. '32:16,0:4'") from None
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a size >= 1")
+    return value
+
+
 def _targets(args: argparse.Namespace) -> int:
     model = build_model(args.model)
     targets = args.targets
@@ -65,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         "--targets", nargs="+", help="patterns or preset:<name>[:n] (default: the first preset that fits)"
     )
     targets.add_argument(
-        "--size", type=int, help="image size for the probe pass (UNet: sample size); default 224 / config"
+        "--size", type=_positive, help="image size for the probe pass (UNet: sample size); default 224 / config"
     )
     targets.add_argument("--rank", type=int, default=8, help="rank where no other rule applies (default 8)")
     targets.add_argument("--alpha", type=float, help="alpha (default: the rank)")

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from visionlora.config import LoraConfig
+from visionlora.config import LoraConfig, is_finite_number
 from visionlora.errors import ConfigError, TargetError
 from visionlora.inject import (
+    Match,
     apply_lora,
     extra_parameters,
     lora_layers,
@@ -31,7 +32,7 @@ from visionlora.inject import (
     trained_extras,
 )
 from visionlora.io.adapter import LayerSpec, read_adapter, write_adapter
-from visionlora.layers import LoraAdapter, lora_scale
+from visionlora.layers import LoraAdapter, LoraLayer, lora_scale
 
 __all__ = ["ResizedLayer", "extract_lora", "factor_svd", "resize_adapter", "split_svd"]
 
@@ -75,8 +76,8 @@ def split_svd(u: Tensor, s: Tensor, vh: Tensor, rank: int, scale: float) -> tupl
     """
     k = min(rank, s.shape[1])
     root = torch.sqrt(s[:, :k] / scale)
-    b = torch.zeros(u.shape[0], u.shape[1], rank, dtype=u.dtype)
-    a = torch.zeros(vh.shape[0], rank, vh.shape[2], dtype=vh.dtype)
+    b = torch.zeros(u.shape[0], u.shape[1], rank, dtype=u.dtype, device=u.device)
+    a = torch.zeros(vh.shape[0], rank, vh.shape[2], dtype=vh.dtype, device=vh.device)
     b[:, :, :k] = u[:, :, :k] * root[:, None, :]
     a[:, :k, :] = root[:, :, None] * vh[:, :k, :]
     return b, a
@@ -113,7 +114,7 @@ def _check_resize_args(rank: int | None, energy: float | None) -> None:
         raise ConfigError("resize_adapter: give exactly one of rank= (a fixed rank) or energy= (a share in (0, 1])")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"resize_adapter: rank={rank!r} is invalid; ranks are integers >= 1")
-    if energy is not None and not 0 < energy <= 1:
+    if energy is not None and not (is_finite_number(energy) and 0 < energy <= 1):
         raise ConfigError(f"resize_adapter: energy={energy!r} is invalid; it is a share of spectral energy in (0, 1]")
 
 
@@ -193,6 +194,19 @@ def _resize_model(model: nn.Module, rank: int | None, energy: float | None, adap
     return report
 
 
+def _best_factors(match: Match, tuned: Tensor, base: Tensor, cfg: LoraConfig) -> tuple[Tensor, Tensor]:
+    """(B, A) as group stacks with scale · B @ A the best rank-r approximation of tuned - base."""
+    if tuned.device != base.device:
+        raise TargetError(f"{match.name}: the fine-tuned weight is on {tuned.device}, the base's on {base.device}")
+    delta = tuned.detach().double() - base.detach().double()
+    if not torch.isfinite(delta).all():
+        raise TargetError(f"{match.name}: the fine-tuned weight holds NaN or Inf")
+    layer = match.module.base if isinstance(match.module, LoraLayer) else match.module
+    groups = getattr(layer, "groups", 1) if cfg.conv_groups == "per_group" else 1
+    u, s, vh = torch.linalg.svd(delta.reshape(groups, delta.shape[0] // groups, -1), full_matrices=False)
+    return split_svd(u, s, vh, match.rank, lora_scale(match.alpha, match.rank, cfg.rslora))
+
+
 def extract_lora(
     base_model: nn.Module,
     finetuned_model: nn.Module,
@@ -222,19 +236,16 @@ def extract_lora(
     problems = [k for k in needed if k not in tuned or tuned[k].shape != base[k].shape]
     if problems:
         raise TargetError(f"the fine-tuned model lacks, or has other shapes for: {', '.join(problems[:10])}")
-    apply_lora(base_model, cfg, adapter_name=adapter_name, example_input=example_input)
+    factors = {m.name: _best_factors(m, tuned[f"{m.name}.weight"], base[f"{m.name}.weight"], cfg) for m in matches}
+    apply_lora(base_model, cfg, adapter_name=adapter_name, example_input=example_input)  # every check has passed
     extra = extra_parameters(base_model, adapter_name)
     with torch.no_grad():
         for name, layer in lora_layers(base_model):
-            if adapter_name not in layer.adapters:
-                continue
-            adapter = layer.adapter(adapter_name)
-            delta = tuned[f"{name}.weight"].detach().double() - layer.base.weight.detach().double()
-            groups = adapter.lora_A.shape[0] // adapter.rank
-            u, s, vh = torch.linalg.svd(delta.reshape(groups, delta.shape[0] // groups, -1), full_matrices=False)
-            b, a = split_svd(u, s, vh, adapter.rank, adapter.scale)
-            adapter.lora_A.copy_(a.reshape(adapter.lora_A.shape))
-            adapter.lora_B.copy_(b.reshape(adapter.lora_B.shape))
+            if name in factors and adapter_name in layer.adapters:
+                adapter = layer.adapter(adapter_name)
+                b, a = factors[name]
+                adapter.lora_A.copy_(a.reshape(adapter.lora_A.shape))
+                adapter.lora_B.copy_(b.reshape(adapter.lora_B.shape))
         for key, param in extra.items():
             param.copy_(tuned[key])
         tuned_buffers = original_buffers(finetuned_model)

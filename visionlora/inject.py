@@ -30,7 +30,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from visionlora._tree import replace_module, require_module
+from visionlora._tree import iter_modules, replace_module, require_module
 from visionlora.config import LoraConfig, is_exact_name, pattern_matches
 from visionlora.errors import AdapterError, ConfigError, TargetError, UnsupportedModuleError
 from visionlora.layers import (
@@ -85,26 +85,6 @@ class Match:
     alpha: float
     resolution: int | None = None
     """min(H, W) of the feature map the layer works on, when measured (see visionlora.ranks)."""
-
-
-def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) below ``model``, every path of a shared module included, LoRA layers' insides hidden.
-
-    Raises:
-        UnsupportedModuleError: if ``model`` is not an ``nn.Module``.
-    """
-    require_module(model)
-
-    def walk(module: nn.Module, prefix: str, ancestors: frozenset[int]) -> Iterator[tuple[str, nn.Module]]:
-        for child_name, child in module._modules.items():  # named_children() would hide a second path
-            if child is None or id(child) in ancestors:  # a module that contains itself: no new names
-                continue
-            name = f"{prefix}.{child_name}" if prefix else child_name
-            yield name, child
-            if not isinstance(child, LoraLayer):
-                yield from walk(child, name, ancestors | {id(child)})
-
-    return walk(model, "", frozenset({id(model)}))
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:

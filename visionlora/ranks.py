@@ -16,11 +16,12 @@ A layer's *resolution* is min(spatial size) of the feature map it works on, meas
 forward pass (:func:`probe_resolutions`):
 
 - a conv: min(H, W) of its output;
-- a Linear: min(H, W) of the feature map, (B, C, H, W), entering the nearest enclosing module
-  (below the model itself) that receives one. An attention block at a 64×64 latent is 64,
-  cross-attention's to_k / to_v included, although their own inputs are text tokens. Without
-  such a module, a Linear on N tokens (B, N, C) is floor(sqrt(N)) (patch tokens on a square grid:
-  a ViT-B/16 at 224 px is 14) and a Linear on a vector (a classifier after pooling) is 1.
+- a Linear, from its own input: a vector (B, C), such as a classifier after pooling, is 1; a
+  channels-last map (B, H, W, C), such as a ConvNeXt MLP, is min(H, W); tokens (B, N, C) take
+  min(H, W) of the feature map, (B, C, H, W), entering the nearest enclosing module (below the
+  model itself) that receives one. An attention block at a 64×64 latent is 64, cross-attention's
+  to_k / to_v included, although their own inputs are text tokens. Tokens with no such module
+  above them are floor(sqrt(N)) (patch tokens on a square grid: a ViT-B/16 at 224 px is 14).
 
 A pattern key that selects none of the targeted layers is an error (it is almost always a typo).
 """
@@ -138,7 +139,8 @@ def probe_resolutions(
     Raises:
         TargetError: if a layer did not run during the pass.
     """
-    ran: dict[str, int] = {}  # conv -> resolution; Linear -> its fallback when no enclosing map is found
+    ran: dict[str, int] = {}  # conv -> resolution; Linear -> from its input (tokens: the fallback)
+    tokens: set[str] = set()  # Linears that ran on tokens: their block's feature map decides
     maps: dict[str, int] = {}  # enclosing module -> size of the feature map it received
 
     def keep_largest(store: dict[str, int], name: str, size: int | None) -> None:
@@ -147,10 +149,16 @@ def probe_resolutions(
 
     def on_layer_output(name: str, is_conv: bool) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if is_conv:
                 size = min(output.shape[2:]) if output.dim() >= 3 else 1
-            else:  # tokens on a square grid, or a vector
-                size = math.isqrt(args[0].shape[1]) if args and args[0].dim() == 3 else 1
+            elif x is not None and x.dim() == 3:  # tokens (B, N, C): a square grid unless a block says otherwise
+                tokens.add(name)
+                size = math.isqrt(x.shape[1])
+            elif x is not None and x.dim() >= 4:  # channels-last map (B, H, W, C)
+                size = min(x.shape[1:-1])
+            else:  # a vector
+                size = 1
             keep_largest(ran, name, size)
 
         return hook
@@ -172,6 +180,11 @@ def probe_resolutions(
         model.eval()
         with torch.no_grad():
             _call(model, example_input)
+    except Exception as exc:  # the model's own code rejected example_input
+        raise ConfigError(
+            f"example_input: the probe forward pass of {type(model).__name__} failed "
+            f"({type(exc).__name__}: {exc}); give an input the model accepts"
+        ) from exc
     finally:
         for handle in handles:
             handle.remove()
@@ -182,7 +195,8 @@ def probe_resolutions(
         raise TargetError(f"these layers did not run during the probe forward pass: {', '.join(missing[:5])}")
     out = {n: ran[n] for n in layers if n not in linears}
     for name in linears:
-        out[name] = next((maps[a] for a in _ancestors(name) if a in maps), ran[name])
+        block = next((maps[a] for a in _ancestors(name) if a in maps), None) if name in tokens else None
+        out[name] = ran[name] if block is None else block
     return out
 
 
@@ -221,10 +235,17 @@ def allocate(
     free = [n for n in names if n not in fixed]
     if cfg.rank_by_resolution and resolutions is not None:
         ranks.update({n: rank_for_resolution(resolutions[n], cfg.rank_by_resolution, cfg.rank) for n in free})
-    elif cfg.rank_budget is not None and free:
+    elif cfg.rank_budget is not None:
         per_rank = {n: sum(math.prod(s) for s in lora_shapes(layers[n], 1, cfg.conv_groups)) for n in names}
         spent = sum(ranks[n] * per_rank[n] for n in fixed)
-        weights = {n: float(max(resolutions[n], 1)) if resolutions else 1.0 for n in free}
-        caps = {n: max_useful_rank(layers[n], cfg.conv_groups) for n in free}
-        ranks.update(budget_ranks({n: per_rank[n] for n in free}, weights, caps, cfg.rank_budget - spent))
+        floor = sum(per_rank[n] for n in free)
+        if spent + floor > cfg.rank_budget:
+            raise ConfigError(
+                f"rank_budget: {cfg.rank_budget} parameters are fewer than the {spent} that rank_pattern's ranks "
+                f"take plus the {floor} that rank 1 on the other targets needs"
+            )
+        if free:
+            weights = {n: float(max(resolutions[n], 1)) if resolutions else 1.0 for n in free}
+            caps = {n: max_useful_rank(layers[n], cfg.conv_groups) for n in free}
+            ranks.update(budget_ranks({n: per_rank[n] for n in free}, weights, caps, cfg.rank_budget - spent))
     return {n: (ranks[n], pattern_value(n, cfg.alpha_pattern, cfg.alpha)) for n in names}

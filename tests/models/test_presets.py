@@ -171,10 +171,10 @@ def test_bad_preset_strings(target, message):
 def test_preset_in_a_config_with_resolution_ranks_and_a_new_head():
     timm = pytest.importorskip("timm")
     model = timm.create_model("resnet18", pretrained=False, num_classes=1000)
-    head = vl.replace_head(model, 7)
-    cfg = vl.LoraConfig(targets="preset:resnet-last-blocks", trainable=[head], rank_by_resolution={4: 8, 0: 2})
+    heads = vl.replace_head(model, 7)
+    cfg = vl.LoraConfig(targets="preset:resnet-last-blocks", trainable=heads, rank_by_resolution={4: 8, 0: 2})
     vl.apply_lora(model, cfg, example_input=torch.randn(1, 3, 64, 64))
-    assert head == "fc" and model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+    assert heads == ["fc"] and model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"fc.weight", "fc.bias"} <= trainable
     assert {layer.adapter("default").rank for _, layer in vl.inject.lora_layers(model)} == {2}  # layer4 runs at 2x2
@@ -190,7 +190,7 @@ def test_preset_in_a_config_with_resolution_ranks_and_a_new_head():
 )
 def test_replace_head_on_torchvision_models(build, expected):
     model = build().eval()
-    assert vl.replace_head(model, 5) == expected
+    assert vl.replace_head(model, 5) == [expected]
     size = 32 if expected == "heads.head" else 64
     assert model(torch.randn(1, 3, size, size)).shape == (1, 5)
 
@@ -198,5 +198,43 @@ def test_replace_head_on_torchvision_models(build, expected):
 def test_replace_head_uses_timm_reset_classifier_including_conv_heads():
     timm = pytest.importorskip("timm")
     model = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=10).eval()
-    assert vl.replace_head(model, 3) == "head.fc"
+    assert vl.replace_head(model, 3) == ["head.fc"]
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_presets_on_an_already_adapted_model_name_the_wrapped_layers():
+    model = torchvision.models.resnet18()
+    vl.apply_lora(model, vl.LoraConfig(targets="preset:resnet-last-blocks:1", rank=2))
+    assert vl.expand_preset(model, "preset:resnet-last-blocks:1") == ["layer4.1.conv1", "layer4.1.conv2"]
+    assert vl.expand_preset(model, "preset:last-convs:2") == ["layer4.1.conv1", "layer4.1.conv2"]
+    vl.apply_lora(model, vl.LoraConfig(targets="preset:resnet-last-blocks:1", rank=2), adapter_name="b")
+    unet = tiny_unet()
+    vl.apply_lora(unet, vl.LoraConfig(targets="preset:unet-attention-ff", rank=2))
+    vl.apply_lora(unet, vl.LoraConfig(targets="preset:unet-attention-ff", rank=2), adapter_name="b")
+    assert all(list(layer.adapters) == ["default", "b"] for _, layer in vl.inject.lora_layers(unet))
+
+
+@pytest.mark.parametrize(
+    "arch,gates",
+    [("skresnet18", ("attn.fc_reduce", "attn.fc_select")), ("resnest14d", ("conv2.fc1", "conv2.fc2"))],
+)
+def test_attention_gates_inside_composite_convs_are_not_selected(arch, gates):
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False)
+    names = vl.expand_preset(model, "preset:resnet-last-blocks:1")
+    assert names and not any(n.endswith(g) for n in names for g in gates)
+    inner = ".paths." if arch == "skresnet18" else ".conv2.conv"
+    assert any(inner in n for n in names)  # the composite conv's own convs are
+
+
+def test_replace_head_on_distilled_and_conv_headed_models():
+    timm = pytest.importorskip("timm")
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32).eval()
+    assert vl.replace_head(deit, 4) == ["head", "head_dist"]
+    assert deit.head.out_features == deit.head_dist.out_features == 4
+    squeeze = torchvision.models.squeezenet1_0().eval()
+    assert vl.replace_head(squeeze, 6) == ["classifier.1"]
+    assert squeeze(torch.randn(1, 3, 64, 64)).shape == (1, 6)
+    with pytest.raises(vl.ConfigError, match="num_classes: 0 is invalid"):
+        vl.replace_head(squeeze, 0)

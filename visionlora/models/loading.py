@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,15 @@ def _diffusers(folder: str, pretrained: bool) -> nn.Module:
     return cls.from_pretrained(str(root)) if pretrained else cls.from_config(config)
 
 
+def _build(builder: Callable[[str, bool], nn.Module], spec: str, name: str, pretrained: bool) -> nn.Module:
+    try:
+        return builder(name, pretrained).eval()
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError, TypeError) as exc:  # the library's own refusal
+        raise ConfigError(f"{spec!r}: could not build it ({type(exc).__name__}: {exc})") from exc
+
+
 def _known_names() -> list[str]:
     names: list[str] = []
     try:
@@ -89,21 +99,21 @@ def build_model(spec: str, *, pretrained: bool = False) -> nn.Module:
         'fc'
     """
     source, sep, name = spec.partition(":")
+    builders = {"torchvision": _torchvision, "timm": _timm, "diffusers": _diffusers}
     if sep and source in SOURCES:
-        builders = {"torchvision": _torchvision, "timm": _timm, "diffusers": _diffusers}
-        return builders[source](name, pretrained).eval()
+        return _build(builders[source], spec, name, pretrained)
     if sep and not Path(spec).exists() and len(source) > 1:
         raise ConfigError(f"{spec!r}: unknown source {source!r}; sources: {', '.join(SOURCES)}")
     if Path(spec).is_dir():
-        return _diffusers(spec, pretrained).eval()
+        return _build(_diffusers, spec, spec, pretrained)
     import torchvision
 
     if spec in torchvision.models.list_models():
-        return _torchvision(spec, pretrained).eval()
+        return _build(_torchvision, spec, spec, pretrained)
     import timm
 
     if timm.is_model(spec):
-        return _timm(spec, pretrained).eval()
+        return _build(_timm, spec, spec, pretrained)
     close = difflib.get_close_matches(spec, _known_names(), n=5)
     raise ConfigError(
         f"{spec!r} is neither a folder nor a torchvision or timm model name"
@@ -126,9 +136,13 @@ def example_input_for(model: nn.Module, size: int | None = None) -> Any:
             "sample": torch.randn(1, config.in_channels, side, side),
             "timestep": torch.tensor([1]),
         }
-        cross = getattr(config, "cross_attention_dim", None)
+        cross = getattr(config, "encoder_hid_dim", None) or getattr(config, "cross_attention_dim", None)
         if cross is not None:
             width = cross if isinstance(cross, int) else cross[0]
             inputs["encoder_hidden_states"] = torch.randn(1, 77, width)
+        if getattr(config, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + 6 size/crop ids
+            time_dim = config.addition_time_embed_dim
+            text_dim = config.projection_class_embeddings_input_dim - 6 * time_dim
+            inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, text_dim), "time_ids": torch.zeros(1, 6)}
         return inputs
     return torch.randn(1, 3, size or 224, size or 224)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from visionlora._tree import iter_modules
 from visionlora.errors import TargetError
 from visionlora.layers import layer_kind
 
@@ -42,20 +43,20 @@ class ResNetFamily:
     stages: tuple[str, ...]
     """Module names of the stages, first to last; each holds the residual blocks in order."""
     block_convs: tuple[str, ...]
-    """Glob patterns, relative to a block, of its main-path and shortcut convs."""
+    """Glob patterns, relative to a block, of its main-path and shortcut convs (not attention gates)."""
     classifier: str
     """Module name of the classification head."""
 
 
 _LAYERS = ("layer1", "layer2", "layer3", "layer4")
+# convN itself, or the convs inside a composite convN: SelectiveKernel's paths (SK-ResNet) and
+# SplitAttn's inner conv (ResNeSt); their attention gates (attn.fc_*, fc1/fc2) are left out.
+_BLOCK_CONVS = ("conv[0-9]", "conv[0-9].conv", "conv[0-9].paths.*", "downsample.*")
 RESNET_FAMILIES: tuple[ResNetFamily, ...] = (
-    ResNetFamily(("torchvision.models.resnet.ResNet",), _LAYERS, ("conv*", "downsample.*"), "fc"),
-    ResNetFamily(("timm.models.resnet.ResNet",), _LAYERS, ("conv*", "downsample.*"), "fc"),
+    ResNetFamily(("torchvision.models.resnet.ResNet",), _LAYERS, _BLOCK_CONVS, "fc"),
+    ResNetFamily(("timm.models.resnet.ResNet",), _LAYERS, _BLOCK_CONVS, "fc"),
     ResNetFamily(
-        ("timm.models.resnetv2.ResNetV2",),
-        tuple(f"stages.{i}.blocks" for i in range(4)),
-        ("conv*", "downsample.*"),
-        "head.fc",
+        ("timm.models.resnetv2.ResNetV2",), tuple(f"stages.{i}.blocks" for i in range(4)), _BLOCK_CONVS, "head.fc"
     ),
 )
 
@@ -89,7 +90,7 @@ def _resnet_last_blocks(model: nn.Module, arg: int | None) -> list[str]:
     blocks = [f"{stage}.{child}" for stage in family.stages for child, _ in model.get_submodule(stage).named_children()]
     count = len(list(model.get_submodule(family.stages[-1]).children())) if arg is None else arg
     chosen = blocks[-count:] if count else []
-    modules = list(model.named_modules())
+    modules = list(iter_modules(model))
     return [
         n
         for n, m in modules
@@ -98,7 +99,7 @@ def _resnet_last_blocks(model: nn.Module, arg: int | None) -> list[str]:
 
 
 def _last_convs(model: nn.Module, arg: int | None) -> list[str]:
-    convs = _convs(list(model.named_modules()))
+    convs = _convs(list(iter_modules(model)))
     return convs[-arg:] if arg else []
 
 
@@ -109,14 +110,14 @@ _RESNET_CONVS = ("conv1", "conv2", "conv_shortcut")
 def _unet(model: nn.Module, *, ff: bool, convs: bool) -> list[str]:
     if not _is_unet(model):
         return []
-    modules = list(model.named_modules())
+    modules = list(iter_modules(model))
     attention = [n for n, m in modules if _is_diffusers(m, "Attention")]
     if not attention:
         return []
     wanted = {f"{a}.{c}" for a in attention for c in _ATTENTION_CHILDREN}
     if ff:
         blocks = [n for n, m in modules if _is_diffusers(m, "FeedForward")]
-        wanted |= {n for n, m in modules if isinstance(m, nn.Linear) and any(n.startswith(b + ".") for b in blocks)}
+        wanted |= {n for n, m in modules if layer_kind(m) == "Linear" and any(n.startswith(b + ".") for b in blocks)}
     if convs:
         resnets = [n for n, m in modules if _is_diffusers(m, "ResnetBlock2D")]
         wanted |= {f"{r}.{c}" for r in resnets for c in _RESNET_CONVS}
