@@ -70,21 +70,9 @@ def test_help_and_python_dash_m():
 
 
 def test_targets_on_an_sdxl_style_unet_folder(tmp_path, capsys):
-    diffusers = pytest.importorskip("diffusers")
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24,
-        attention_head_dim=8,
-        norm_num_groups=8,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=24 + 6 * 8,
+    # SDXL's extra conditioning: pooled text embeddings and 6 size/crop ids
+    unet = tiny_unet(
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8
     )
     unet.save_pretrained(tmp_path / "sdxl" / "unet")
     assert main(["targets", str(tmp_path / "sdxl")]) == 0
