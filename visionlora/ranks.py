@@ -138,6 +138,7 @@ def probe_resolutions(
 
     Raises:
         TargetError: if a layer did not run during the pass.
+        ConfigError: if the model's forward rejects ``example_input`` (the model is left as it was).
     """
     ran: dict[str, int] = {}  # conv -> resolution; Linear -> from its input (tokens: the fallback)
     tokens: set[str] = set()  # Linears that ran on tokens: their block's feature map decides
