@@ -238,3 +238,18 @@ def test_replace_head_on_distilled_and_conv_headed_models():
     assert squeeze(torch.randn(1, 3, 64, 64)).shape == (1, 6)
     with pytest.raises(vl.ConfigError, match="num_classes: 0 is invalid"):
         vl.replace_head(squeeze, 0)
+
+
+def test_a_yaml_config_with_a_preset_and_resolution_ranks():
+    import yaml
+
+    text = """
+targets: preset:resnet-last-blocks
+rank_by_resolution: {4: 8, 0: 2}
+trainable: [fc]
+"""
+    cfg = vl.LoraConfig.from_dict(yaml.safe_load(text))
+    model = torchvision.models.resnet18(num_classes=3)
+    vl.apply_lora(model, cfg, example_input=vl.models.loading.example_input_for(model, 128))
+    ranks = {n: layer.adapter("default").rank for n, layer in vl.inject.lora_layers(model)}
+    assert ranks == dict.fromkeys(vl.expand_preset(torchvision.models.resnet18(), "preset:resnet-last-blocks"), 8)
