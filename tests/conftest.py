@@ -26,20 +26,31 @@ def reference_conv_delta(a: Tensor, b: Tensor, scale: float, groups: int) -> Ten
     return torch.cat(blocks, dim=0)
 
 
-def reference_conv(conv: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+def reference_conv(conv: nn.Module, x: Tensor, weight: Tensor, with_bias: bool = True) -> Tensor:
     """The base conv's geometry applied with another weight, written with F.pad + F.convNd."""
     fn = _CONV_FN[weight.dim() - 2]
+    bias = conv.bias if with_bias else None
     if conv.padding_mode != "zeros":
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-        return fn(x, weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
-    return fn(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return fn(x, weight, bias, conv.stride, 0, conv.dilation, conv.groups)
+    return fn(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def assert_rel_close(actual: Tensor, expected: Tensor, tol: float = 1e-5) -> None:
-    """max|actual - expected| <= tol · max|expected| (relative to the output's scale)."""
+def assert_rel_close(actual: Tensor, expected: Tensor, tol: float = 1e-5, magnitude: float = 0.0) -> None:
+    """max|actual - expected| <= tol · max(max|expected|, magnitude).
+
+    ``magnitude`` is the size of the terms summed into the output (Σ|w|·|x|), the scale float
+    rounding is relative to; it matters where those terms cancel to a tiny output.
+    """
     err = (actual.double() - expected.double()).abs().max().item()
-    scale = max(expected.double().abs().max().item(), 1e-12)
+    scale = max(expected.double().abs().max().item(), magnitude, 1e-12)
     assert err <= tol * scale, f"relative error {err / scale:.3e} > {tol:.0e}"
+
+
+def conv_magnitude(conv: nn.Module, x: Tensor, weight_magnitude: Tensor) -> float:
+    """max over outputs of Σ|w|·|x| (plus |bias|) for the base conv's geometry."""
+    terms = reference_conv(conv, x.abs(), weight_magnitude.abs(), with_bias=False).max().item()
+    return terms + (0.0 if conv.bias is None else conv.bias.abs().max().item())
 
 
 def randomize_lora(model: nn.Module, seed: int = 0, std: float = 0.1) -> None:

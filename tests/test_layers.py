@@ -13,7 +13,7 @@ from hypothesis import example, given, settings
 from torch import nn
 
 import visionlora as vl
-from tests.conftest import assert_rel_close, randomize_lora, reference_conv, reference_conv_delta
+from tests.conftest import assert_rel_close, conv_magnitude, randomize_lora, reference_conv, reference_conv_delta
 from tests.strategies import ConvCase, conv_cases
 from visionlora.layers import conv_delta, linear_delta, lora_scale, lora_shapes, max_useful_rank
 
@@ -77,20 +77,22 @@ def _check_conv_case(case: ConvCase) -> None:
     if case.conv_groups == "shared":  # one factorisation: the whole (out × in/g·k) kernel matrix has rank <= r
         assert torch.linalg.matrix_rank(delta64.detach().reshape(case.out_channels, -1)) <= case.rank
     expected = reference_conv(conv, x, w0 + delta)
+    abs_delta = reference_conv_delta(adapter.lora_A.detach().abs(), adapter.lora_B.detach().abs(), scale, case.groups)
+    magnitude = conv_magnitude(conv, x, w0.abs() + abs_delta)  # the scale fp32 rounding is relative to
 
     unmerged = model(x)
-    assert_rel_close(unmerged, expected)
+    assert_rel_close(unmerged, expected, magnitude=magnitude)
     unmerged.sum().backward()
     assert conv.weight.grad is None and (conv.bias is None or conv.bias.grad is None)
     assert adapter.lora_A.grad is not None and adapter.lora_B.grad is not None
 
     with torch.no_grad():
         vl.merge(model)
-        assert_rel_close(model(x), expected)
-        assert_rel_close(model(x), unmerged)
+        assert_rel_close(model(x), expected, magnitude=magnitude)
+        assert_rel_close(model(x), unmerged, magnitude=magnitude)
         vl.unmerge(model)
     assert torch.equal(conv.weight, w0)
-    assert_rel_close(model(x), unmerged)
+    assert_rel_close(model(x), unmerged, magnitude=magnitude)
 
 
 def _warns(conv: nn.Module, rank: int, conv_groups: str) -> bool:
@@ -121,8 +123,12 @@ def test_conv1d_agrees_with_reference(case):
     _check_conv_case(case)
 
 
+CANCELLING_3D = ConvCase(3, 1, 1, (1, 1, 1), (1, 1, 1), 0, (1, 1, 1), 1, False, "zeros", 3, 8.0, (7, 7, 7))
+
+
 @settings(max_examples=20, deadline=None)
 @given(conv_cases(dims=3))
+@example(CANCELLING_3D)  # outputs ~1e-4 summed from terms ~1: rounding is relative to the terms
 def test_conv3d_agrees_with_reference(case):
     _check_conv_case(case)
 
