@@ -25,7 +25,7 @@ from visionlora.errors import (
 )
 from visionlora.extract import ResizedLayer, extract_lora, resize_adapter
 from visionlora.inject import Match, apply_lora, match_targets
-from visionlora.io import load_adapter, read_adapter, save_adapter
+from visionlora.io import export_merged, load_adapter, merged_state_dict, read_adapter, save_adapter
 from visionlora.layers import LoraConv, LoraLayer, LoraLinear
 from visionlora.merge import merge, merge_and_unload, unmerge
 from visionlora.models import expand_preset, fitting_presets, replace_head
@@ -53,6 +53,7 @@ __all__ = [
     "disable_adapters",
     "enable_adapters",
     "expand_preset",
+    "export_merged",
     "extract_lora",
     "fitting_presets",
     "list_adapters",
@@ -60,6 +61,7 @@ __all__ = [
     "match_targets",
     "merge",
     "merge_and_unload",
+    "merged_state_dict",
     "read_adapter",
     "replace_head",
     "resize_adapter",

@@ -1,0 +1,108 @@
+"""Merged checkpoints load in the original architecture, with no visionlora code, and give the same outputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+
+import visionlora as vl
+from tests.conftest import assert_rel_close, randomize_lora, tiny_net
+
+X = torch.randn(2, 3, 32, 32)
+
+
+def adapted_resnet(num_classes: int = 5):
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=num_classes).eval()
+    model = copy.deepcopy(base)
+    vl.apply_lora(model, vl.LoraConfig(targets="layer4.*", rank=4, alpha=8, trainable=["fc"]))
+    randomize_lora(model, std=0.05)
+    with torch.no_grad():
+        model.fc.weight.mul_(2)
+    return base, model
+
+
+def test_torchvision_checkpoint_has_the_original_keys_and_loads_strictly(tmp_path):
+    base, model = adapted_resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = vl.export_merged(model, tmp_path / "merged.safetensors")
+    state = load_file(path)
+    assert sorted(state) == sorted(base.state_dict())  # safetensors stores keys sorted
+    torch.manual_seed(7)
+    fresh = torchvision.models.resnet18(num_classes=5).eval()
+    fresh.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert_rel_close(fresh(X), model(X))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # exporting changes nothing
+
+
+def test_timm_loads_it_through_pretrained_cfg_overlay_with_a_new_head(tmp_path):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+    heads = vl.replace_head(model, 7)
+    vl.apply_lora(model, vl.LoraConfig(targets="preset:resnet-last-blocks", rank=4, trainable=heads))
+    randomize_lora(model, std=0.05)
+    model.eval()
+    path = vl.export_merged(model, tmp_path / "merged.safetensors")
+    loaded = timm.create_model(
+        "resnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=7), num_classes=7
+    ).eval()
+    with torch.no_grad():
+        assert_rel_close(loaded(X), model(X))
+
+
+def test_already_merged_models_and_weighted_combinations_export_once(tmp_path):
+    model = vl.apply_lora(tiny_net(), vl.LoraConfig(targets="block.*", rank=2))
+    vl.apply_lora(model, vl.LoraConfig(targets=["block.0", "fc"], rank=2), adapter_name="b")
+    randomize_lora(model, std=0.2)
+    vl.set_adapter(model, {"default": 0.5, "b": 2.0})
+    with torch.no_grad():
+        expected = model(X)
+        vl.merge(model)
+        path = vl.export_merged(model, tmp_path / "m.safetensors")
+    plain = tiny_net(seed=3)
+    plain.load_state_dict(load_file(path), strict=True)
+    with torch.no_grad():
+        assert_rel_close(plain(X), expected)
+
+
+def test_dtype_casts_after_float32_merge_math(tmp_path):
+    _, model = adapted_resnet()
+    state = load_file(vl.export_merged(model, tmp_path / "half.safetensors", dtype=torch.float16))
+    assert all(v.dtype == torch.float16 for k, v in state.items() if "num_batches_tracked" not in k)
+    assert state["layer1.0.bn1.num_batches_tracked"].dtype == torch.int64
+    layer = model.layer4[0].conv1
+    expected = (layer.base.weight.float() + layer.delta_weight(torch.float32)).half()
+    assert torch.equal(state["layer4.0.conv1.weight"], expected)
+
+
+def test_an_overflowing_export_raises_and_keeps_the_old_file(tmp_path):
+    _, model = adapted_resnet()
+    path = vl.export_merged(model, tmp_path / "m.safetensors")
+    good = path.read_bytes()
+    with torch.no_grad():
+        model.layer4[0].conv1.adapter("default").lora_B.fill_(1e4)
+        model.layer4[0].conv1.adapter("default").lora_A.fill_(1e4)
+    with pytest.raises(vl.MergeError, match=r"NaN/Inf in layer4\.0\.conv1\.weight; nothing was written"):
+        vl.export_merged(model, path, dtype=torch.float16)
+    assert path.read_bytes() == good
+
+
+def test_diffusers_unet_exports_a_folder_that_from_pretrained_loads(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from tests.test_ranks import tiny_unet
+
+    unet = tiny_unet()
+    vl.apply_lora(unet, vl.LoraConfig(targets="preset:unet-attention", rank=4, alpha=4))
+    randomize_lora(unet, std=0.05)
+    folder = vl.export_merged(unet, tmp_path / "unet")
+    loaded = diffusers.UNet2DConditionModel.from_pretrained(folder).eval()
+    args = (torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 7, 24))
+    with torch.no_grad():
+        assert_rel_close(loaded(*args).sample, unet(*args).sample)
+    assert not any(isinstance(m, vl.LoraLayer) for m in loaded.modules())

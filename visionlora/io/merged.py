@@ -1,0 +1,84 @@
+"""Merged checkpoints: the adapted model's weights under the original architecture's keys.
+
+The result loads into the un-adapted architecture with no visionlora code:
+
+- any ``nn.Module`` (torchvision, timm, ...): one safetensors file, loadable with
+  ``model.load_state_dict(safetensors.torch.load_file(path))`` (strict), or with timm's
+  ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path, num_classes=N),
+  num_classes=N)``; without ``num_classes`` in the overlay timm drops a changed head silently;
+- a diffusers model (UNet): a model folder (``config.json`` and
+  ``diffusion_pytorch_model.safetensors``) that ``from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from visionlora._tree import require_module
+from visionlora.errors import MergeError
+from visionlora.inject import lora_layers
+from visionlora.io.files import write_safetensors
+
+__all__ = ["export_merged", "merged_state_dict"]
+
+_DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def merged_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The un-adapted architecture's state dict with the active adapters merged in; the model is not changed.
+
+    Merge math runs in float32; each weight is then cast to ``dtype`` (default: its own dtype), as
+    is every other floating-point tensor. Integer buffers keep their dtype.
+
+    Raises:
+        MergeError: if a tensor would hold NaN/Inf after the cast (fp16 overflow included),
+            naming the keys.
+    """
+    require_module(model)
+    state = model.state_dict()  # holds unmerged weights even while merged (see LoraLayer)
+    layers = dict(lora_layers(model))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        owner = next((n for n in layers if key.startswith(n + ".")), None)
+        if owner is None:
+            out[key] = value
+            continue
+        rest = key[len(owner) + 1 :]
+        if rest.startswith("base."):
+            out[f"{owner}.{rest[len('base.') :]}"] = value
+    with torch.no_grad():
+        for name, layer in layers.items():
+            if layer.active and not layer.disabled:
+                weight = out[f"{name}.weight"]
+                out[f"{name}.weight"] = (weight.float() + layer.delta_weight(torch.float32)).to(dtype or weight.dtype)
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    bad = [k for k, v in out.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise MergeError(f"the merged checkpoint would hold NaN/Inf in {', '.join(bad[:10])}; nothing was written")
+    return out
+
+
+def export_merged(model: nn.Module, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:
+    """Write the adapted model as a plain checkpoint of its original architecture (see the module docstring).
+
+    For a diffusers model ``path`` is a model folder; otherwise it is a ``.safetensors`` file. Files
+    are written atomically. The model itself is not changed. Returns ``path``.
+
+    Example:
+        >>> vl.export_merged(model, "merged.safetensors", dtype=torch.float16)
+        >>> torchvision.models.resnet50().load_state_dict(safetensors.torch.load_file("merged.safetensors"))
+    """
+    state = merged_state_dict(model, dtype=dtype)
+    path = Path(path)
+    save_config = getattr(model, "save_config", None)
+    if type(model).__module__.startswith("diffusers.") and callable(save_config):
+        path.mkdir(parents=True, exist_ok=True)
+        write_safetensors(path / _DIFFUSERS_WEIGHTS, state, {"format": "pt"})
+        save_config(str(path))
+        return path
+    return write_safetensors(path, state, {"format": "pt"})
