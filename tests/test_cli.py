@@ -99,3 +99,127 @@ def test_size_must_be_positive(capsys):
     with pytest.raises(SystemExit) as info:
         main(["targets", "resnet18", "--size", "0"])
     assert info.value.code == 2 and "0 is not a size >= 1" in capsys.readouterr().err
+
+
+def trained_adapter(tmp_path, num_classes: int = 7):
+    """A resnet18 base saved as a weights file, and an adapter trained on it with a new head."""
+    import copy
+
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    import visionlora as vl
+    from tests.conftest import randomize_lora
+
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18().eval()
+    save_file(base.state_dict(), tmp_path / "base.safetensors")
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    model = copy.deepcopy(base)
+    heads = vl.replace_head(model, num_classes)
+    vl.apply_lora(model, vl.LoraConfig(targets="preset:resnet-last-blocks", rank=4, trainable=heads))
+    randomize_lora(model, std=0.05)
+    vl.save_adapter(model, tmp_path / "adapter.safetensors")
+    return model.eval()
+
+
+@pytest.mark.parametrize("weights", ["base.safetensors", "base.pt"])
+def test_merge_a_weights_file_base_with_a_new_head(tmp_path, weights, capsys):
+    import torch
+    import torchvision
+    from safetensors.torch import load_file
+
+    model = trained_adapter(tmp_path)
+    argv = [
+        "merge",
+        "--base",
+        str(tmp_path / weights),
+        "--arch",
+        "resnet18",
+        "--adapter",
+        str(tmp_path / "adapter.safetensors"),
+    ]
+    assert main([*argv, "--out", str(tmp_path / "merged.safetensors")]) == 0
+    plain = torchvision.models.resnet18(num_classes=7).eval()
+    plain.load_state_dict(load_file(tmp_path / "merged.safetensors"), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        err = (plain(x) - model(x)).abs().max() / model(x).abs().max()
+    assert err < 1e-5
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_merge_writes_the_requested_dtype(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    trained_adapter(tmp_path)
+    argv = ["merge", "--base", str(tmp_path / "base.safetensors"), "--arch", "resnet18"]
+    assert (
+        main(
+            [
+                *argv,
+                "--adapter",
+                str(tmp_path / "adapter.safetensors"),
+                "--out",
+                str(tmp_path / "h.safetensors"),
+                "--dtype",
+                "fp16",
+            ]
+        )
+        == 0
+    )
+    assert load_file(tmp_path / "h.safetensors")["layer4.0.conv1.weight"].dtype == torch.float16
+
+
+def test_merge_a_diffusers_folder_base(tmp_path):
+    import diffusers
+    import torch
+
+    import visionlora as vl
+    from tests.conftest import randomize_lora
+
+    tiny_unet().save_pretrained(tmp_path / "unet")
+    unet = tiny_unet()
+    vl.apply_lora(unet, vl.LoraConfig(targets="preset:unet-attention", rank=4))
+    randomize_lora(unet, std=0.05)
+    vl.save_adapter(unet, tmp_path / "a.safetensors")
+    argv = [
+        "merge",
+        "--base",
+        str(tmp_path / "unet"),
+        "--adapter",
+        str(tmp_path / "a.safetensors"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    assert main(argv) == 0
+    merged = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "out").eval()
+    args = (torch.randn(1, 4, 16, 16), torch.tensor([3]), torch.randn(1, 7, 24))
+    with torch.no_grad():
+        assert torch.allclose(merged(*args).sample, unet(*args).sample, rtol=1e-5, atol=1e-5)
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this-must-never-run",))
+
+
+def test_merge_refuses_pickles_and_misnamed_bases(tmp_path, capfd):
+    import pickle
+
+    trained_adapter(tmp_path)
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"fc.weight": _Exploit()}))
+    adapter = ["--adapter", str(tmp_path / "adapter.safetensors"), "--out", str(tmp_path / "m.safetensors")]
+    assert main(["merge", "--base", str(tmp_path / "evil.pt"), "--arch", "resnet18", *adapter]) == 2
+    captured = capfd.readouterr()  # file-descriptor level: os.system's output would show here
+    assert "not a readable weights-only checkpoint" in captured.err
+    assert "this-must-never-run" not in captured.out + captured.err
+    assert main(["merge", "--base", str(tmp_path / "base.safetensors"), *adapter]) == 2
+    assert "give the architecture too (e.g. --arch resnet50)" in capfd.readouterr().err
+    assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "--arch", "resnet34", *adapter]) == 2
+    assert "does not fit resnet34" in capfd.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()

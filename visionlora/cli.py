@@ -6,10 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import torch
+from torch import nn
+
 from visionlora.config import LoraConfig
 from visionlora.errors import ConfigError, VisionLoraError
 from visionlora.inject import apply_lora
-from visionlora.models.loading import SOURCES, build_model, example_input_for
+from visionlora.io.adapter import AdapterFile, load_adapter, read_adapter
+from visionlora.io.merged import export_merged
+from visionlora.models.heads import classifier_names, replace_head
+from visionlora.models.loading import SOURCES, build_model, example_input_for, load_base
 from visionlora.models.presets import PRESETS, fitting_presets
 from visionlora.summary import summary
 
@@ -56,6 +62,30 @@ def _targets(args: argparse.Namespace) -> int:
     return 0
 
 
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _match_head(model: nn.Module, adapter: AdapterFile) -> None:
+    """Give a classifier base the adapter's class count when the adapter was trained with a new head."""
+    if not adapter.extra or type(model).__module__.startswith("diffusers."):
+        return
+    params = dict(model.named_parameters())
+    for head in classifier_names(model):
+        key = f"{head}.weight"
+        if key in adapter.tensors and key in params and adapter.tensors[key].shape[0] != params[key].shape[0]:
+            replace_head(model, adapter.tensors[key].shape[0])
+            return
+
+
+def _merge(args: argparse.Namespace) -> int:
+    model = load_base(args.base, arch=args.arch)
+    _match_head(model, read_adapter(args.adapter))
+    load_adapter(model, args.adapter)
+    out = export_merged(model, args.out, dtype=_DTYPES[args.dtype] if args.dtype else None)
+    print(f"wrote {out}: {type(model).__name__} with {args.adapter} merged")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionlora", description="LoRA for vision models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +110,22 @@ def _parser() -> argparse.ArgumentParser:
     targets.add_argument("--rank-budget", type=int, help="total LoRA parameters to spread over the targets")
     targets.add_argument("--conv-groups", choices=["per_group", "shared"], default="per_group")
     targets.set_defaults(run=_targets)
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge an adapter into its base and write a plain checkpoint of the original architecture",
+        description="Load BASE, add the adapter, and write the merged model (merge math in float32).",
+    )
+    merge.add_argument(
+        "--base",
+        required=True,
+        help="a torchvision/timm name (pretrained weights), a diffusers folder, or a .safetensors/.pt file with --arch",
+    )
+    merge.add_argument("--arch", help="architecture of a weights-file base, as a torchvision/timm name")
+    merge.add_argument("--adapter", required=True, help="a visionlora adapter file")
+    merge.add_argument("--out", required=True, help="the .safetensors file (a folder for a diffusers model) to write")
+    merge.add_argument("--dtype", choices=list(_DTYPES), help="dtype of the written weights (default: the base's)")
+    merge.set_defaults(run=_merge)
     return parser
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionlora.errors import ConfigError
+from visionlora.errors import AdapterFileError, ConfigError
+from visionlora.io.files import read_safetensors
 
-__all__ = ["SOURCES", "build_model", "example_input_for"]
+__all__ = ["SOURCES", "build_model", "example_input_for", "load_base", "read_state_dict"]
 
 SOURCES = ("torchvision", "timm", "diffusers")
 
@@ -119,6 +121,52 @@ def build_model(spec: str, *, pretrained: bool = False) -> nn.Module:
         f"{spec!r} is neither a folder nor a torchvision or timm model name"
         + (f"; close names: {', '.join(close)}" if close else "")
     )
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a ``.pt``/``.pth`` file read with ``weights_only=True``.
+
+    Raises:
+        AdapterFileError: if the file is unreadable or is not a flat mapping of names to tensors.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)[0]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles arbitrary objects
+    except Exception as exc:  # torch raises several types for unreadable or unsafe files
+        raise AdapterFileError(
+            f"{path}: not a readable weights-only checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # the common {"state_dict": ...} wrapper
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise AdapterFileError(f"{path}: expected a mapping of parameter names to tensors")
+    return state
+
+
+def load_base(spec: str, *, arch: str | None = None) -> nn.Module:
+    """The base model for a merge: a model spec with its pretrained weights, or ``arch`` + a weights file.
+
+    ``spec`` is a torchvision/timm name (its pretrained weights are fetched by those libraries), a
+    diffusers folder (read from disk), or a ``.safetensors`` / ``.pt`` state dict for the
+    architecture ``arch`` (loaded strictly).
+    """
+    if Path(spec).is_file():
+        if arch is None:
+            raise ConfigError(f"{spec!r} is a weights file: give the architecture too (e.g. --arch resnet50)")
+        model = build_model(arch)
+        state = read_state_dict(spec)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise AdapterFileError(f"{spec}: does not fit {arch} ({exc})") from None
+        return model
+    if arch is not None:
+        raise ConfigError(f"--arch is for weights files; {spec!r} names its architecture itself")
+    return build_model(spec, pretrained=True)
 
 
 def example_input_for(model: nn.Module, size: int | None = None) -> Any:
