@@ -223,3 +223,20 @@ def test_merge_refuses_pickles_and_misnamed_bases(tmp_path, capfd):
     assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "--arch", "resnet34", *adapter]) == 2
     assert "does not fit resnet34" in capfd.readouterr().err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_inspect_describes_an_adapter_file(tmp_path, capsys):
+    trained_adapter(tmp_path)
+    assert main(["inspect", str(tmp_path / "adapter.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "visionlora adapter 'default'" in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("layer4.0.conv2 "))
+    assert row == ["layer4.0.conv2", "Conv2d", "-", "4", "8", f"{4 * 512 * 9 + 512 * 4:,}"]
+    assert "LoRA layers: 5" in out and "trained in full: 3,591 (2 tensors)" in out  # fc: 7 x 512 + 7
+    assert '"targets": ["preset:resnet-last-blocks"]' in out
+
+
+def test_inspect_refuses_a_broken_file_in_one_line(tmp_path, capsys):
+    (tmp_path / "x.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["inspect", str(tmp_path / "x.safetensors")]) == 2
+    assert "not a valid safetensors file" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -86,6 +87,27 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    file = read_adapter(args.file)
+    rows = [("layer", "kind", "resolution", "rank", "alpha", "LoRA params")]
+    total = 0
+    for name, spec in file.layers.items():
+        count = sum(file.tensors[f"{name}.lora_{ab}.weight"].numel() for ab in "AB")
+        total += count
+        resolution = "-" if spec.resolution is None else str(spec.resolution)
+        rows.append((name, spec.kind, resolution, str(spec.rank), f"{spec.alpha:g}", f"{count:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"{file.path}: visionlora adapter {file.adapter_name!r}")
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows))
+    extra = sum(file.tensors[k].numel() for k in file.extra)
+    full = f"trained in full: {extra:,} ({len(file.extra)} tensors)"
+    print(f"\nLoRA layers: {len(file.layers)}   LoRA params: {total:,}   {full}")
+    if file.buffers:
+        print(f"buffers: {len(file.buffers)} (e.g. {file.buffers[0]})")
+    print(f"config: {json.dumps(file.config.to_dict())}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionlora", description="LoRA for vision models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +148,14 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="the .safetensors file (a folder for a diffusers model) to write")
     merge.add_argument("--dtype", choices=list(_DTYPES), help="dtype of the written weights (default: the base's)")
     merge.set_defaults(run=_merge)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="print an adapter file's layers, ranks, alphas, resolutions, parameter count and config",
+        description="Read FILE (checked, never unpickled) and describe the adapter it holds.",
+    )
+    inspect.add_argument("file", help="a visionlora adapter file (.safetensors)")
+    inspect.set_defaults(run=_inspect)
     return parser
 
 
