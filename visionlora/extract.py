@@ -32,7 +32,7 @@ from visionlora.inject import (
     trained_extras,
 )
 from visionlora.io.adapter import LayerSpec, read_adapter, write_adapter
-from visionlora.layers import LoraAdapter, LoraLayer, lora_scale
+from visionlora.layers import LoraAdapter, base_layer, lora_scale
 
 __all__ = ["ResizedLayer", "extract_lora", "factor_svd", "resize_adapter", "split_svd"]
 
@@ -201,7 +201,7 @@ def _best_factors(match: Match, tuned: Tensor, base: Tensor, cfg: LoraConfig) ->
     delta = tuned.detach().double() - base.detach().double()
     if not torch.isfinite(delta).all():
         raise TargetError(f"{match.name}: the fine-tuned weight holds NaN or Inf")
-    layer = match.module.base if isinstance(match.module, LoraLayer) else match.module
+    layer = base_layer(match.module)
     groups = getattr(layer, "groups", 1) if cfg.conv_groups == "per_group" else 1
     u, s, vh = torch.linalg.svd(delta.reshape(groups, delta.shape[0] // groups, -1), full_matrices=False)
     return split_svd(u, s, vh, match.rank, lora_scale(match.alpha, match.rank, cfg.rslora))

@@ -25,7 +25,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,9 +34,9 @@ from visionlora._tree import iter_modules, replace_module, require_module
 from visionlora.config import LoraConfig, is_exact_name, pattern_matches
 from visionlora.errors import AdapterError, ConfigError, TargetError, UnsupportedModuleError
 from visionlora.layers import (
-    AdaptableLayer,
     InitFn,
     LoraLayer,
+    base_layer,
     gaussian_init,
     kaiming_init,
     layer_kind,
@@ -140,7 +140,7 @@ def check_selected(model: nn.Module, selected: dict[str, nn.Module], adapter_nam
                 f"{name!r} is the same module object as {others[0]!r}; a shared module cannot be adapted "
                 "under one name only (the other path would run without the adapter)"
             )
-        weight = module.base.weight if isinstance(module, LoraLayer) else module.weight
+        weight = base_layer(module).weight
         if len(owners[id(weight)]) > 1:
             tied = [o for o in owners[id(weight)] if not o.startswith(name + ".")] or owners[id(weight)]
             raise TargetError(
@@ -242,7 +242,7 @@ def match_targets(
     check_selected(model, selected, adapter_name)
     order = {n: i for i, n in enumerate(names)}
     ordered = sorted(selected, key=order.__getitem__)
-    bases = {n: _base_layer(selected[n]) for n in ordered}
+    bases = {n: base_layer(selected[n]) for n in ordered}
     resolutions = None if example_input is None else probe_resolutions(model, bases, example_input, modules=selected)
     ranks = allocate(bases, cfg, resolutions)
     matches = [
@@ -271,18 +271,10 @@ def check_adapter_name(adapter_name: str) -> None:
         raise AdapterError(f"adapter name {adapter_name!r} is reserved by torch.nn.ModuleDict; choose another")
 
 
-def _base_layer(module: nn.Module) -> AdaptableLayer:
-    return module.base if isinstance(module, LoraLayer) else cast(AdaptableLayer, module)
-
-
-def _base(m: Match) -> AdaptableLayer:
-    return _base_layer(m.module)
-
-
 def _warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
     too_high, too_big = [], []
     for m in matches:
-        base = _base(m)
+        base = base_layer(m.module)
         usable = max_useful_rank(base, cfg.conv_groups)
         if m.rank > usable:
             too_high.append(f"{m.name} (r={m.rank} > {usable})")
@@ -296,7 +288,7 @@ def _warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
             stacklevel=3,
         )
     if too_big:
-        grouped = any(getattr(_base(m), "groups", 1) > 1 for m in matches if m.name in too_big)
+        grouped = any(getattr(base_layer(m.module), "groups", 1) > 1 for m in matches if m.name in too_big)
         hint = " (for depthwise convs use conv_groups='shared')" if grouped and cfg.conv_groups == "per_group" else ""
         warnings.warn(
             f"adapter has more parameters than the layer it adapts{hint}: " + ", ".join(too_big),
@@ -322,8 +314,11 @@ def add_adapters(
     disabled = any(layer.disabled for _, layer in lora_layers(model))
     built = []
     for m in matches:
-        layer = m.module if isinstance(m.module, LoraLayer) else wrap_layer(m.module, m.name)
-        layer.disabled = layer.disabled or disabled
+        if isinstance(m.module, LoraLayer):
+            layer = m.module
+        else:
+            layer = wrap_layer(m.module, m.name)
+            layer.disabled = disabled
         adapter = layer.new_adapter(
             m.rank,
             m.alpha,

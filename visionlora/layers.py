@@ -47,6 +47,7 @@ __all__ = [
     "LoraConv",
     "LoraLayer",
     "LoraLinear",
+    "base_layer",
     "conv_delta",
     "gaussian_init",
     "kaiming_init",
@@ -414,6 +415,11 @@ class LoraConv(LoraLayer):
             return self.base._conv_forward(x, conv_delta(a, b, 1.0, groups), None)
         h = self.base._conv_forward(x, a, None)
         return _CONV_FN[b.dim() - 2](h, b, groups=groups)
+
+
+def base_layer(module: nn.Module) -> AdaptableLayer:
+    """The layer a LoRA layer wraps, or ``module`` itself when it is not wrapped."""
+    return module.base if isinstance(module, LoraLayer) else cast(AdaptableLayer, module)
 
 
 def _state_dict_unmerged(module: LoraLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ from visionlora.inject import (
     snapshot_buffers,
 )
 from visionlora.io.files import read_safetensors, write_safetensors
-from visionlora.layers import AdaptableLayer, LoraLayer, layer_kind, lora_shapes
+from visionlora.layers import base_layer, layer_kind, lora_shapes
 
 __all__ = ["AdapterFile", "LayerSpec", "load_adapter", "read_adapter", "save_adapter", "write_adapter"]
 
@@ -225,7 +225,7 @@ def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
         if adaptable_kind(name, module, modules) != spec.kind:
             problems.append(f"{name}: file has a {spec.kind} adapter, the model has a {type(module).__name__} there")
             continue
-        base = module.base if isinstance(module, LoraLayer) else cast(AdaptableLayer, module)
+        base = base_layer(module)
         for key, shape in zip(
             (f"{name}.lora_A.weight", f"{name}.lora_B.weight"),
             lora_shapes(base, spec.rank, file.config.conv_groups),
