@@ -64,6 +64,7 @@ __all__ = [
     "match_targets",
     "original_buffers",
     "original_parameters",
+    "original_state_dict",
     "snapshot_buffers",
     "trained_extras",
 ]
@@ -351,6 +352,11 @@ def _original_named(model: nn.Module, named: Iterator[tuple[str, torch.Tensor]])
 def original_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every non-LoRA parameter under the name it has in the un-adapted model."""
     return _original_named(model, model.named_parameters())
+
+
+def original_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` under the un-adapted model's keys, without the adapters' tensors."""
+    return _original_named(model, iter(model.state_dict().items()))
 
 
 def original_buffers(model: nn.Module) -> dict[str, torch.Tensor]:

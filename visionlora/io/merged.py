@@ -20,7 +20,7 @@ from torch import nn
 
 from visionlora._tree import require_module
 from visionlora.errors import MergeError
-from visionlora.inject import lora_layers
+from visionlora.inject import lora_layers, original_state_dict
 from visionlora.io.files import write_safetensors
 
 __all__ = ["export_merged", "merged_state_dict"]
@@ -39,19 +39,9 @@ def merged_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None) -> 
             naming the keys.
     """
     require_module(model)
-    state = model.state_dict()  # holds unmerged weights even while merged (see LoraLayer)
-    layers = dict(lora_layers(model))
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        owner = next((n for n in layers if key.startswith(n + ".")), None)
-        if owner is None:
-            out[key] = value
-            continue
-        rest = key[len(owner) + 1 :]
-        if rest.startswith("base."):
-            out[f"{owner}.{rest[len('base.') :]}"] = value
+    out = original_state_dict(model)  # holds unmerged weights even while merged (see LoraLayer)
     with torch.no_grad():
-        for name, layer in layers.items():
+        for name, layer in lora_layers(model):
             if layer.active and not layer.disabled:
                 weight = out[f"{name}.weight"]
                 out[f"{name}.weight"] = (weight.float() + layer.delta_weight(torch.float32)).to(dtype or weight.dtype)
