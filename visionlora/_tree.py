@@ -9,7 +9,12 @@ from torch import nn
 from visionlora.errors import UnsupportedModuleError
 from visionlora.layers import LoraLayer
 
-__all__ = ["iter_modules", "replace_module", "require_module"]
+__all__ = ["from_diffusers", "iter_modules", "replace_module", "require_module"]
+
+
+def from_diffusers(module: nn.Module) -> bool:
+    """Whether ``module``'s class comes from diffusers (recognised by module path; diffusers is not imported)."""
+    return type(module).__module__.startswith("diffusers.")
 
 
 def require_module(model: object) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from visionlora._tree import from_diffusers
 from visionlora.config import LoraConfig
 from visionlora.errors import ConfigError, VisionLoraError
 from visionlora.inject import apply_lora
@@ -68,7 +69,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def _match_head(model: nn.Module, adapter: AdapterFile) -> None:
     """Give a classifier base the adapter's class count when the adapter was trained with a new head."""
-    if not adapter.extra or type(model).__module__.startswith("diffusers."):
+    if not adapter.extra or from_diffusers(model):
         return
     params = dict(model.named_parameters())
     for head in classifier_names(model):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visionlora._tree import require_module
+from visionlora._tree import from_diffusers, require_module
 from visionlora.errors import MergeError
 from visionlora.inject import lora_layers, original_state_dict
 from visionlora.io.files import write_safetensors
@@ -66,7 +66,7 @@ def export_merged(model: nn.Module, path: str | os.PathLike[str], *, dtype: torc
     state = merged_state_dict(model, dtype=dtype)
     path = Path(path)
     save_config = getattr(model, "save_config", None)
-    if type(model).__module__.startswith("diffusers.") and callable(save_config):
+    if from_diffusers(model) and callable(save_config):
         path.mkdir(parents=True, exist_ok=True)
         write_safetensors(path / _DIFFUSERS_WEIGHTS, state, {"format": "pt"})
         save_config(str(path))

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionlora._tree import from_diffusers
 from visionlora.errors import AdapterFileError, ConfigError
 from visionlora.io.files import read_safetensors
 
@@ -178,7 +179,7 @@ def example_input_for(model: nn.Module, size: int | None = None) -> Any:
             configured ``sample_size``.
     """
     config = getattr(model, "config", None)
-    if type(model).__module__.startswith("diffusers.") and config is not None:
+    if from_diffusers(model) and config is not None:
         side = size or int(config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0])
         inputs: dict[str, Any] = {
             "sample": torch.randn(1, config.in_channels, side, side),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from visionlora._tree import iter_modules
+from visionlora._tree import from_diffusers, iter_modules
 from visionlora.errors import TargetError
 from visionlora.layers import layer_kind
 
@@ -72,7 +72,7 @@ def resnet_family(model: nn.Module) -> ResNetFamily | None:
 
 
 def _is_diffusers(module: nn.Module, class_name: str) -> bool:
-    return type(module).__name__ == class_name and type(module).__module__.startswith("diffusers.")
+    return type(module).__name__ == class_name and from_diffusers(module)
 
 
 def _is_unet(model: nn.Module) -> bool:
