@@ -25,7 +25,15 @@ from visionlora.errors import (
 )
 from visionlora.extract import ResizedLayer, extract_lora, resize_adapter
 from visionlora.inject import Match, apply_lora, match_targets
-from visionlora.io import export_merged, load_adapter, merged_state_dict, read_adapter, save_adapter
+from visionlora.io import (
+    AdapterFile,
+    export_adapter,
+    export_merged,
+    load_adapter,
+    merged_state_dict,
+    read_adapter,
+    save_adapter,
+)
 from visionlora.layers import LoraConv, LoraLayer, LoraLinear
 from visionlora.merge import merge, merge_and_unload, unmerge
 from visionlora.models import expand_preset, fitting_presets, replace_head
@@ -35,6 +43,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",
+    "AdapterFile",
     "AdapterFileError",
     "ConfigError",
     "LoraConfig",
@@ -53,6 +62,7 @@ __all__ = [
     "disable_adapters",
     "enable_adapters",
     "expand_preset",
+    "export_adapter",
     "export_merged",
     "extract_lora",
     "fitting_presets",

@@ -14,8 +14,7 @@ from visionlora._tree import from_diffusers
 from visionlora.config import LoraConfig
 from visionlora.errors import ConfigError, VisionLoraError
 from visionlora.inject import apply_lora
-from visionlora.io.adapter import AdapterFile, load_adapter, read_adapter
-from visionlora.io.merged import export_merged
+from visionlora.io import FORMATS, AdapterFile, export_adapter, export_merged, load_adapter, read_adapter
 from visionlora.models.heads import classifier_names, replace_head
 from visionlora.models.loading import SOURCES, build_model, example_input_for, load_base
 from visionlora.models.presets import PRESETS, fitting_presets
@@ -98,7 +97,8 @@ def _inspect(args: argparse.Namespace) -> int:
         resolution = "-" if spec.resolution is None else str(spec.resolution)
         rows.append((name, spec.kind, resolution, str(spec.rank), f"{spec.alpha:g}", f"{count:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"{file.path}: visionlora adapter {file.adapter_name!r}")
+    names = " (kohya's flattened module names)" if file.flat_names else ""
+    print(f"{file.path}: {file.format} adapter {file.adapter_name!r}{names}")
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows))
     extra = sum(file.tensors[k].numel() for k in file.extra)
     full = f"trained in full: {extra:,} ({len(file.extra)} tensors)"
@@ -106,6 +106,12 @@ def _inspect(args: argparse.Namespace) -> int:
     if file.buffers:
         print(f"buffers: {len(file.buffers)} (e.g. {file.buffers[0]})")
     print(f"config: {json.dumps(file.config.to_dict())}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    out = export_adapter(args.file, args.out, format=args.format, dtype=_DTYPES[args.dtype] if args.dtype else None)
+    print(f"wrote {out}: {args.file} as a {args.format} adapter")
     return 0
 
 
@@ -145,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a torchvision/timm name (pretrained weights), a diffusers folder, or a .safetensors/.pt file with --arch",
     )
     merge.add_argument("--arch", help="architecture of a weights-file base, as a torchvision/timm name")
-    merge.add_argument("--adapter", required=True, help="a visionlora adapter file")
+    merge.add_argument("--adapter", required=True, help="an adapter in any format visionlora reads (see inspect)")
     merge.add_argument("--out", required=True, help="the .safetensors file (a folder for a diffusers model) to write")
     merge.add_argument("--dtype", choices=list(_DTYPES), help="dtype of the written weights (default: the base's)")
     merge.set_defaults(run=_merge)
@@ -155,8 +161,20 @@ def _parser() -> argparse.ArgumentParser:
         help="print an adapter file's layers, ranks, alphas, resolutions, parameter count and config",
         description="Read FILE (checked, never unpickled) and describe the adapter it holds.",
     )
-    inspect.add_argument("file", help="a visionlora adapter file (.safetensors)")
+    inspect.add_argument("file", help="an adapter: visionlora, diffusers or kohya file, or a PEFT folder")
     inspect.set_defaults(run=_inspect)
+
+    export = commands.add_parser(
+        "export",
+        help="convert an adapter to the PEFT, diffusers or kohya format (or back to visionlora)",
+        description="Read FILE (any supported format) and write it in --format; layers or tensors the "
+        "target format cannot hold exactly are refused by name.",
+    )
+    export.add_argument("file", help="an adapter: visionlora, diffusers or kohya file, or a PEFT folder")
+    export.add_argument("--format", required=True, choices=list(FORMATS))
+    export.add_argument("--out", required=True, help="the file to write (a folder for peft)")
+    export.add_argument("--dtype", choices=list(_DTYPES), help="dtype of the written weights (default: as stored)")
+    export.set_defaults(run=_export)
     return parser
 
 

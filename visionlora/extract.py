@@ -31,7 +31,7 @@ from visionlora.inject import (
     require_unmerged,
     trained_extras,
 )
-from visionlora.io.adapter import LayerSpec, read_adapter, write_adapter
+from visionlora.io.adapter import LayerSpec, read_native, write_adapter
 from visionlora.layers import LoraAdapter, base_layer, lora_scale
 
 __all__ = ["ResizedLayer", "extract_lora", "factor_svd", "resize_adapter", "split_svd"]
@@ -155,7 +155,7 @@ def resize_adapter(
         return _resize_model(model_or_file, rank, energy, adapter_name)
     if out is None:
         raise ConfigError("resize_adapter: give out= (the path of the resized file) when resizing a file")
-    file = read_adapter(model_or_file)
+    file = read_native(model_or_file)
     tensors = dict(file.tensors)
     layers: dict[str, LayerSpec] = {}
     report = []

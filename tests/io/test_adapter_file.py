@@ -58,8 +58,15 @@ def test_file_holds_only_lora_and_trainable_tensors_and_describes_itself(saved):
         meta = json.loads(f.metadata()["visionlora"])
     assert meta["format"] == "visionlora.adapter" and meta["format_version"] == 1
     assert meta["config"] == CFG.to_dict()
-    assert meta["layers"]["layer4.0.conv1"] == {"kind": "Conv2d", "rank": 16, "alpha": 8.0, "resolution": None}
-    assert meta["layers"]["layer4.1.conv2"] == {"kind": "Conv2d", "rank": 4, "alpha": 8.0, "resolution": None}
+    plain = {"groups": 1, "dilation": [1, 1], "padding_mode": "zeros", "custom_forward": False}
+    assert meta["layers"]["layer4.0.conv1"] == {
+        "kind": "Conv2d",
+        "rank": 16,
+        "alpha": 8.0,
+        "resolution": None,
+        "geometry": plain,
+    }
+    assert meta["layers"]["layer4.1.conv2"]["rank"] == 4
     assert meta["extra"] == ["fc.bias", "fc.weight"]
 
 
@@ -230,7 +237,7 @@ def test_truncated_file_and_missing_file_and_foreign_safetensors(saved, tmp_path
         vl.load_adapter(model, tmp_path / "nope.safetensors")
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, plain)
-    with pytest.raises(vl.AdapterFileError, match="no 'visionlora' metadata"):
+    with pytest.raises(vl.AdapterFileError, match="not an adapter in a format visionlora reads"):
         vl.load_adapter(model, plain)
 
 

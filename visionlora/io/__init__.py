@@ -1,16 +1,22 @@
-"""Reading and writing adapter files: atomic safetensors I/O and the visionlora format."""
+"""Reading and writing adapters: atomic safetensors I/O, the visionlora format, PEFT, diffusers and kohya."""
 
-from visionlora.io.adapter import AdapterFile, LayerSpec, load_adapter, read_adapter, save_adapter, write_adapter
+from visionlora.io.adapter import AdapterFile, Geometry, LayerSpec, read_native, save_adapter, write_adapter
 from visionlora.io.files import read_safetensors, write_safetensors
+from visionlora.io.formats import FORMATS, export_adapter, read_adapter
+from visionlora.io.load import load_adapter
 from visionlora.io.merged import export_merged, merged_state_dict
 
 __all__ = [
+    "FORMATS",
     "AdapterFile",
+    "Geometry",
     "LayerSpec",
+    "export_adapter",
     "export_merged",
     "load_adapter",
     "merged_state_dict",
     "read_adapter",
+    "read_native",
     "read_safetensors",
     "save_adapter",
     "write_adapter",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -14,29 +14,23 @@ from safetensors.torch import save_file
 
 from visionlora.errors import AdapterFileError
 
-__all__ = ["read_safetensors", "write_safetensors"]
+__all__ = ["atomic_path", "read_safetensors", "write_safetensors", "write_text"]
 
 
-def write_safetensors(
-    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-) -> Path:
-    """Write ``tensors`` and string ``metadata`` to ``path`` atomically; return the path.
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[str]:
+    """A temporary file next to ``path``; renamed over ``path`` (after fsync) if the block succeeds.
 
-    The file is written to a temporary file in the same folder, flushed to disk and renamed over
-    ``path``, so a reader (or a crash) sees either the old file or the complete new one.
+    A reader, or a crash, sees either the old file or the complete new one, never a partial one.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise AdapterFileError(f"{path}: is a folder; give a file path such as {path / 'adapter.safetensors'}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise AdapterFileError(f"{path}: cannot create its folder {path.parent} ({exc})") from None
-    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(plain, tmp, metadata=dict(metadata))
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -44,6 +38,26 @@ def write_safetensors(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_safetensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> Path:
+    """Write ``tensors`` and string ``metadata`` to ``path`` atomically (see :func:`atomic_path`); return the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise AdapterFileError(f"{path}: is a folder; give a file path such as {path / 'adapter.safetensors'}")
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(plain, tmp, metadata=dict(metadata))
+    return path
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_path`); return the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
     return path
 
 

@@ -1,0 +1,203 @@
+"""What the PEFT, diffusers and kohya converters share: scales, pattern lookups, refusals, the kept record.
+
+Every converter maps between a file and one in-memory :class:`~visionlora.io.adapter.AdapterFile`
+with canonical tensor names (``<module>.lora_A.weight`` / ``.lora_B.weight``). An export also keeps
+the full visionlora record in the file's header (format ``visionlora.export``), so reading the file
+back gives the original config, ranks, alphas and resolutions unchanged even where the other
+format had to fold the scale into B.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visionlora.config import MAX_RANK, LoraConfig, is_finite_number
+from visionlora.io.adapter import (
+    EXPORT_FORMAT,
+    META_KEY,
+    AdapterFile,
+    LayerSpec,
+    check_tensors,
+    file_error,
+    parse_record,
+    record_metadata,
+)
+from visionlora.layers import lora_scale
+
+__all__ = [
+    "KINDS_BY_NDIM",
+    "anchored",
+    "cast_tensors",
+    "exact_regex",
+    "export_header",
+    "foreign_record",
+    "kept_record",
+    "layer_scale",
+    "most_common",
+    "pattern_value",
+    "require_exportable",
+    "unmappable",
+]
+
+KINDS_BY_NDIM = {2: "Linear", 3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
+_SAME_SCALE = 1e-6  # relative: alphas stored as float32 round-trip within this
+
+
+def layer_scale(file: AdapterFile, name: str) -> float:
+    """The multiplier of layer ``name``'s B·A in ``file``."""
+    spec = file.layers[name]
+    return lora_scale(spec.alpha, spec.rank, file.config.rslora)
+
+
+def most_common(values: Iterable[Any]) -> Any:
+    """The most frequent value; ties go to the smallest, so the choice does not depend on order."""
+    counts = collections.Counter(values)
+    top = max(counts.values())
+    return min(v for v, c in counts.items() if c == top)
+
+
+def anchored(name: str) -> str:
+    """A PEFT pattern key that matches module ``name`` and nothing that merely ends with it."""
+    return f"^{re.escape(name)}$"
+
+
+def exact_regex(names: Iterable[str]) -> str:
+    """A regex that fully matches exactly these module names (PEFT's string ``target_modules``)."""
+    return "^(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
+
+
+def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of ``name``."""
+    for key, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error:
+            continue
+    return default
+
+
+def unmappable(path: Path, keys: Iterable[str], what: str, hint: str = "") -> None:
+    """Raise listing the tensor keys a converter cannot map, if there are any."""
+    keys = sorted(keys)
+    if keys:
+        more = f" ... and {len(keys) - 20} more" if len(keys) > 20 else ""
+        raise file_error(path, f"{len(keys)} keys cannot be mapped onto a {what}: {keys[:20]}{more}{hint}")
+
+
+def require_exportable(file: AdapterFile, format_name: str, *, lora_only: bool) -> None:
+    """Refuse, naming them, the layers (and tensors) that ``format_name`` would load differently or drop."""
+    problems = []
+    for name, spec in file.layers.items():
+        if spec.geometry is None:
+            if spec.kind != "Linear":
+                problems.append(f"{name}: no conv geometry recorded (file from an older visionlora; export the model)")
+            continue
+        reason = spec.geometry.foreign_problem()
+        if reason is not None:
+            problems.append(f"{name}: {reason}")
+    if problems:
+        raise file_error(
+            file.path,
+            f"{format_name} LoRA layers cannot run these layers the way visionlora does (they rebuild a conv "
+            "from kernel size, stride and padding only): " + "; ".join(problems),
+        )
+    held = file.extra + file.buffers
+    if lora_only and held:
+        raise file_error(
+            file.path,
+            f"the {format_name} format holds LoRA weights only; this adapter also trains {held[:10]}"
+            f"{' ...' if len(held) > 10 else ''} (export to 'peft' or keep the visionlora file)",
+        )
+
+
+def cast_tensors(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to ``dtype`` (integers kept); unchanged when ``dtype`` is None."""
+    if dtype is None:
+        return dict(tensors)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def foreign_record(
+    path: Path,
+    format_name: str,
+    tensors: dict[str, torch.Tensor],
+    alphas: Mapping[str, float],
+    *,
+    extra: list[str] | None = None,
+    rslora: bool = False,
+    dropout: float = 0.0,
+    bias: str = "none",
+    trainable: list[str] | None = None,
+) -> AdapterFile:
+    """The record for canonical ``tensors`` read from another tool's file, ranks taken from the shapes."""
+    layers: dict[str, LayerSpec] = {}
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if k.endswith((".lora_A.weight", ".lora_B.weight"))})
+    if not names:
+        raise file_error(path, f"no LoRA layers found in this {format_name} file")
+    for name in names:
+        a, b = tensors.get(f"{name}.lora_A.weight"), tensors.get(f"{name}.lora_B.weight")
+        if a is None or b is None:
+            raise file_error(path, f"layer {name!r} has only one of its two LoRA matrices")
+        kind = KINDS_BY_NDIM.get(a.ndim)
+        rank = a.shape[0]
+        if kind is None or b.ndim != a.ndim or b.shape[1] != rank or not 1 <= rank <= MAX_RANK:
+            raise file_error(
+                path, f"layer {name!r}: LoRA matrices of shapes {tuple(a.shape)} and {tuple(b.shape)} do not pair up"
+            )
+        alpha = alphas.get(name, float(rank))
+        if not is_finite_number(alpha) or alpha <= 0:
+            raise file_error(path, f"layer {name!r}: alpha {alpha!r} is not a finite number > 0")
+        layers[name] = LayerSpec(kind, rank, float(alpha), None)
+    check_tensors(path, tensors, [k for k in tensors if k.endswith("num_batches_tracked")])
+    config = LoraConfig(
+        targets=["re:" + exact_regex(names)[1:-1]],
+        rank=most_common(s.rank for s in layers.values()),
+        alpha=most_common(s.alpha for s in layers.values()),
+        rslora=rslora,
+        dropout=dropout,
+        bias=bias,  # type: ignore[arg-type]  # checked by LoraConfig
+        trainable=trainable or [],
+    )
+    held = list(extra or [])
+    buffers = [k for k in held if not tensors[k].is_floating_point()]  # parameters are never integer
+    held = [k for k in held if k not in buffers]
+    return AdapterFile(path, "default", config, layers, held, buffers, tensors, format_name)
+
+
+def kept_record(file: AdapterFile, header: Mapping[str, str]) -> AdapterFile:
+    """``file`` with the visionlora record an export kept in ``header`` restored, B unfolded where needed.
+
+    Without a kept record ``file`` is returned as is. A record that disagrees with the tensors
+    (other layers, other ranks) is an error rather than a silent mix of the two.
+    """
+    raw = header.get(META_KEY)
+    if raw is None:
+        return file
+    try:
+        json.loads(raw)
+    except (ValueError, RecursionError):
+        raise file_error(file.path, f"the '{META_KEY}' header entry is not JSON") from None
+    kept = parse_record(file.path, raw, file.tensors, EXPORT_FORMAT)
+    if set(kept.layers) != set(file.layers) or any(kept.layers[n].rank != file.layers[n].rank for n in file.layers):
+        raise file_error(file.path, "the kept visionlora record does not match the file's LoRA tensors")
+    tensors = dict(file.tensors)
+    for name in file.layers:
+        ratio = layer_scale(file, name) / layer_scale(kept, name)
+        if abs(ratio - 1) > _SAME_SCALE:
+            key = f"{name}.lora_B.weight"
+            tensors[key] = (tensors[key].double() * ratio).to(tensors[key].dtype)
+    return dataclasses.replace(kept, tensors=tensors, format=file.format)
+
+
+def export_header(file: AdapterFile) -> dict[str, str]:
+    """The header entry that keeps ``file``'s full record inside an exported file."""
+    return {META_KEY: record_metadata(file, EXPORT_FORMAT)}

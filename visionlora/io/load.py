@@ -1,0 +1,148 @@
+"""Adding a stored adapter to a model: any supported format, checked in full before anything changes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import torch
+from torch import nn
+
+from visionlora.errors import AdapterError, VisionLoraError
+from visionlora.inject import (
+    Match,
+    activate,
+    adaptable_kind,
+    adapter_configs,
+    add_adapters,
+    check_adapter_name,
+    check_selected,
+    check_wrappable,
+    iter_modules,
+    lora_layers,
+    mark_trainable,
+    original_buffers,
+    original_parameters,
+    require_unmerged,
+    snapshot_buffers,
+)
+from visionlora.io.adapter import AdapterFile, file_error
+from visionlora.io.formats import read_adapter
+from visionlora.io.kohya import resolve_names
+from visionlora.layers import base_layer, lora_shapes
+
+__all__ = ["load_adapter"]
+
+logger = logging.getLogger("visionlora")
+
+
+def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
+    """The matches the file describes in ``model``; every mismatch is collected and raised together."""
+    modules = dict(iter_modules(model))
+    problems: list[str] = []
+    matches: list[Match] = []
+    for name, spec in file.layers.items():
+        module = modules.get(name)
+        if module is None:
+            problems.append(f"{name}: no such module in {type(model).__name__}")
+            continue
+        if adaptable_kind(name, module, modules) != spec.kind:
+            problems.append(f"{name}: file has a {spec.kind} adapter, the model has a {type(module).__name__} there")
+            continue
+        base = base_layer(module)
+        for key, shape in zip(
+            (f"{name}.lora_A.weight", f"{name}.lora_B.weight"),
+            lora_shapes(base, spec.rank, file.config.conv_groups),
+            strict=True,
+        ):
+            if tuple(file.tensors[key].shape) != shape:
+                problems.append(
+                    f"{key}: shape {tuple(file.tensors[key].shape)} in the file, {shape} expected for rank {spec.rank}"
+                )
+        matches.append(Match(name, module, spec.kind, spec.rank, spec.alpha, spec.resolution))
+    for keys, existing, what in (
+        (file.extra, original_parameters(model), "parameter"),
+        (file.buffers, original_buffers(model), "buffer"),
+    ):
+        for key in keys:
+            if key not in existing:
+                problems.append(f"{key}: no such {what} in {type(model).__name__}")
+            elif existing[key].shape != file.tensors[key].shape:
+                found, wanted = tuple(file.tensors[key].shape), tuple(existing[key].shape)
+                problems.append(f"{key}: shape {found} in the file, {wanted} in the model")
+            elif existing[key].is_floating_point() != file.tensors[key].is_floating_point():
+                problems.append(
+                    f"{key}: dtype {file.tensors[key].dtype} in the file, {existing[key].dtype} in the model"
+                )
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise file_error(file.path, f"does not fit {type(model).__name__}:\n  " + "\n  ".join(problems[:20]) + more)
+    return matches
+
+
+def _sort_state(file: AdapterFile, model: nn.Module) -> AdapterFile:
+    """Other formats do not say which non-LoRA tensors are parameters and which are buffers: ask the model."""
+    buffers = original_buffers(model)
+    names = file.extra + file.buffers
+    return dataclasses.replace(
+        file, extra=[k for k in names if k not in buffers], buffers=[k for k in names if k in buffers]
+    )
+
+
+def _leave_empty(a: torch.Tensor, rank: int, generator: torch.Generator | None = None) -> None:
+    """An init that draws nothing, so loading leaves the caller's random stream untouched."""
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str | None = None) -> nn.Module:
+    """Add the adapter stored in ``path`` to ``model`` (in place) and make it the active one.
+
+    Every key, shape, dtype and value is checked before anything changes: on any error the model
+    is left exactly as it was. Trainability is set as :func:`visionlora.apply_lora` sets it.
+
+    Args:
+        model: A model of the architecture the adapter was trained on (no LoRA needed).
+        path: A visionlora adapter file, a PEFT adapter folder, a diffusers LoRA file (or folder) or
+            a kohya LoRA/LoCon file. The format is detected; it is logged (logger ``visionlora``,
+            INFO) and kept in :func:`visionlora.read_adapter`'s ``format``.
+        adapter_name: Name to load under; defaults to the name stored in the file.
+
+    Raises:
+        AdapterFileError: the file is invalid, holds keys that cannot be mapped, or does not fit the
+            model; the message lists the keys.
+
+    Example:
+        >>> vl.load_adapter(torchvision.models.resnet50(), "adapter.safetensors")
+    """
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    file = _sort_state(resolve_names(read_adapter(path), model), model)
+    logger.info("%s: read as a %s adapter with %d LoRA layers", file.path, file.format, len(file.layers))
+    name = adapter_name or file.adapter_name
+    require_unmerged(model, "load an adapter")
+    if name in adapter_configs(model):
+        raise AdapterError(f"model already has adapter {name!r}; pass adapter_name='<new name>'")
+    matches = _fit(file, model, name)
+    try:
+        check_selected(model, {m.name: m.module for m in matches}, name)
+        check_wrappable(matches, file.config.dropout)
+    except VisionLoraError as exc:
+        raise file_error(file.path, str(exc)) from None
+    snapshot_buffers(model)
+    add_adapters(model, matches, file.config, name, init=_leave_empty)  # values come from the file
+    layers = dict(lora_layers(model))
+    params = original_parameters(model)
+    buffers = original_buffers(model)
+    with torch.no_grad():
+        for m in matches:
+            adapter = layers[m.name].adapter(name)
+            adapter.lora_A.copy_(file.tensors[f"{m.name}.lora_A.weight"])
+            adapter.lora_B.copy_(file.tensors[f"{m.name}.lora_B.weight"])
+        for key in file.extra:
+            params[key].copy_(file.tensors[key])
+        for key in file.buffers:
+            buffers[key].copy_(file.tensors[key])
+    adapter_configs(model)[name] = file.config
+    activate(model, {name: 1.0})
+    mark_trainable(model, name)
+    return model

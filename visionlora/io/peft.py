@@ -1,0 +1,187 @@
+"""PEFT adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Written so that ``peft.PeftModel.from_pretrained(base, folder)`` rebuilds the same adapter:
+``target_modules`` is a regex that fully matches exactly the adapted modules, ranks and alphas that
+differ from the most common ones go in ``rank_pattern`` / ``alpha_pattern`` under anchored keys
+(``^layer4\\.0\\.conv1$``, so ``conv1`` does not also match ``layer1.0.conv1``), trained biases of
+adapted layers go under ``<module>.base_layer.bias`` with ``bias="lora_only"``, and every other
+trained or changed tensor (a new head, BatchNorm running statistics) is saved through
+``modules_to_save`` of the module that holds it. peft itself is never imported.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visionlora.io.adapter import AdapterFile, file_error
+from visionlora.io.convert import (
+    anchored,
+    cast_tensors,
+    exact_regex,
+    export_header,
+    foreign_record,
+    kept_record,
+    most_common,
+    pattern_value,
+    require_exportable,
+    unmappable,
+)
+from visionlora.io.files import read_safetensors, write_safetensors, write_text
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "is_peft_folder", "read_peft", "write_peft"]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+# Config entries whose non-default values change what the adapter computes in ways visionlora cannot.
+_UNSUPPORTED = {
+    "use_dora": False,
+    "lora_bias": False,
+    "fan_in_fan_out": False,
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+}
+
+
+def is_peft_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder with a PEFT adapter config."""
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+
+def _owner(key: str) -> str:
+    return key.rpartition(".")[0]
+
+
+def write_peft(
+    file: AdapterFile, folder: Path, *, module_names: list[str] | None = None, dtype: torch.dtype | None = None
+) -> Path:
+    """Write ``file`` as a PEFT adapter folder; ``module_names`` (the model's) checks ``modules_to_save``.
+
+    Raises:
+        AdapterFileError: a layer PEFT would run differently (grouped, dilated, non-zero padding
+            mode, custom forward), or a trained tensor PEFT cannot place; each is named.
+    """
+    require_exportable(file, "PEFT", lora_only=False)
+    if folder.exists() and not folder.is_dir():
+        raise file_error(folder, "is a file; a PEFT adapter is a folder")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in file.layers:
+        for ab in "AB":
+            tensors[f"{_PREFIX}{name}.lora_{ab}.weight"] = file.tensors[f"{name}.lora_{ab}.weight"]
+    lora_biases, to_save = [], set()
+    for key in file.extra + file.buffers:
+        owner = _owner(key)
+        if owner in file.layers:
+            if not key.endswith(".bias") or key in file.buffers:
+                raise file_error(file.path, f"{key}: PEFT cannot save a trained {key} of an adapted layer")
+            lora_biases.append(key)
+            tensors[f"{_PREFIX}{owner}.base_layer.bias"] = file.tensors[key]
+        else:
+            inside = [n for n in file.layers if n.startswith(f"{owner}.")]
+            if inside:
+                raise file_error(
+                    file.path, f"{key}: module {owner!r} trains in full but holds LoRA layers {inside[:3]}"
+                )
+            to_save.add(owner)
+            tensors[f"{_PREFIX}{key}"] = file.tensors[key]
+    for owner in sorted(to_save):
+        clash = [n for n in module_names or [] if n != owner and n.endswith(owner)]
+        if clash:
+            raise file_error(
+                file.path,
+                f"PEFT matches modules_to_save by suffix: {owner!r} would also select {clash[:3]}; "
+                "it cannot be exported to PEFT exactly",
+            )
+    ranks = {n: s.rank for n, s in file.layers.items()}
+    alphas = {n: s.alpha for n, s in file.layers.items()}
+    rank, alpha = most_common(ranks.values()), most_common(alphas.values())
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": True,
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {anchored(n): r for n, r in ranks.items() if r != rank},
+        "alpha_pattern": {anchored(n): a for n, a in alphas.items() if a != alpha},
+        "target_modules": exact_regex(file.layers),
+        "lora_dropout": file.config.dropout,
+        "use_rslora": file.config.rslora,
+        "bias": "lora_only" if lora_biases else "none",
+        "modules_to_save": sorted(to_save) or None,
+        "init_lora_weights": True,
+        **_UNSUPPORTED,
+    }
+    write_safetensors(folder / WEIGHTS_FILE, cast_tensors(tensors, dtype), {"format": "pt", **export_header(file)})
+    write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def read_peft(folder: Path) -> AdapterFile:
+    """Read a PEFT LoRA adapter folder into a record (names as in the base model).
+
+    Raises:
+        AdapterFileError: not a LoRA adapter, a feature visionlora does not reproduce (DoRA,
+            lora_bias, ...), a pickled ``adapter_model.bin``, or keys that cannot be mapped.
+    """
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise file_error(folder / CONFIG_FILE, f"not a readable JSON file ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        found = config.get("peft_type") if isinstance(config, dict) else config
+        raise file_error(folder, f"peft_type is {found!r}; visionlora reads LoRA adapters ('LORA') only")
+    used = [k for k, default in _UNSUPPORTED.items() if config.get(k, default) not in (default, [], {})]
+    if used:
+        raise file_error(folder, f"uses PEFT options visionlora does not reproduce: {used}")
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        pickled = folder / "adapter_model.bin"
+        hint = f"; {pickled.name} is a pickle, which visionlora never loads (re-save it with safetensors)"
+        raise file_error(folder, f"no {WEIGHTS_FILE}" + (hint if pickled.exists() else ""))
+    raw, header = read_safetensors(weights)
+    outside = [k for k in raw if not k.startswith(_PREFIX)]
+    unmappable(weights, outside, "model", f" (PEFT keys start with {_PREFIX!r})")
+    tensors: dict[str, torch.Tensor] = {}
+    extra, bad = [], []
+    for key, tensor in raw.items():
+        name = key[len(_PREFIX) :]
+        if name.endswith((".lora_A.weight", ".lora_B.weight")):
+            tensors[name] = tensor
+        elif ".lora_" in name or "lora_magnitude_vector" in name:
+            bad.append(key)
+        else:
+            name = name.replace(".base_layer.", ".")
+            tensors[name] = tensor
+            extra.append(name)
+    unmappable(weights, bad, "visionlora LoRA layer", " (DoRA, embedding LoRA and LoRA biases are not supported)")
+    rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    names = {k.rsplit(".lora_", 1)[0] for k in tensors if k.endswith(".lora_A.weight")}
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    for name in sorted(names):
+        declared, found = pattern_value(rank_pattern, name, rank), tensors[f"{name}.lora_A.weight"].shape[0]
+        if declared != found:
+            raise file_error(weights, f"layer {name!r}: the config gives rank {declared}, the tensors rank {found}")
+    file = foreign_record(
+        weights,
+        "peft",
+        tensors,
+        {n: pattern_value(alpha_pattern, n, alpha) for n in names},
+        extra=extra,
+        rslora=bool(config.get("use_rslora", False)),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        bias=str(config.get("bias", "none")),
+        trainable=["re:.*" + re.escape(m) for m in config.get("modules_to_save") or []],
+    )
+    return kept_record(file, header)
