@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,6 +89,80 @@ class TinyNet(nn.Module):
 def tiny_net(seed: int = 0, num_classes: int = 5) -> TinyNet:
     torch.manual_seed(seed)
     return TinyNet(num_classes).eval()
+
+
+def tiny_unet(**overrides):
+    """A small SD-like UNet2DConditionModel (attention at 16×16 and 8×8); keyword arguments override its config."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    config = {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": (32, 64),
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 24,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
+    return diffusers.UNet2DConditionModel(**(config | overrides)).eval()
+
+
+def unet_input(batch: int = 2, seed: int = 1) -> dict[str, Tensor]:
+    """Keyword arguments for a forward pass of :func:`tiny_unet`."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(batch, 4, 16, 16, generator=g),
+        "timestep": torch.tensor([10] * batch),
+        "encoder_hidden_states": torch.randn(batch, 7, 24, generator=g),
+    }
+
+
+def tiny_pipeline(folder: Path, unet: nn.Module) -> Path:
+    """Save a small StableDiffusionPipeline around ``unet`` to ``folder`` (tokenizer vocabulary made up here)."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    tok_dir = folder.parent / f"{folder.name}-vocab"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=8)
+    torch.manual_seed(0)
+    text = transformers.CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=24,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        projection_dim=24,
+    )
+    vae = diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=transformers.CLIPTextModel(text),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=diffusers.DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.test_ranks import tiny_unet
+from tests.conftest import tiny_unet
 from visionlora.cli import main
 
 

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 import visionlora as vl
+from tests.conftest import tiny_unet
 from visionlora.inject import lora_layers
 from visionlora.ranks import budget_ranks, rank_for_resolution
 
@@ -92,25 +93,6 @@ def test_vit_token_linears_take_the_patch_grid():
     vl.apply_lora(model, vl.LoraConfig(targets="blocks.0.*", rank=2), example_input=torch.randn(1, 3, 64, 64))
     # 64 px / 16 = a 4 × 4 patch grid: 16 tokens + the class token, floor(sqrt(17)) = 4
     assert {res for res, _ in allocation(model).values()} == {4}
-
-
-def tiny_unet(**overrides):
-    """A small SD-like UNet2DConditionModel (attention at 16×16 and 8×8); keyword arguments override its config."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    config = {
-        "sample_size": 16,
-        "in_channels": 4,
-        "out_channels": 4,
-        "layers_per_block": 1,
-        "block_out_channels": (32, 64),
-        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        "cross_attention_dim": 24,
-        "attention_head_dim": 8,
-        "norm_num_groups": 8,
-    }
-    return diffusers.UNet2DConditionModel(**(config | overrides)).eval()
 
 
 def test_unet_attention_linears_take_their_blocks_resolution_cross_attention_included():

@@ -95,7 +95,7 @@ def test_an_overflowing_export_raises_and_keeps_the_old_file(tmp_path):
 
 def test_diffusers_unet_exports_a_folder_that_from_pretrained_loads(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    from tests.test_ranks import tiny_unet
+    from tests.conftest import tiny_unet
 
     unet = tiny_unet()
     vl.apply_lora(unet, vl.LoraConfig(targets="preset:unet-attention", rank=4, alpha=4))

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import visionlora as vl
-from tests.test_ranks import tiny_unet
+from tests.conftest import tiny_unet
 
 # (constructor, blocks in the last stage, convs per block (without the shortcut))
 TORCHVISION_RESNETS = {

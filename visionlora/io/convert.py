@@ -183,13 +183,18 @@ def kept_record(file: AdapterFile, header: Mapping[str, str]) -> AdapterFile:
     if raw is None:
         return file
     try:
-        json.loads(raw)
+        meta = json.loads(raw)
     except (ValueError, RecursionError):
         raise file_error(file.path, f"the '{META_KEY}' header entry is not JSON") from None
-    kept = parse_record(file.path, raw, file.tensors, EXPORT_FORMAT)
+    listed = [k for key in ("extra", "buffers") for k in (meta.get(key) or [] if isinstance(meta, dict) else [])]
+    # PEFT also stores the untouched tensors of every modules_to_save module; the record lists what trained.
+    kept_tensors = {
+        k: v for k, v in file.tensors.items() if k in listed or k.endswith((".lora_A.weight", ".lora_B.weight"))
+    }
+    kept = parse_record(file.path, raw, kept_tensors, EXPORT_FORMAT)
     if set(kept.layers) != set(file.layers) or any(kept.layers[n].rank != file.layers[n].rank for n in file.layers):
         raise file_error(file.path, "the kept visionlora record does not match the file's LoRA tensors")
-    tensors = dict(file.tensors)
+    tensors = dict(kept_tensors)
     for name in file.layers:
         ratio = layer_scale(file, name) / layer_scale(kept, name)
         if abs(ratio - 1) > _SAME_SCALE:

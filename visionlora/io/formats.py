@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from visionlora.errors import ConfigError
-from visionlora.inject import iter_modules
+from visionlora.inject import original_state_dict
 from visionlora.io.adapter import (
     EXPORT_FORMAT,
     META_KEY,
@@ -119,10 +119,10 @@ def export_adapter(
     if format not in FORMATS:
         raise ConfigError(f"format {format!r} is not one of {list(FORMATS)}")
     path = Path(path)
-    module_names: list[str] | None = None
+    model_state: dict[str, torch.Tensor] | None = None
     if isinstance(model_or_file, nn.Module):
         record = adapter_record(model_or_file, path, adapter_name)
-        module_names = [n for n, _ in iter_modules(model_or_file)]
+        model_state = original_state_dict(model_or_file)
     else:
         record = read_adapter(model_or_file)
         if record.flat_names:
@@ -132,7 +132,7 @@ def export_adapter(
                 "with vl.load_adapter and export the model",
             )
     if format == "peft":
-        return write_peft(record, path, module_names=module_names, dtype=dtype)
+        return write_peft(record, path, model_state=model_state, dtype=dtype)
     if format == "diffusers":
         return write_diffusers(record, path, dtype=dtype)
     if format == "kohya":

@@ -6,7 +6,9 @@ differ from the most common ones go in ``rank_pattern`` / ``alpha_pattern`` unde
 (``^layer4\\.0\\.conv1$``, so ``conv1`` does not also match ``layer1.0.conv1``), trained biases of
 adapted layers go under ``<module>.base_layer.bias`` with ``bias="lora_only"``, and every other
 trained or changed tensor (a new head, BatchNorm running statistics) is saved through
-``modules_to_save`` of the module that holds it. peft itself is never imported.
+``modules_to_save`` of the module that holds it (PEFT selects those by suffix, so ``bn1`` also
+wraps ``layer1.0.bn1``; a module wrapped without saved values keeps its own, so outputs are
+unchanged). peft itself is never imported.
 """
 
 from __future__ import annotations
@@ -63,9 +65,17 @@ def _owner(key: str) -> str:
 
 
 def write_peft(
-    file: AdapterFile, folder: Path, *, module_names: list[str] | None = None, dtype: torch.dtype | None = None
+    file: AdapterFile,
+    folder: Path,
+    *,
+    model_state: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write ``file`` as a PEFT adapter folder; ``module_names`` (the model's) checks ``modules_to_save``.
+    """Write ``file`` as a PEFT adapter folder.
+
+    ``model_state`` is the model's :func:`~visionlora.inject.original_state_dict`: PEFT saves and
+    expects every tensor of a ``modules_to_save`` module, so an adapter that trains or changes
+    non-LoRA tensors can only be exported with it (i.e. from the model, not from a file).
 
     Raises:
         AdapterFileError: a layer PEFT would run differently (grouped, dilated, non-zero padding
@@ -93,14 +103,30 @@ def write_peft(
                     file.path, f"{key}: module {owner!r} trains in full but holds LoRA layers {inside[:3]}"
                 )
             to_save.add(owner)
-            tensors[f"{_PREFIX}{key}"] = file.tensors[key]
+    if to_save and model_state is None:
+        raise file_error(
+            file.path,
+            f"PEFT saves whole modules for modules_to_save, and this file holds only the trained tensors of "
+            f"{sorted(to_save)[:5]}; load it onto its model (vl.load_adapter) and export the model",
+        )
+    for key, tensor in (model_state or {}).items():
+        if _owner(key) in to_save:
+            tensors[f"{_PREFIX}{key}"] = tensor
     for owner in sorted(to_save):
-        clash = [n for n in module_names or [] if n != owner and n.endswith(owner)]
+        # PEFT selects modules_to_save by suffix; extra modules it picks keep their own values (outputs
+        # unchanged), but one that is, or holds, a LoRA layer would lose its adapter.
+        clash = [
+            n
+            for n in {_owner(k) for k in model_state or {}}
+            if n != owner
+            and n.endswith(owner)
+            and any(f"{n}.".startswith(f"{m}.") or m.startswith(f"{n}.") for m in file.layers)
+        ]
         if clash:
             raise file_error(
                 file.path,
-                f"PEFT matches modules_to_save by suffix: {owner!r} would also select {clash[:3]}; "
-                "it cannot be exported to PEFT exactly",
+                f"PEFT matches modules_to_save by suffix: {owner!r} would also select {clash[:3]}, which hold LoRA "
+                "layers; it cannot be exported to PEFT exactly",
             )
     ranks = {n: s.rank for n, s in file.layers.items()}
     alphas = {n: s.alpha for n, s in file.layers.items()}
