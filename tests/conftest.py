@@ -156,7 +156,7 @@ def tiny_pipeline(folder: Path, unet: nn.Module) -> Path:
         text_encoder=transformers.CLIPTextModel(text),
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=diffusers.DDIMScheduler(),
+        scheduler=diffusers.DDIMScheduler(steps_offset=1, clip_sample=False),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
