@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import tiny_unet
 from visionlora.cli import main
@@ -240,3 +242,50 @@ def test_inspect_refuses_a_broken_file_in_one_line(tmp_path, capsys):
     (tmp_path / "x.safetensors").write_bytes(b"not a safetensors file")
     assert main(["inspect", str(tmp_path / "x.safetensors")]) == 2
     assert "not a valid safetensors file" in capsys.readouterr().err
+
+
+def test_merge_a_pipeline_folder_base_writes_a_pipeline(tmp_path):
+    import diffusers
+
+    import visionlora as vl
+    from tests.conftest import randomize_lora, tiny_pipeline, unet_input
+
+    tiny_pipeline(tmp_path / "pipe", tiny_unet())
+    unet = tiny_unet()
+    vl.apply_lora(unet, vl.LoraConfig(targets="preset:unet-attention", rank=4))
+    randomize_lora(unet, std=0.05)
+    vl.export_adapter(unet, tmp_path / "k.safetensors", format="kohya")
+    argv = ["merge", "--base", str(tmp_path / "pipe"), "--adapter", str(tmp_path / "k.safetensors")]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(tmp_path / "out"))
+    with torch.no_grad():
+        assert torch.allclose(pipe.unet(**unet_input()).sample, unet(**unet_input()).sample, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["peft", "diffusers", "kohya", "visionlora"])
+def test_export_then_inspect_any_format(tmp_path, fmt, capsys):
+    import visionlora as vl
+
+    unet = tiny_unet()
+    vl.apply_lora(unet, vl.LoraConfig(targets="preset:unet-attention", rank=4, alpha=2))
+    vl.save_adapter(unet, tmp_path / "a.safetensors")
+    out = tmp_path / ("peft" if fmt == "peft" else "x.safetensors")
+    assert main(["export", str(tmp_path / "a.safetensors"), "--format", fmt, "--out", str(out), "--dtype", "fp16"]) == 0
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f": {fmt} adapter 'default'" in text
+    assert re.search(
+        r"\ndown_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q +Linear +- +4 +2 +256\n", text
+    )
+    assert vl.read_adapter(out).layers == vl.read_adapter(tmp_path / "a.safetensors").layers
+
+
+def test_export_refusals_are_one_line(tmp_path, capsys):
+    import visionlora as vl
+    from tests.conftest import tiny_net
+
+    net = vl.apply_lora(tiny_net(), vl.LoraConfig(targets=["block.0"], rank=2))
+    vl.save_adapter(net, tmp_path / "a.safetensors")
+    assert main(["export", str(tmp_path / "a.safetensors"), "--format", "kohya", "--out", str(tmp_path / "k")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("visionlora export: error:") and "block.0: groups=2" in err and "\n" not in err

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -82,7 +83,8 @@ def _merge(args: argparse.Namespace) -> int:
     model = load_base(args.base, arch=args.arch)
     _match_head(model, read_adapter(args.adapter))
     load_adapter(model, args.adapter)
-    out = export_merged(model, args.out, dtype=_DTYPES[args.dtype] if args.dtype else None)
+    pipeline = args.base if (Path(args.base) / "model_index.json").is_file() else None
+    out = export_merged(model, args.out, dtype=_DTYPES[args.dtype] if args.dtype else None, pipeline=pipeline)
     print(f"wrote {out}: {type(model).__name__} with {args.adapter} merged")
     return 0
 
@@ -152,7 +154,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--arch", help="architecture of a weights-file base, as a torchvision/timm name")
     merge.add_argument("--adapter", required=True, help="an adapter in any format visionlora reads (see inspect)")
-    merge.add_argument("--out", required=True, help="the .safetensors file (a folder for a diffusers model) to write")
+    merge.add_argument(
+        "--out",
+        required=True,
+        help="the .safetensors file to write; a folder for a diffusers model (a whole pipeline for a pipeline base)",
+    )
     merge.add_argument("--dtype", choices=list(_DTYPES), help="dtype of the written weights (default: the base's)")
     merge.set_defaults(run=_merge)
 

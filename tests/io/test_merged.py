@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torchvision
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import visionlora as vl
@@ -106,3 +107,31 @@ def test_diffusers_unet_exports_a_folder_that_from_pretrained_loads(tmp_path):
     with torch.no_grad():
         assert_rel_close(loaded(*args).sample, unet(*args).sample)
     assert not any(isinstance(m, vl.LoraLayer) for m in loaded.modules())
+
+
+def test_a_pipeline_folder_gets_its_unet_replaced_and_loads_as_a_pipeline(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from tests.conftest import tiny_pipeline, tiny_unet, unet_input
+
+    source = tiny_pipeline(tmp_path / "pipe", tiny_unet())
+    unet = diffusers.UNet2DConditionModel.from_pretrained(source / "unet").eval()
+    vl.apply_lora(unet, vl.LoraConfig(targets="preset:unet-locon", rank=4, alpha=2))
+    randomize_lora(unet, std=0.05)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("replaced")  # an existing folder is replaced whole
+    out = vl.export_merged(unet, tmp_path / "out", pipeline=source, dtype=torch.float16)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(out))
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in source.iterdir())
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
+    with torch.no_grad():
+        expected = unet(**unet_input()).sample
+        assert_rel_close(pipe.unet.float()(**unet_input()).sample, expected, 2e-3)
+    untouched = diffusers.UNet2DConditionModel.from_pretrained(source / "unet")
+    with torch.no_grad():
+        assert (untouched(**unet_input()).sample - expected).abs().max() > 1e-2  # the source pipeline is unchanged
+    with pytest.raises(vl.ConfigError, match="not over the one it is read from"):
+        vl.export_merged(unet, source, pipeline=source)
+    with pytest.raises(vl.ConfigError, match="not a diffusers pipeline folder"):
+        vl.export_merged(unet, tmp_path / "x", pipeline=source / "unet")

@@ -72,15 +72,21 @@ def write_kohya(file: AdapterFile, path: Path, *, dtype: torch.dtype | None = No
     tensors = {k: v if k.endswith(".alpha") else cast_tensors({k: v}, dtype)[k] for k, v in tensors.items()}
     linear = [s for s in file.layers.values() if s.kind == "Linear"] or list(file.layers.values())
     conv = [s for s in file.layers.values() if s.kind != "Linear"]
-    args = {"conv_dim": str(most_common(s.rank for s in conv)), "conv_alpha": str(most_common(s.alpha for s in conv))}
     header = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(most_common(s.rank for s in linear)),
         "ss_network_alpha": str(most_common(s.alpha for s in linear)),
-        **({"ss_network_args": json.dumps(args)} if conv else {}),
+        **({"ss_network_args": _conv_args(conv)} if conv else {}),
         **export_header(file),
     }
     return write_safetensors(path, tensors, header)
+
+
+def _conv_args(conv: list[LayerSpec]) -> str:
+    """kohya's ``network_args`` for LoCon: the conv layers' (most common) rank and alpha."""
+    return json.dumps(
+        {"conv_dim": str(most_common(s.rank for s in conv)), "conv_alpha": str(most_common(s.alpha for s in conv))}
+    )
 
 
 def _fold_mid(path: Path, base: str, down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:

@@ -7,19 +7,26 @@ The result loads into the un-adapted architecture with no visionlora code:
   ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path, num_classes=N),
   num_classes=N)``; without ``num_classes`` in the overlay timm drops a changed head silently;
 - a diffusers model (UNet): a model folder (``config.json`` and
-  ``diffusion_pytorch_model.safetensors``) that ``from_pretrained`` loads.
+  ``diffusion_pytorch_model.safetensors``) that ``from_pretrained`` loads;
+- given the pipeline folder the UNet came from, a copy of that pipeline with its ``unet/``
+  replaced, which ``DiffusionPipeline.from_pretrained`` loads (other components are hard-linked
+  where the file system allows, else copied).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from visionlora._tree import from_diffusers, require_module
-from visionlora.errors import MergeError
+from visionlora.errors import AdapterFileError, ConfigError, MergeError
 from visionlora.inject import lora_layers, original_state_dict
 from visionlora.io.files import write_safetensors
 
@@ -53,22 +60,87 @@ def merged_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None) -> 
     return out
 
 
-def export_merged(model: nn.Module, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:
+def export_merged(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    pipeline: str | os.PathLike[str] | None = None,
+    component: str = "unet",
+) -> Path:
     """Write the adapted model as a plain checkpoint of its original architecture (see the module docstring).
 
-    For a diffusers model ``path`` is a model folder; otherwise it is a ``.safetensors`` file. Files
-    are written atomically. The model itself is not changed. Returns ``path``.
+    For a diffusers model ``path`` is a model folder, or with ``pipeline`` (the pipeline folder the
+    model was loaded from) a whole pipeline folder whose ``component`` subfolder holds the merged
+    model. Otherwise ``path`` is a ``.safetensors`` file. Files are written atomically and a
+    pipeline folder appears complete or not at all. The model itself is not changed. Returns ``path``.
 
     Example:
         >>> vl.export_merged(model, "merged.safetensors", dtype=torch.float16)
         >>> torchvision.models.resnet50().load_state_dict(safetensors.torch.load_file("merged.safetensors"))
+        >>> vl.export_merged(unet, "styled-pipeline", pipeline="sd15-pipeline")
     """
     state = merged_state_dict(model, dtype=dtype)
     path = Path(path)
     save_config = getattr(model, "save_config", None)
-    if from_diffusers(model) and callable(save_config):
-        path.mkdir(parents=True, exist_ok=True)
-        write_safetensors(path / _DIFFUSERS_WEIGHTS, state, {"format": "pt"})
-        save_config(str(path))
+    if not (from_diffusers(model) and callable(save_config)):
+        if pipeline is not None:
+            raise ConfigError(f"pipeline= is for diffusers models; {type(model).__name__} is written to one file")
+        return write_safetensors(path, state, {"format": "pt"})
+    if pipeline is None:
+        _write_diffusers_model(path, state, save_config)
         return path
-    return write_safetensors(path, state, {"format": "pt"})
+    source = Path(pipeline)
+    if not (source / "model_index.json").is_file() or not (source / component).is_dir():
+        raise ConfigError(f"pipeline={source}: not a diffusers pipeline folder with a {component}/ subfolder")
+    if path.resolve() == source.resolve():
+        raise ConfigError(f"{path}: write the merged pipeline to a new folder, not over the one it is read from")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        shutil.copytree(
+            source, staging, dirs_exist_ok=True, copy_function=_link_or_copy, ignore=_skip(source / component)
+        )
+        _write_diffusers_model(staging / component, state, save_config)
+        _replace_folder(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_diffusers_model(folder: Path, state: dict[str, torch.Tensor], save_config: Callable[[str], object]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(folder / _DIFFUSERS_WEIGHTS, state, {"format": "pt"})
+    save_config(str(folder))
+
+
+def _skip(component: Path) -> Callable[[str, list[str]], set[str]]:
+    """copytree's ``ignore``: leave out the component being replaced."""
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return {n for n in names if Path(folder) / n == component}
+
+    return ignore
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Put folder ``new`` at ``path``; an existing folder there is moved aside first and removed after."""
+    if path.exists() and not path.is_dir():
+        raise AdapterFileError(f"{path}: is a file; a merged pipeline is a folder")
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        os.replace(path, old / path.name)
+    os.replace(new, path)
+    if old is not None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(old)
