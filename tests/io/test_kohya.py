@@ -158,3 +158,11 @@ def test_keys_that_cannot_be_mapped_are_listed(tmp_path):
         vl.load_adapter(_fresh(tiny_unet().state_dict()), tmp_path / "other.safetensors")
     with pytest.raises(vl.AdapterFileError, match="flattened"):
         vl.export_adapter(tmp_path / "other.safetensors", tmp_path / "p", format="peft")
+
+
+def test_load_adapter_says_which_format_it_found(tmp_path, caplog):
+    unet, base, _ = _adapted()
+    path = vl.export_adapter(unet, tmp_path / "k.safetensors", format="kohya")
+    with caplog.at_level("INFO", logger="visionlora"):
+        vl.load_adapter(_fresh(base), path)
+    assert f"{path}: read as a kohya adapter with {len(vl.read_adapter(path).layers)} LoRA layers" in caplog.text
