@@ -1,0 +1,43 @@
+"""Tiny image-folder data made from scikit-learn's bundled digits, and a tiny classifier recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def digit_folder(root: Path, digits: tuple[int, ...] = (0, 1, 2), per_class: int = 12, split: bool = False) -> Path:
+    """PNG images of the chosen digits (16×16 grey) in ImageFolder layout: root/<digit>/*.png,
+    or root/train/... and root/val/... with ``split``."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    counts = dict.fromkeys(digits, 0)
+    for image, label in zip(data.images, data.target, strict=True):
+        if label not in counts or counts[label] >= per_class:
+            continue
+        part = ("val" if counts[label] % 4 == 0 else "train") if split else ""
+        folder = root / part / f"digit{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (image * 255 / 16).clip(0, 255).astype("uint8")
+        Image.fromarray(pixels).resize((16, 16)).save(folder / f"{counts[label]:03d}.png")
+        counts[label] += 1
+    return root
+
+
+def tiny_recipe(data: Path, **train: object) -> dict:
+    return {
+        "task": "classifier",
+        "model": {"name": "torchvision:resnet18", "weights": "none"},
+        "data": {"root": str(data), "image_size": 32, "batch_size": 8, "val_fraction": 0.25},
+        "lora": {"targets": ["preset:resnet-last-blocks"], "rank": 4, "alpha": 8, "rank_by_resolution": {2: 8, 0: 4}},
+        "train": {"epochs": 2, "lr": 0.01, "head_lr": 0.01, "warmup_steps": 1, "seed": 0, **train},
+        "output": {"dir": str(data.parent / "run")},
+    }
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    return digit_folder(tmp_path_factory.mktemp("digits") / "data")

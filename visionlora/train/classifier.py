@@ -1,0 +1,326 @@
+"""The classifier recipe: new head + LoRA, trained with accelerate, validated every epoch, reported."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from visionlora.errors import ConfigError
+from visionlora.inject import apply_lora, lora_layers
+from visionlora.io import export_adapter, export_merged, save_adapter
+from visionlora.io.files import write_text
+from visionlora.models.heads import replace_head
+from visionlora.models.loading import build_model, load_base
+from visionlora.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from visionlora.train.data import EpochBatches, classifier_datasets, classifier_transforms, set_epoch
+from visionlora.train.recipe import ClassifierModel, ClassifierRecipe, Train, dump_recipe
+from visionlora.train.report import confusion_matrix, macro_f1, plot_confusion, plot_curves
+
+__all__ = ["build_classifier", "run_classifier"]
+
+_MERGED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_classifier(spec: ClassifierModel) -> nn.Module:
+    """The base network of a classifier recipe, with the weights ``spec.weights`` asks for."""
+    if spec.weights == "pretrained":
+        return build_model(spec.name, pretrained=True)
+    if spec.weights == "none":
+        return build_model(spec.name, pretrained=False)
+    if not Path(spec.weights).is_file():
+        raise ConfigError(f"model.weights: {spec.weights!r} is not 'pretrained', 'none' or an existing weights file")
+    return load_base(spec.weights, arch=spec.name)
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _accelerator(train: Train, out_dir: Path) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    return Accelerator(
+        mixed_precision=_mixed_precision(train.mixed_precision),
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        log_with=train.log_with,
+        project_dir=str(out_dir),
+    )
+
+
+def cosine_with_warmup(warmup: int, total: int) -> Any:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _param_groups(model: nn.Module, train: Train) -> list[dict[str, Any]]:
+    lora_ids = {id(p) for _, layer in lora_layers(model) for p in layer.adapters.parameters()}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    lora = [p for p in trained if id(p) in lora_ids]
+    other = [p for p in trained if id(p) not in lora_ids]
+    groups = [{"params": lora, "lr": train.lr, "weight_decay": train.weight_decay}]
+    if other:
+        groups.append({"params": other, "lr": train.head_lr, "weight_decay": train.weight_decay})
+    return groups
+
+
+def _resume_folder(resume: str, out_dir: Path) -> Path:
+    if resume == "latest":
+        return latest_checkpoint(out_dir)
+    path = Path(resume)
+    if (path / "state.json").is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        return latest_checkpoint(path)
+    raise ConfigError(f"--resume {resume}: not 'latest', a run folder with checkpoints/, or a checkpoint folder")
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, loader: DataLoader[Any], accelerator: Any, num_classes: int) -> dict[str, Any]:
+    model.eval()
+    losses, preds, targets = [], [], []
+    for x, y in loader:
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, reduction="none")
+        loss, pred, y = accelerator.gather_for_metrics((loss, logits.argmax(1), y))
+        losses.append(loss.cpu())
+        preds.append(pred.cpu())
+        targets.append(y.cpu())
+    pred, target = torch.cat(preds), torch.cat(targets)
+    confusion = confusion_matrix(pred, target, num_classes)
+    return {
+        "val_loss": torch.cat(losses).mean().item(),
+        "val_accuracy": (pred == target).float().mean().item(),
+        "val_macro_f1": macro_f1(confusion),
+        "confusion": confusion,
+    }
+
+
+def run_classifier(
+    recipe: ClassifierRecipe, *, output: str | Path | None = None, resume: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Train ``recipe``; write adapter, merged checkpoint, exports, metrics.json, recipe.yaml and report/.
+
+    Returns the final metrics (also in ``metrics.json``). Runs unchanged under ``accelerate launch``.
+    """
+    out_dir = Path(output or recipe.output.dir)
+    train = recipe.train
+    accelerator = _accelerator(train, out_dir)
+    from accelerate.utils import set_seed
+
+    set_seed(train.seed)
+    if recipe.data.batch_size % accelerator.num_processes:
+        raise ConfigError(
+            f"data.batch_size: {recipe.data.batch_size} does not split over {accelerator.num_processes} processes"
+        )
+    model = build_classifier(recipe.model)
+    train_set, val_set, classes = classifier_datasets(
+        recipe.data, classifier_transforms(model, recipe.data.image_size, recipe.data.augment), train.seed
+    )
+    size_of_train = len(train_set)  # type: ignore[arg-type]  # image-folder datasets are sized
+    heads = replace_head(model, len(classes))
+    cfg = dataclasses.replace(recipe.lora, trainable=sorted({*recipe.lora.trainable, *heads}))
+    probe = cfg.rank_by_resolution or cfg.rank_budget is not None
+    size = recipe.data.image_size
+    apply_lora(model, cfg, example_input=torch.zeros(1, 3, size, size) if probe else None)
+
+    batches = EpochBatches(
+        size_of_train, recipe.data.batch_size, train.seed, drop_last=size_of_train >= recipe.data.batch_size
+    )
+    loader_gen = torch.Generator().manual_seed(train.seed)  # keeps DataLoader seeding off the global RNG
+    train_loader = DataLoader(
+        train_set, batch_sampler=batches, num_workers=recipe.data.num_workers, generator=loader_gen
+    )
+    val_loader = DataLoader(val_set, batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers)
+    optimizer = torch.optim.AdamW(_param_groups(model, train))
+    batches_per_epoch = len(batches)
+    steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
+    total = (
+        steps_per_epoch * train.epochs
+        if train.max_steps is None
+        else min(train.max_steps, steps_per_epoch * train.epochs)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train.warmup_steps, total))
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    plain = accelerator.unwrap_model(model)
+
+    step, epoch, start_batch, history, elapsed = 0, 0, 0, [], 0.0
+    if resume is not None:
+        folder = _resume_folder(resume, out_dir)
+        state = load_checkpoint(folder, model=plain, optimizer=optimizer.optimizer, rank=accelerator.process_index)
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, start_batch = state["step"], state["epoch"], state["batch"]
+        history, elapsed = state["history"], state["elapsed"]
+        if state.get("scaler") and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / "recipe.yaml", dump_recipe(recipe))
+    if train.log_with:
+        accelerator.init_trackers("visionlora")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=step, disable=not (progress and accelerator.is_local_main_process), unit="step")
+    started = time.perf_counter() - elapsed
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    last_val: dict[str, Any] | None = None
+    images = 0
+    while step < total and epoch < train.epochs:
+        batches.set_position(epoch, start_batch)
+        set_epoch(train_set, epoch)
+        model.train()
+        epoch_losses: list[float] = []
+        group: list[torch.Tensor] = []
+        for index, (x, y) in enumerate(train_loader, start=start_batch):
+            group_end = min(batches_per_epoch, (index // train.grad_accum + 1) * train.grad_accum)
+            boundary = index + 1 == group_end
+            group_size = group_end - (index // train.grad_accum) * train.grad_accum
+            with contextlib.nullcontext() if boundary else accelerator.no_sync(model):
+                loss = F.cross_entropy(model(x).float(), y)
+                accelerator.backward(loss / group_size)
+            group.append(loss.detach())
+            images += len(y) * accelerator.num_processes
+            if not boundary:
+                continue
+            if train.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_loss = accelerator.reduce(torch.stack(group).mean(), reduction="mean").item()
+            group = []
+            epoch_losses.append(step_loss)
+            rate = images / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{rate:.1f}")
+            bar.update(1)
+            if train.log_with:
+                accelerator.log({"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=step)
+            if train.checkpoint_every and step % train.checkpoint_every == 0 and step < total:
+                _checkpoint(
+                    accelerator, out_dir, step, epoch, index + 1, plain, optimizer, scheduler, history, started, train
+                )
+            if step >= total:
+                break
+        start_batch = 0
+        last_val = _validate(model, val_loader, accelerator, len(classes))
+        entry = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": sum(epoch_losses) / max(1, len(epoch_losses)),
+            **{k: v for k, v in last_val.items() if k != "confusion"},
+        }
+        history.append(entry)
+        if train.log_with:
+            accelerator.log({k: v for k, v in entry.items() if k not in ("epoch", "step")}, step=step)
+        epoch += 1
+    bar.close()
+    if last_val is None:  # resumed from a checkpoint taken after the last step
+        last_val = _validate(model, val_loader, accelerator, len(classes))
+    seconds = time.perf_counter() - started
+    metrics = _finish(accelerator, recipe, out_dir, plain, history, last_val, classes, seconds, step)
+    if train.log_with:
+        accelerator.end_training()
+    return metrics
+
+
+def _checkpoint(
+    accelerator: Any,
+    out_dir: Path,
+    step: int,
+    epoch: int,
+    batch: int,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    history: list[dict[str, Any]],
+    started: float,
+    train: Train,
+) -> None:
+    state = {
+        "step": step,
+        "epoch": epoch,
+        "batch": batch,
+        "history": history,
+        "elapsed": time.perf_counter() - started,
+        "scheduler": scheduler.state_dict(),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+    }
+    root = out_dir / "checkpoints"
+    save_checkpoint(
+        root,
+        step,
+        model=model,
+        optimizer=optimizer.optimizer,
+        state=state,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone,
+    )
+    if accelerator.is_main_process:
+        prune_checkpoints(root, train.keep_checkpoints)
+
+
+def _finish(
+    accelerator: Any,
+    recipe: ClassifierRecipe,
+    out_dir: Path,
+    model: nn.Module,
+    history: list[dict[str, Any]],
+    last_val: dict[str, Any],
+    classes: list[str],
+    seconds: float,
+    step: int,
+) -> dict[str, Any]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    metrics = {
+        "steps": step,
+        "epochs": len(history),
+        "val_loss": last_val["val_loss"],
+        "val_accuracy": last_val["val_accuracy"],
+        "val_macro_f1": last_val["val_macro_f1"],
+        "trainable_parameters": trainable,
+        "trainable_percent": 100.0 * trainable / total,
+        "seconds": seconds,
+        "processes": accelerator.num_processes,
+        "classes": classes,
+        "history": history,
+        "confusion": last_val["confusion"].tolist(),
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model.eval()
+        save_adapter(model, out_dir / "adapter.safetensors")
+        export_merged(model, out_dir / "merged.safetensors", dtype=_MERGED_DTYPES[recipe.output.merged_dtype])
+        for fmt in recipe.output.export:
+            name = f"adapter-{fmt}" + ("" if fmt == "peft" else ".safetensors")
+            export_adapter(model, out_dir / name, format=fmt)
+        if history:
+            plot_curves(history, out_dir / "report" / "curves.png")
+        plot_confusion(last_val["confusion"], classes, out_dir / "report" / "confusion.png")
+        write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+    accelerator.wait_for_everyone()
+    return metrics

@@ -1,0 +1,143 @@
+"""Image folders, their transforms, and a batch order that a resumed run can reproduce exactly."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Sampler, Subset
+
+from visionlora.errors import ConfigError
+from visionlora.train.recipe import ClassifierData
+
+__all__ = ["EpochBatches", "classifier_datasets", "classifier_transforms", "set_epoch", "targets_of"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class EpochBatches(Sampler[list[int]]):
+    """Shuffled batches whose order depends only on (seed, epoch); ``start`` skips batches already done.
+
+    Every process builds the same order; accelerate splits each batch between processes, so the
+    global batch is the same with 1 or N processes.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, drop_last: bool = False) -> None:
+        self.size, self.batch_size, self.seed, self.drop_last = size, batch_size, seed, drop_last
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        """Make the next iteration epoch ``epoch``, starting after its first ``start`` batches."""
+        self.epoch, self.start = epoch, start
+
+    def _batches(self) -> list[list[int]]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        batches = [b.tolist() for b in order.split(self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches()[self.start :]
+
+    def __len__(self) -> int:
+        return len(self._batches()) - self.start
+
+
+def classifier_transforms(model: nn.Module, image_size: int, augment: bool) -> tuple[Any, Any]:
+    """(train, val) transforms: timm's from the model's data config for timm models, else ImageNet-style."""
+    from torchvision import transforms as T
+
+    if getattr(model, "pretrained_cfg", None) is not None:
+        import timm.data
+
+        config = timm.data.resolve_data_config({"input_size": (3, image_size, image_size)}, model=model)
+        return timm.data.create_transform(**config, is_training=augment), timm.data.create_transform(**config)
+    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    resize = [T.Resize(max(image_size, round(image_size * 256 / 224))), T.CenterCrop(image_size)]
+    train = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] if augment else resize
+    return T.Compose([T.Lambda(_rgb), *train, *normalize]), T.Compose([T.Lambda(_rgb), *resize, *normalize])
+
+
+def _rgb(image: Any) -> Any:
+    return image.convert("RGB")
+
+
+class _Transformed(Dataset[tuple[torch.Tensor, int]]):
+    """Images through ``transform``; with a ``seed``, each (epoch, index) draws its own random numbers.
+
+    Random augmentation then does not depend on the global RNG, on how many batches a loader
+    prefetched, on worker processes or on resuming, so a resumed run sees the same images.
+    """
+
+    def __init__(self, base: Dataset[Any], transform: Any, seed: int | None = None) -> None:
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[index]
+        if self.seed is None:
+            return self.transform(image), label
+        sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                random.seed(sample_seed)
+                return self.transform(image), label
+        finally:
+            random.setstate(state)
+
+
+def set_epoch(dataset: Dataset[Any], epoch: int) -> None:
+    """Tell a dataset from :func:`classifier_datasets` which epoch its augmentation is for."""
+    if isinstance(dataset, Subset):
+        set_epoch(dataset.dataset, epoch)
+    elif isinstance(dataset, _Transformed):
+        dataset.epoch = epoch
+
+
+def classifier_datasets(
+    data: ClassifierData, transforms: tuple[Any, Any], seed: int
+) -> tuple[Dataset[Any], Dataset[Any], list[str]]:
+    """(train, val, class names) from ``data.root``: its train/ and val/ folders, or one folder split by
+    ``data.val_fraction`` (the same split for the same seed)."""
+    from torchvision.datasets import ImageFolder
+
+    root = Path(data.root)
+    if not root.is_dir():
+        raise ConfigError(f"data.root: {root} is not a folder; give an ImageFolder-style folder of class folders")
+    try:
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            train, val = ImageFolder(str(root / "train")), ImageFolder(str(root / "val"))
+            if train.classes != val.classes:
+                raise ConfigError(f"data.root: {root}/train has classes {train.classes}, val/ has {val.classes}")
+            return _Transformed(train, transforms[0], seed), _Transformed(val, transforms[1]), list(train.classes)
+        full = ImageFolder(str(root))
+    except (FileNotFoundError, OSError) as exc:
+        raise ConfigError(f"data.root: {root}: {exc}") from None
+    if len(full.classes) < 2:
+        raise ConfigError(f"data.root: {root} has {len(full.classes)} class folder(s); a classifier needs 2 or more")
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(len(full) * data.val_fraction))
+    val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+    train_set = Subset(_Transformed(full, transforms[0], seed), train_idx)
+    val_set = Subset(_Transformed(full, transforms[1]), val_idx)
+    return train_set, val_set, list(full.classes)
+
+
+def targets_of(dataset: Dataset[Any]) -> Sequence[int]:
+    """Labels of an image-folder dataset (through Subset and the transform wrapper) without loading images."""
+    if isinstance(dataset, Subset):
+        labels = targets_of(dataset.dataset)
+        return [labels[i] for i in dataset.indices]
+    if isinstance(dataset, _Transformed):
+        return targets_of(dataset.base)
+    return list(dataset.targets)  # type: ignore[attr-defined]

@@ -1,0 +1,233 @@
+"""Training recipes: YAML files that map one to one onto these dataclasses.
+
+A recipe has a ``task`` and sections ``model``, ``data``, ``lora`` (a :class:`~visionlora.LoraConfig`),
+``train`` and ``output``. Unknown keys are errors naming the closest valid key; wrong values name
+the key and what is valid. ``--set section.key=value`` overrides (values parsed as YAML) apply
+before checking, and the fully resolved recipe is written next to the run's results.
+
+Example:
+    >>> recipe = load_recipe("recipes/classifier-resnet.yaml", ["train.max_steps=20", "data.root=/data/pets"])
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from visionlora.config import LoraConfig, config_from_dict, config_to_dict, is_finite_number
+from visionlora.errors import ConfigError
+
+__all__ = [
+    "ClassifierData",
+    "ClassifierModel",
+    "ClassifierRecipe",
+    "Output",
+    "Train",
+    "apply_overrides",
+    "dump_recipe",
+    "load_recipe",
+    "parse_recipe",
+]
+
+AdapterFormat = Literal["visionlora", "peft", "diffusers", "kohya"]
+
+
+@dataclass
+class ClassifierModel:
+    """The network to adapt."""
+
+    name: str
+    """A torchvision or timm model name, optionally prefixed ``torchvision:`` / ``timm:``."""
+    weights: str = "pretrained"
+    """``pretrained`` (fetched by torchvision/timm), ``none`` (fresh weights), or a .safetensors/.pt file."""
+
+
+@dataclass
+class ClassifierData:
+    """An ImageFolder-style dataset: ``root/train/<class>/*.png`` and ``root/val/...``, or one folder to split."""
+
+    root: str
+    val_fraction: float = 0.2
+    """Share of the images held out for validation when ``root`` has no train/ and val/ folders."""
+    image_size: int = 224
+    batch_size: int = 32
+    """Global batch size (split over processes under ``accelerate launch``)."""
+    num_workers: int = 0
+    augment: bool = True
+    """Random resized crops and horizontal flips for training (timm models: timm's own transforms)."""
+
+
+@dataclass
+class Train:
+    """Optimisation, schedule, checkpoints and logging."""
+
+    epochs: int = 10
+    max_steps: int | None = None
+    """Stop after this many optimizer steps, whatever ``epochs`` says (None: no cap)."""
+    lr: float = 1e-3
+    """Learning rate of the LoRA parameters."""
+    head_lr: float = 1e-3
+    """Learning rate of everything else that trains (a new head, ``trainable`` modules, biases)."""
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """``auto``: bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU."""
+    seed: int = 0
+    checkpoint_every: int | None = None
+    """Write a resumable checkpoint every this many optimizer steps (None: only at the end)."""
+    keep_checkpoints: int = 2
+    log_with: Literal["tensorboard"] | None = None
+    """Also log metrics through accelerate's tracker (TensorBoard needs the ``tensorboard`` package)."""
+
+
+@dataclass
+class Output:
+    """Where results go and in which formats the adapter is exported."""
+
+    dir: str = "runs/visionlora"
+    export: list[AdapterFormat] = field(default_factory=list)
+    """Other formats to write beside adapter.safetensors (e.g. ``[peft]``)."""
+    merged_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+@dataclass
+class ClassifierRecipe:
+    """Fine-tune an image classifier: new head for the dataset's classes, LoRA on the chosen layers."""
+
+    task: Literal["classifier"]
+    model: ClassifierModel
+    data: ClassifierData
+    lora: LoraConfig
+    train: Train = field(default_factory=Train)
+    output: Output = field(default_factory=Output)
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool, str]] = [
+            ("data.val_fraction", 0.0 < self.data.val_fraction < 1.0, "a number between 0 and 1 (exclusive)"),
+            ("data.image_size", self.data.image_size >= 8, "an integer >= 8"),
+            ("data.batch_size", self.data.batch_size >= 1, "an integer >= 1"),
+            ("data.num_workers", self.data.num_workers >= 0, "an integer >= 0"),
+            ("train.epochs", self.train.epochs >= 1, "an integer >= 1"),
+            ("train.max_steps", self.train.max_steps is None or self.train.max_steps >= 1, "null or an integer >= 1"),
+            ("train.lr", _positive(self.train.lr), "a finite number > 0"),
+            ("train.head_lr", _positive(self.train.head_lr), "a finite number > 0"),
+            ("train.weight_decay", is_finite_number(self.train.weight_decay) and self.train.weight_decay >= 0, ">= 0"),
+            ("train.warmup_steps", self.train.warmup_steps >= 0, "an integer >= 0"),
+            ("train.grad_accum", self.train.grad_accum >= 1, "an integer >= 1"),
+            (
+                "train.max_grad_norm",
+                self.train.max_grad_norm is None or _positive(self.train.max_grad_norm),
+                "null or > 0",
+            ),
+            (
+                "train.checkpoint_every",
+                self.train.checkpoint_every is None or self.train.checkpoint_every >= 1,
+                "null or an integer >= 1",
+            ),
+            ("train.keep_checkpoints", self.train.keep_checkpoints >= 1, "an integer >= 1"),
+        ]
+        for key, ok, valid in checks:
+            if not ok:
+                value = _get(config_to_dict(self), key)
+                raise ConfigError(f"{key}: {value!r} is invalid; expected {valid}")
+
+
+def _positive(value: float) -> bool:
+    return is_finite_number(value) and value > 0
+
+
+def _get(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+RECIPES: dict[str, type[ClassifierRecipe]] = {"classifier": ClassifierRecipe}
+"""Recipe class by ``task``."""
+
+
+def _yaml() -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError("recipes need PyYAML: pip install 'visionlora[train]'") from None
+    return yaml
+
+
+def _loader() -> Any:
+    """A safe YAML loader that also reads ``1e-3`` (no dot) as a float, as people write learning rates."""
+    yaml = _yaml()
+
+    class Loader(yaml.SafeLoader):  # type: ignore[name-defined,misc]
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return Loader
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    yaml = _yaml()
+    try:
+        return yaml.load(text, Loader=_loader())  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({exc})") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` with ``section.key=value`` overrides applied (values parsed as YAML); ``data`` is not changed."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_steps=100")
+        parts = key.strip().split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = _parse_yaml(raw, f"--set {key}")
+    return out
+
+
+def parse_recipe(data: Any, where: str = "recipe") -> ClassifierRecipe:
+    """The recipe dataclass for a parsed YAML document (checked in full)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a recipe is a mapping with task, model, data, lora, train, output")
+    task = data.get("task")
+    if task not in RECIPES:
+        raise ConfigError(f"{where}: task {task!r} is not one of {list(RECIPES)}")
+    return config_from_dict(RECIPES[task], data)
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> ClassifierRecipe:
+    """Read a YAML recipe, apply ``--set``-style overrides, and check every key and value.
+
+    Raises:
+        ConfigError: naming the file or key at fault and what would be valid.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
+    data = _parse_yaml(text, str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping with task, model, data, lora, train, output")
+    return parse_recipe(apply_overrides(data, overrides or []), str(path))
+
+
+def dump_recipe(recipe: ClassifierRecipe) -> str:
+    """The fully resolved recipe as YAML; :func:`load_recipe` reads it back to an equal recipe."""
+    return str(_yaml().safe_dump(config_to_dict(recipe), sort_keys=False))

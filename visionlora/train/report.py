@@ -1,0 +1,78 @@
+"""Classification metrics and the PNG report (loss/accuracy curves, confusion matrix)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["confusion_matrix", "macro_f1", "plot_confusion", "plot_curves"]
+
+
+def confusion_matrix(predicted: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``C[i, j]`` = number of samples of true class i predicted as class j."""
+    index = target.long() * num_classes + predicted.long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """Unweighted mean over classes of F1 = 2·TP / (2·TP + FP + FN); a class absent from both is skipped."""
+    tp = confusion.diag().double()
+    fp = confusion.sum(0).double() - tp
+    fn = confusion.sum(1).double() - tp
+    denominator = 2 * tp + fp + fn
+    present = denominator > 0
+    if not present.any():
+        return 0.0
+    return float((2 * tp[present] / denominator[present]).mean())
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:
+    """Train/val loss and val accuracy per epoch, one PNG."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    left.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val")
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    left.legend()
+    right.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="val top-1")
+    right.plot(epochs, [h["val_macro_f1"] for h in history], marker="o", label="val macro-F1")
+    right.set(xlabel="epoch", ylim=(0, 1.02), title="accuracy")
+    right.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> Path:
+    """The validation confusion matrix as a PNG heat map with counts."""
+    plt = _pyplot()
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n, 1.0 + 0.45 * n))
+    ax.imshow(confusion.numpy(), cmap="Blues")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title="validation confusion")
+    ax.set_xticklabels(classes, rotation=90)
+    ax.set_yticklabels(classes)
+    top = max(int(confusion.max()), 1)
+    for i in range(n):
+        for j in range(n):
+            value = int(confusion[i, j])
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
