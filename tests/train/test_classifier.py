@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +129,48 @@ def test_yaml_reads_scientific_learning_rates_and_cli_errors_are_one_line(digits
     assert err == "visionlora train: error: data.root: /nowhere is not a folder; " + (
         "give an ImageFolder-style folder of class folders"
     )
+
+
+RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("classifier-*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_classifier_recipe_runs(path, digits_root, tmp_path):
+    overrides = [f"data.root={digits_root}", "model.weights=none", "train.max_steps=1", "data.num_workers=0"]
+    if "tiny" not in path.stem:  # full-size architectures: keep the test small
+        overrides += ["data.image_size=32", "data.batch_size=4", "output.export=[]"]
+        if "vit" in path.stem:
+            overrides += ["model.kwargs={img_size: 32, depth: 1}"]
+    metrics = run_recipe(load_recipe(path, overrides), output=tmp_path / "run", progress=False)
+    assert metrics["steps"] == 1 and (tmp_path / "run" / "merged.safetensors").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_processes_give_the_adapter_of_one_with_the_same_global_batch(digits_root, tmp_path):
+    path = Path(__file__).parents[2] / "recipes" / "classifier-tiny.yaml"
+    sets = ["--set", f"data.root={digits_root}", "--set", "train.max_steps=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, "-m", "visionlora", "train", str(path), *sets, "--output", str(tmp_path / "one")]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    two = [*torchrun, "-m", "visionlora", "train", str(path), *sets, "--output", str(tmp_path / "two")]
+    for argv in (one, two):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["processes"] == 2
+    a, b = load_file(tmp_path / "one" / "adapter.safetensors"), load_file(tmp_path / "two" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:  # documented tolerance: 1e-4 of each tensor's largest value (float sums in another order)
+        assert (a[key] - b[key]).abs().max() <= 1e-4 * a[key].abs().max(), key

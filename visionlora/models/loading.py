@@ -33,20 +33,23 @@ __all__ = ["SOURCES", "build_model", "example_input_for", "load_base", "read_sta
 SOURCES = ("torchvision", "timm", "diffusers")
 
 
-def _torchvision(name: str, pretrained: bool) -> nn.Module:
+def _torchvision(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     import torchvision
 
-    return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+    return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
 
 
-def _timm(name: str, pretrained: bool) -> nn.Module:
+def _timm(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
-    return timm.create_model(name, pretrained=pretrained)
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def _diffusers(folder: str, pretrained: bool) -> nn.Module:
+def _diffusers(folder: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     import diffusers
+
+    if kwargs:
+        raise ConfigError(f"diffusers:{folder}: model arguments {sorted(kwargs)} are for torchvision/timm models")
 
     root = Path(folder)
     if not (root / "config.json").is_file() and (root / "unet" / "config.json").is_file():
@@ -64,9 +67,15 @@ def _diffusers(folder: str, pretrained: bool) -> nn.Module:
     return cls.from_pretrained(str(root)) if pretrained else cls.from_config(config)
 
 
-def _build(builder: Callable[[str, bool], nn.Module], spec: str, name: str, pretrained: bool) -> nn.Module:
+def _build(
+    builder: Callable[[str, bool, dict[str, Any]], nn.Module],
+    spec: str,
+    name: str,
+    pretrained: bool,
+    kwargs: dict[str, Any],
+) -> nn.Module:
     try:
-        return builder(name, pretrained).eval()
+        return builder(name, pretrained, kwargs).eval()
     except ConfigError:
         raise
     except (RuntimeError, ValueError, KeyError, OSError, TypeError) as exc:  # the library's own refusal
@@ -90,8 +99,10 @@ def _known_names() -> list[str]:
     return names
 
 
-def build_model(spec: str, *, pretrained: bool = False) -> nn.Module:
+def build_model(spec: str, *, pretrained: bool = False, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """The model ``spec`` names (see the module docstring), in eval mode.
+
+    ``kwargs`` go to ``torchvision.models.get_model`` / ``timm.create_model`` (e.g. ``img_size``).
 
     Raises:
         ConfigError: for an unknown source or name, quoting the spec and listing what is valid
@@ -101,22 +112,23 @@ def build_model(spec: str, *, pretrained: bool = False) -> nn.Module:
         >>> build_model("timm:resnet50").default_cfg["classifier"]
         'fc'
     """
+    kwargs = dict(kwargs or {})
     source, sep, name = spec.partition(":")
     builders = {"torchvision": _torchvision, "timm": _timm, "diffusers": _diffusers}
     if sep and source in SOURCES:
-        return _build(builders[source], spec, name, pretrained)
+        return _build(builders[source], spec, name, pretrained, kwargs)
     if sep and not Path(spec).exists() and len(source) > 1:
         raise ConfigError(f"{spec!r}: unknown source {source!r}; sources: {', '.join(SOURCES)}")
     if Path(spec).is_dir():
-        return _build(_diffusers, spec, spec, pretrained)
+        return _build(_diffusers, spec, spec, pretrained, kwargs)
     import torchvision
 
     if spec in torchvision.models.list_models():
-        return _build(_torchvision, spec, spec, pretrained)
+        return _build(_torchvision, spec, spec, pretrained, kwargs)
     import timm
 
     if timm.is_model(spec):
-        return _build(_timm, spec, spec, pretrained)
+        return _build(_timm, spec, spec, pretrained, kwargs)
     close = difflib.get_close_matches(spec, _known_names(), n=5)
     raise ConfigError(
         f"{spec!r} is neither a folder nor a torchvision or timm model name"
@@ -148,7 +160,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_base(spec: str, *, arch: str | None = None) -> nn.Module:
+def load_base(spec: str, *, arch: str | None = None, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """The base model for a merge: a model spec with its pretrained weights, or ``arch`` + a weights file.
 
     ``spec`` is a torchvision/timm name (its pretrained weights are fetched by those libraries), a
@@ -158,7 +170,7 @@ def load_base(spec: str, *, arch: str | None = None) -> nn.Module:
     if Path(spec).is_file():
         if arch is None:
             raise ConfigError(f"{spec!r} is a weights file: give the architecture too (e.g. --arch resnet50)")
-        model = build_model(arch)
+        model = build_model(arch, kwargs=kwargs)
         state = read_state_dict(spec)
         try:
             model.load_state_dict(state, strict=True)
@@ -167,7 +179,7 @@ def load_base(spec: str, *, arch: str | None = None) -> nn.Module:
         return model
     if arch is not None:
         raise ConfigError(f"--arch is for weights files; {spec!r} names its architecture itself")
-    return build_model(spec, pretrained=True)
+    return build_model(spec, pretrained=True, kwargs=kwargs)
 
 
 def example_input_for(model: nn.Module, size: int | None = None) -> Any:

@@ -34,12 +34,12 @@ _MERGED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bf
 def build_classifier(spec: ClassifierModel) -> nn.Module:
     """The base network of a classifier recipe, with the weights ``spec.weights`` asks for."""
     if spec.weights == "pretrained":
-        return build_model(spec.name, pretrained=True)
+        return build_model(spec.name, pretrained=True, kwargs=spec.kwargs)
     if spec.weights == "none":
-        return build_model(spec.name, pretrained=False)
+        return build_model(spec.name, pretrained=False, kwargs=spec.kwargs)
     if not Path(spec.weights).is_file():
         raise ConfigError(f"model.weights: {spec.weights!r} is not 'pretrained', 'none' or an existing weights file")
-    return load_base(spec.weights, arch=spec.name)
+    return load_base(spec.weights, arch=spec.name, kwargs=spec.kwargs)
 
 
 def _mixed_precision(choice: str) -> str:
@@ -55,6 +55,7 @@ def _accelerator(train: Train, out_dir: Path) -> Any:
     from accelerate.utils import DataLoaderConfiguration
 
     return Accelerator(
+        cpu=not torch.cuda.is_available(),  # without it accelerate ignores torchrun's processes on a CPU machine
         mixed_precision=_mixed_precision(train.mixed_precision),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with=train.log_with,
@@ -153,6 +154,9 @@ def run_classifier(
         train_set, batch_sampler=batches, num_workers=recipe.data.num_workers, generator=loader_gen
     )
     val_loader = DataLoader(val_set, batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers)
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        # One global batch, as with one process: BatchNorm statistics over all of it (GPU only in torch).
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.AdamW(_param_groups(model, train))
     batches_per_epoch = len(batches)
     steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)

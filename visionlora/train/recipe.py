@@ -44,6 +44,8 @@ class ClassifierModel:
     """A torchvision or timm model name, optionally prefixed ``torchvision:`` / ``timm:``."""
     weights: str = "pretrained"
     """``pretrained`` (fetched by torchvision/timm), ``none`` (fresh weights), or a .safetensors/.pt file."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments for ``torchvision.models.get_model`` / ``timm.create_model`` (e.g. ``img_size: 64``)."""
 
 
 @dataclass
