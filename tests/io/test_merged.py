@@ -101,7 +101,11 @@ def test_diffusers_unet_exports_a_folder_that_from_pretrained_loads(tmp_path):
     unet = tiny_unet()
     vl.apply_lora(unet, vl.LoraConfig(targets="preset:unet-attention", rank=4, alpha=4))
     randomize_lora(unet, std=0.05)
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")  # an earlier, sharded export: replaced whole
+    (tmp_path / "unet" / "diffusion_pytorch_model-00001-of-00002.safetensors").write_bytes(b"stale")
     folder = vl.export_merged(unet, tmp_path / "unet")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     loaded = diffusers.UNet2DConditionModel.from_pretrained(folder).eval()
     args = (torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 7, 24))
     with torch.no_grad():
@@ -117,9 +121,9 @@ def test_a_pipeline_folder_gets_its_unet_replaced_and_loads_as_a_pipeline(tmp_pa
     unet = diffusers.UNet2DConditionModel.from_pretrained(source / "unet").eval()
     vl.apply_lora(unet, vl.LoraConfig(targets="preset:unet-locon", rank=4, alpha=2))
     randomize_lora(unet, std=0.05)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "stale.txt").write_text("replaced")  # an existing folder is replaced whole
-    out = vl.export_merged(unet, tmp_path / "out", pipeline=source, dtype=torch.float16)
+    vl.export_merged(unet, tmp_path / "out", pipeline=source)
+    (tmp_path / "out" / "stale.txt").write_text("from the earlier export")
+    out = vl.export_merged(unet, tmp_path / "out", pipeline=source, dtype=torch.float16)  # replaces it whole
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(out))
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in source.iterdir())
@@ -131,7 +135,14 @@ def test_a_pipeline_folder_gets_its_unet_replaced_and_loads_as_a_pipeline(tmp_pa
     untouched = diffusers.UNet2DConditionModel.from_pretrained(source / "unet")
     with torch.no_grad():
         assert (untouched(**unet_input()).sample - expected).abs().max() > 1e-2  # the source pipeline is unchanged
-    with pytest.raises(vl.ConfigError, match="not over the one it is read from"):
-        vl.export_merged(unet, source, pipeline=source)
+    for inside in (source, source / "merged", tmp_path):
+        with pytest.raises(vl.ConfigError, match="outside"):
+            vl.export_merged(unet, inside, pipeline=source)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a pipeline")
+    with pytest.raises(vl.AdapterFileError, match="no model_index.json"):
+        vl.export_merged(unet, tmp_path / "mine", pipeline=source)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "not a pipeline"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out", "pipe", "pipe-vocab"]  # no staging left
     with pytest.raises(vl.ConfigError, match="not a diffusers pipeline folder"):
         vl.export_merged(unet, tmp_path / "x", pipeline=source / "unet")

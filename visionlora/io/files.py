@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 
 from visionlora.errors import AdapterFileError
 
-__all__ = ["atomic_path", "read_safetensors", "write_safetensors", "write_text"]
+__all__ = ["atomic_folder", "atomic_path", "read_safetensors", "write_safetensors", "write_text"]
 
 
 @contextlib.contextmanager
@@ -37,6 +38,41 @@ def atomic_path(path: Path) -> Iterator[str]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path, marker: str) -> Iterator[Path]:
+    """A staging folder next to ``path``, put in place of ``path`` when the block succeeds.
+
+    Readers see the old folder or the complete new one. An existing ``path`` is replaced only if
+    it is empty or holds ``marker`` (an earlier output of the same kind), so a mistyped path never
+    deletes someone's unrelated folder.
+    """
+    if path.exists():
+        if not path.is_dir():
+            raise AdapterFileError(f"{path}: is a file; a folder is written here")
+        if any(path.iterdir()) and not (path / marker).exists():
+            raise AdapterFileError(
+                f"{path}: exists and has no {marker}, so it is not an earlier output of this kind; "
+                "give a new or empty folder"
+            )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AdapterFileError(f"{path}: cannot create its folder {path.parent} ({exc})") from None
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield staging
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(staging, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

@@ -9,16 +9,16 @@ The result loads into the un-adapted architecture with no visionlora code:
 - a diffusers model (UNet): a model folder (``config.json`` and
   ``diffusion_pytorch_model.safetensors``) that ``from_pretrained`` loads;
 - given the pipeline folder the UNet came from, a copy of that pipeline with its ``unet/``
-  replaced, which ``DiffusionPipeline.from_pretrained`` loads (other components are hard-linked
-  where the file system allows, else copied).
+  replaced, which ``DiffusionPipeline.from_pretrained`` loads.
+
+Folders are assembled under a temporary name and swapped in whole; an existing folder is only
+replaced when it is an earlier output of the same kind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from visionlora._tree import from_diffusers, require_module
-from visionlora.errors import AdapterFileError, ConfigError, MergeError
+from visionlora.errors import ConfigError, MergeError
 from visionlora.inject import lora_layers, original_state_dict
-from visionlora.io.files import write_safetensors
+from visionlora.io.files import atomic_folder, write_safetensors
 
 __all__ = ["export_merged", "merged_state_dict"]
 
@@ -88,24 +88,19 @@ def export_merged(
             raise ConfigError(f"pipeline= is for diffusers models; {type(model).__name__} is written to one file")
         return write_safetensors(path, state, {"format": "pt"})
     if pipeline is None:
-        _write_diffusers_model(path, state, save_config)
+        with atomic_folder(path, "config.json") as staging:
+            _write_diffusers_model(staging, state, save_config)
         return path
     source = Path(pipeline)
     if not (source / "model_index.json").is_file() or not (source / component).is_dir():
         raise ConfigError(f"pipeline={source}: not a diffusers pipeline folder with a {component}/ subfolder")
-    if path.resolve() == source.resolve():
-        raise ConfigError(f"{path}: write the merged pipeline to a new folder, not over the one it is read from")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        shutil.copytree(
-            source, staging, dirs_exist_ok=True, copy_function=_link_or_copy, ignore=_skip(source / component)
-        )
+    here, there = path.resolve(), source.resolve()
+    if here == there or here.is_relative_to(there) or there.is_relative_to(here):
+        raise ConfigError(f"{path}: write the merged pipeline to a folder outside {source} (and not containing it)")
+    with atomic_folder(path, "model_index.json") as staging:
+        # Copies, not links: diffusers rewrites configs in place, which would reach through a hard link.
+        shutil.copytree(source, staging, dirs_exist_ok=True, ignore=_skip(source / component))
         _write_diffusers_model(staging / component, state, save_config)
-        _replace_folder(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
 
 
@@ -122,25 +117,3 @@ def _skip(component: Path) -> Callable[[str, list[str]], set[str]]:
         return {n for n in names if Path(folder) / n == component}
 
     return ignore
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
-
-
-def _replace_folder(new: Path, path: Path) -> None:
-    """Put folder ``new`` at ``path``; an existing folder there is moved aside first and removed after."""
-    if path.exists() and not path.is_dir():
-        raise AdapterFileError(f"{path}: is a file; a merged pipeline is a folder")
-    old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-        os.replace(path, old / path.name)
-    os.replace(new, path)
-    if old is not None:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(old)
