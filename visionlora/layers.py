@@ -56,6 +56,7 @@ __all__ = [
     "lora_scale",
     "lora_shapes",
     "max_useful_rank",
+    "transforms_weight_or_input",
     "wrap_layer",
 ]
 
@@ -174,7 +175,7 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _transforms_weight_or_input(base: nn.Module) -> bool:
+def transforms_weight_or_input(base: nn.Module) -> bool:
     """True when ``type(base)`` overrides how torch's own class runs its weight on the input."""
     reference = nn.Linear if isinstance(base, nn.Linear) else next(t for t in _CONV_TYPES if isinstance(base, t))
     methods = ("forward",) if reference is nn.Linear else ("forward", "_conv_forward")
@@ -239,7 +240,7 @@ class LoraLayer(nn.Module, abc.ABC):
         self.adapters = nn.ModuleDict()
         self.active: dict[str, float] = {}
         self.disabled = False
-        self.weight_space = _transforms_weight_or_input(base)
+        self.weight_space = transforms_weight_or_input(base)
         self.register_buffer("_original_weight", None, persistent=False)
         # torch's long-standing (private) state_dict hook; a plain function, so no reference cycle.
         self._register_state_dict_hook(_state_dict_unmerged)

@@ -140,7 +140,7 @@ def test_a_pipeline_folder_gets_its_unet_replaced_and_loads_as_a_pipeline(tmp_pa
             vl.export_merged(unet, inside, pipeline=source)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a pipeline")
-    with pytest.raises(vl.AdapterFileError, match="no model_index.json"):
+    with pytest.raises(vl.AdapterFileError, match=r"no model_index\.json"):
         vl.export_merged(unet, tmp_path / "mine", pipeline=source)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "not a pipeline"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out", "pipe", "pipe-vocab"]  # no staging left

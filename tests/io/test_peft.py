@@ -146,3 +146,96 @@ def test_peft_options_visionlora_cannot_reproduce_are_refused(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps(config | {"use_dora": False, "peft_type": "LOHA"}))
     with pytest.raises(vl.AdapterFileError, match="peft_type is 'LOHA'"):
         vl.read_adapter(folder)
+
+
+def test_nested_and_suffix_matched_modules_to_save_still_load_in_peft(tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(6, 6)
+            self.head = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.LayerNorm(6))
+            self.head.scale = torch.nn.Parameter(torch.ones(6))  # a parameter of its own, besides its children
+            self.aux_head = torch.nn.Sequential(torch.nn.Linear(6, 3))
+
+        def forward(self, x):
+            return self.aux_head(self.head(self.body(x)) * self.head.scale)
+
+    torch.manual_seed(0)
+    net = Net()
+    base = copy.deepcopy(net.state_dict())
+    vl.apply_lora(net, vl.LoraConfig(targets=["body"], rank=2, trainable=["head"]))
+    randomize_lora(net)
+    with torch.no_grad():
+        net.head.scale.mul_(2)
+    folder = vl.export_adapter(net, tmp_path / "p", format="peft")
+    assert json.loads((folder / "adapter_config.json").read_text())["modules_to_save"] == ["head"]
+    fresh = Net()
+    fresh.load_state_dict(base)
+    loaded = peft.PeftModel.from_pretrained(fresh, str(folder))
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        assert_rel_close(loaded(x), net(x), 1e-6)
+    clash = Net()
+    vl.apply_lora(clash, vl.LoraConfig(targets=["aux_head.0"], rank=2, trainable=["head"]))
+    with pytest.raises(vl.AdapterFileError, match=r"'head' would also select 'aux_head', which holds or sits in LoRA"):
+        vl.export_adapter(clash, tmp_path / "clash", format="peft")
+
+
+def test_an_unrelated_folder_is_never_replaced(tmp_path):
+    model, _ = _trained_resnet()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(vl.AdapterFileError, match=r"no adapter_config\.json"):
+        vl.export_adapter(model, tmp_path / "mine", format="peft")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"rank_pattern": ["x"]}, "rank_pattern=\\['x'\\]"),
+        ({"lora_dropout": "x"}, "lora_dropout='x'"),
+        ({"modules_to_save": "fc"}, "modules_to_save='fc'"),
+        ({"r": 0}, "r=0"),
+    ],
+)
+def test_malformed_peft_configs_are_named(tmp_path, entry, message):
+    model, _ = _trained_resnet()
+    folder = vl.export_adapter(model, tmp_path / "peft", format="peft")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config | entry))
+    with pytest.raises(vl.AdapterFileError, match=message):
+        vl.read_adapter(folder)
+    (folder / "adapter_config.json").write_text("[" * 100_000)
+    with pytest.raises(vl.AdapterFileError, match="not a readable JSON file"):
+        vl.read_adapter(folder)
+
+
+def test_peft_adapters_on_convs_peft_runs_differently_are_refused_on_import(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding="same", dilation=2))
+    peft_model = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=2, target_modules=["0"]))
+    peft_model.save_pretrained(str(tmp_path / "p"))
+    with pytest.raises(vl.AdapterFileError, match=r"0: dilation=\(2, 2\); peft's own LoRA layer runs this conv"):
+        vl.load_adapter(net, tmp_path / "p")
+    assert not any(isinstance(m, vl.LoraLayer) for m in net.modules())
+
+
+def test_a_conv_adapter_read_from_peft_converts_to_the_other_formats(tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=3)
+    peft_model = peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=3, target_modules=["layer4.0.conv1"]))
+    randomize_lora(peft_model)
+    peft_model.save_pretrained(str(tmp_path / "p"))
+    for fmt in ("kohya", "diffusers", "visionlora"):
+        out = vl.export_adapter(tmp_path / "p", tmp_path / f"x.{fmt}.safetensors", format=fmt)
+        assert vl.read_adapter(out).layers == vl.read_adapter(tmp_path / "p").layers
+
+
+def test_an_fp16_export_that_would_overflow_is_refused(tmp_path):
+    model, _ = _trained_resnet()
+    with torch.no_grad():
+        model.fc.weight.fill_(1e6)
+    with pytest.raises(vl.AdapterFileError, match=r"NaN/Inf in \['base_model.model.fc.weight'\]"):
+        vl.export_adapter(model, tmp_path / "p16", format="peft", dtype=torch.float16)
+    assert not (tmp_path / "p16").exists()

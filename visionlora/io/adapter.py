@@ -42,7 +42,7 @@ from visionlora.inject import (
     lora_layers,
 )
 from visionlora.io.files import read_safetensors, write_safetensors
-from visionlora.layers import LoraLayer, base_layer, layer_kind
+from visionlora.layers import base_layer, layer_kind, transforms_weight_or_input
 
 __all__ = [
     "AdapterFile",
@@ -96,9 +96,8 @@ class Geometry:
 
 def geometry_of(module: nn.Module) -> Geometry:
     """The :class:`Geometry` of an adaptable layer (or of a LoRA layer's base)."""
-    layer = module if isinstance(module, LoraLayer) else None
     base = base_layer(module)
-    custom = layer.weight_space if layer is not None else False
+    custom = transforms_weight_or_input(base)
     if isinstance(base, nn.Linear):
         return Geometry(custom_forward=custom)
     conv: Any = base

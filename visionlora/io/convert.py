@@ -24,6 +24,7 @@ from visionlora.io.adapter import (
     EXPORT_FORMAT,
     META_KEY,
     AdapterFile,
+    Geometry,
     LayerSpec,
     check_tensors,
     file_error,
@@ -44,6 +45,7 @@ __all__ = [
     "most_common",
     "pattern_value",
     "require_exportable",
+    "require_finite",
     "unmappable",
 ]
 
@@ -77,6 +79,8 @@ def exact_regex(names: Iterable[str]) -> str:
 def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of ``name``."""
     for key, value in patterns.items():
+        if not isinstance(key, str):
+            continue
         try:
             if re.match(rf"(.*\.)?({key})$", name):
                 return value
@@ -119,6 +123,14 @@ def require_exportable(file: AdapterFile, format_name: str, *, lora_only: bool) 
         )
 
 
+def require_finite(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors``, if every floating one is finite (after a cast to fp16, say); else an error naming them."""
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise file_error(path, f"the export would hold NaN/Inf in {bad[:10]} (fp16 overflow?); nothing was written")
+    return tensors
+
+
 def cast_tensors(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Floating tensors cast to ``dtype`` (integers kept); unchanged when ``dtype`` is None."""
     if dtype is None:
@@ -156,7 +168,8 @@ def foreign_record(
         alpha = alphas.get(name, float(rank))
         if not is_finite_number(alpha) or alpha <= 0:
             raise file_error(path, f"layer {name!r}: alpha {alpha!r} is not a finite number > 0")
-        layers[name] = LayerSpec(kind, rank, float(alpha), None)
+        # The tools that write these formats only build plain layers: no groups, dilation or padding modes.
+        layers[name] = LayerSpec(kind, rank, float(alpha), None, Geometry(dilation=(1,) * (a.ndim - 2)))
     check_tensors(path, tensors, [k for k in tensors if k.endswith("num_batches_tracked")])
     config = LoraConfig(
         targets=["re:" + exact_regex(names)[1:-1]],
@@ -186,7 +199,12 @@ def kept_record(file: AdapterFile, header: Mapping[str, str]) -> AdapterFile:
         meta = json.loads(raw)
     except (ValueError, RecursionError):
         raise file_error(file.path, f"the '{META_KEY}' header entry is not JSON") from None
-    listed = [k for key in ("extra", "buffers") for k in (meta.get(key) or [] if isinstance(meta, dict) else [])]
+    listed: list[str] = []
+    for key in ("extra", "buffers"):
+        names = meta.get(key) if isinstance(meta, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise file_error(file.path, f"the kept visionlora record's {key!r} is not a list of tensor names")
+        listed += names
     # PEFT also stores the untouched tensors of every modules_to_save module; the record lists what trained.
     kept_tensors = {
         k: v for k, v in file.tensors.items() if k in listed or k.endswith((".lora_A.weight", ".lora_B.weight"))

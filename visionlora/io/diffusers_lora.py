@@ -28,6 +28,7 @@ from visionlora.io.convert import (
     most_common,
     pattern_value,
     require_exportable,
+    require_finite,
     unmappable,
 )
 from visionlora.io.files import write_safetensors
@@ -76,7 +77,7 @@ def write_diffusers(file: AdapterFile, path: Path, *, dtype: torch.dtype | None 
         METADATA_KEY: json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()}, sort_keys=True),
         **export_header(file),
     }
-    return write_safetensors(path, tensors, header)
+    return write_safetensors(path, require_finite(file.path, tensors), header)
 
 
 def _declared_alphas(path: Path, header: Mapping[str, str], names: set[str]) -> tuple[dict[str, float], bool]:
@@ -94,8 +95,10 @@ def _declared_alphas(path: Path, header: Mapping[str, str], names: set[str]) -> 
     if meta.get("use_dora") or meta.get("lora_bias"):
         raise file_error(path, "the adapter uses DoRA or LoRA biases, which visionlora does not reproduce")
     alpha, patterns = meta.get("lora_alpha", meta.get("r")), meta.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise file_error(path, f"the {METADATA_KEY!r} header's alpha_pattern is not a mapping")
     alphas = {n: pattern_value(patterns, n, alpha) for n in names}
-    return {n: a for n, a in alphas.items() if a is not None}, bool(meta.get("use_rslora", False))
+    return {n: a for n, a in alphas.items() if a is not None}, meta.get("use_rslora") is True
 
 
 def read_diffusers(path: Path, raw: dict[str, torch.Tensor], header: Mapping[str, str]) -> AdapterFile:
@@ -118,8 +121,9 @@ def read_diffusers(path: Path, raw: dict[str, torch.Tensor], header: Mapping[str
             alphas[name.removesuffix(".alpha")] = float(tensor.item())
         else:
             bad.append(key)
-    unmappable(path, bad, "LoRA layer", " (expected <module>.lora_A.weight / .lora_B.weight)")
     names = {k.rsplit(".lora_", 1)[0] for k in tensors}
+    bad += [f"{n}.alpha" for n in alphas if n not in names]
+    unmappable(path, bad, "LoRA layer", " (expected <module>.lora_A.weight / .lora_B.weight / .alpha)")
     declared, rslora = _declared_alphas(path, header, names)
     file = foreign_record(path, "diffusers", tensors, {**declared, **alphas}, rslora=rslora)
     return kept_record(file, header)

@@ -22,7 +22,7 @@ from visionlora.io.adapter import (
     read_native,
     write_adapter,
 )
-from visionlora.io.convert import cast_tensors
+from visionlora.io.convert import cast_tensors, require_finite
 from visionlora.io.diffusers_lora import LORA_WEIGHTS_FILE, read_diffusers, write_diffusers
 from visionlora.io.files import read_safetensors
 from visionlora.io.kohya import PREFIX as KOHYA_PREFIX
@@ -137,4 +137,5 @@ def export_adapter(
         return write_diffusers(record, path, dtype=dtype)
     if format == "kohya":
         return write_kohya(record, path, dtype=dtype)
-    return write_adapter(dataclasses.replace(record, path=path, tensors=cast_tensors(record.tensors, dtype)))
+    tensors = require_finite(record.path, cast_tensors(record.tensors, dtype))
+    return write_adapter(dataclasses.replace(record, path=path, tensors=tensors))

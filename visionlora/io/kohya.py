@@ -34,6 +34,7 @@ from visionlora.io.convert import (
     layer_scale,
     most_common,
     require_exportable,
+    require_finite,
     unmappable,
 )
 from visionlora.io.files import write_safetensors
@@ -79,7 +80,7 @@ def write_kohya(file: AdapterFile, path: Path, *, dtype: torch.dtype | None = No
         **({"ss_network_args": _conv_args(conv)} if conv else {}),
         **export_header(file),
     }
-    return write_safetensors(path, tensors, header)
+    return write_safetensors(path, require_finite(file.path, tensors), header)
 
 
 def _conv_args(conv: list[LayerSpec]) -> str:
@@ -91,7 +92,7 @@ def _conv_args(conv: list[LayerSpec]) -> str:
 
 def _fold_mid(path: Path, base: str, down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
     """A for a Tucker (down 1x1, mid kxk) LoCon: A[a, i, ...] = sum_b mid[a, b, ...] · down[b, i]."""
-    if down.ndim != mid.ndim or any(s != 1 for s in down.shape[2:]) or mid.shape[1] != down.shape[0]:
+    if down.ndim != mid.ndim or down.ndim < 3 or any(s != 1 for s in down.shape[2:]) or mid.shape[1] != down.shape[0]:
         raise file_error(
             path, f"{base}: lora_mid {tuple(mid.shape)} and lora_down {tuple(down.shape)} are not a Tucker pair"
         )

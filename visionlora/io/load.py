@@ -27,7 +27,7 @@ from visionlora.inject import (
     require_unmerged,
     snapshot_buffers,
 )
-from visionlora.io.adapter import AdapterFile, file_error
+from visionlora.io.adapter import AdapterFile, file_error, geometry_of
 from visionlora.io.formats import read_adapter
 from visionlora.io.kohya import resolve_names
 from visionlora.layers import base_layer, lora_shapes
@@ -35,6 +35,8 @@ from visionlora.layers import base_layer, lora_shapes
 __all__ = ["load_adapter"]
 
 logger = logging.getLogger("visionlora")
+# Formats whose own loaders run LoRA through PEFT's layers (kohya's consumers, A1111 and ComfyUI, merge weights).
+_FORWARD_FORMATS = ("peft", "diffusers")
 
 
 def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
@@ -74,6 +76,14 @@ def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
             elif existing[key].is_floating_point() != file.tensors[key].is_floating_point():
                 problems.append(
                     f"{key}: dtype {file.tensors[key].dtype} in the file, {existing[key].dtype} in the model"
+                )
+    if file.format in _FORWARD_FORMATS:
+        for m in matches:
+            reason = geometry_of(m.module).foreign_problem()
+            if reason is not None:
+                problems.append(
+                    f"{m.name}: {reason}; {file.format}'s own LoRA layer runs this conv without it, so its unmerged "
+                    "outputs differ from its merged ones and no load reproduces both"
                 )
     if problems:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

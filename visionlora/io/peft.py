@@ -6,9 +6,9 @@ differ from the most common ones go in ``rank_pattern`` / ``alpha_pattern`` unde
 (``^layer4\\.0\\.conv1$``, so ``conv1`` does not also match ``layer1.0.conv1``), trained biases of
 adapted layers go under ``<module>.base_layer.bias`` with ``bias="lora_only"``, and every other
 trained or changed tensor (a new head, BatchNorm running statistics) is saved through
-``modules_to_save`` of the module that holds it (PEFT selects those by suffix, so ``bn1`` also
-wraps ``layer1.0.bn1``; a module wrapped without saved values keeps its own, so outputs are
-unchanged). peft itself is never imported.
+``modules_to_save`` of the module that holds it. PEFT selects those by suffix (``bn1`` also wraps
+``layer1.0.bn1``) and expects every selected module's tensors, so those are saved too, with their
+current values. peft itself is never imported.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from visionlora.io.convert import (
     most_common,
     pattern_value,
     require_exportable,
+    require_finite,
     unmappable,
 )
-from visionlora.io.files import read_safetensors, write_safetensors, write_text
+from visionlora.io.files import atomic_folder, read_safetensors, write_safetensors, write_text
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "is_peft_folder", "read_peft", "write_peft"]
 
@@ -82,13 +83,11 @@ def write_peft(
             mode, custom forward), or a trained tensor PEFT cannot place; each is named.
     """
     require_exportable(file, "PEFT", lora_only=False)
-    if folder.exists() and not folder.is_dir():
-        raise file_error(folder, "is a file; a PEFT adapter is a folder")
     tensors: dict[str, torch.Tensor] = {}
     for name in file.layers:
         for ab in "AB":
             tensors[f"{_PREFIX}{name}.lora_{ab}.weight"] = file.tensors[f"{name}.lora_{ab}.weight"]
-    lora_biases, to_save = [], set()
+    lora_biases, owners = [], set()
     for key in file.extra + file.buffers:
         owner = _owner(key)
         if owner in file.layers:
@@ -96,38 +95,40 @@ def write_peft(
                 raise file_error(file.path, f"{key}: PEFT cannot save a trained {key} of an adapted layer")
             lora_biases.append(key)
             tensors[f"{_PREFIX}{owner}.base_layer.bias"] = file.tensors[key]
+        elif not owner:
+            raise file_error(file.path, f"{key}: a tensor of the model itself; PEFT saves only submodules in full")
         else:
             inside = [n for n in file.layers if n.startswith(f"{owner}.")]
             if inside:
-                raise file_error(
-                    file.path, f"{key}: module {owner!r} trains in full but holds LoRA layers {inside[:3]}"
-                )
-            to_save.add(owner)
+                problem = f"{key}: module {owner!r} trains in full but holds LoRA layers {inside[:3]}"
+                raise file_error(file.path, problem)
+            owners.add(owner)
+    # The outermost modules only: PEFT saves a module in full, children included, and refuses nesting.
+    to_save = {o for o in owners if not any(o.startswith(f"{p}.") for p in owners)}
     if to_save and model_state is None:
         raise file_error(
             file.path,
             f"PEFT saves whole modules for modules_to_save, and this file holds only the trained tensors of "
             f"{sorted(to_save)[:5]}; load it onto its model (vl.load_adapter) and export the model",
         )
-    for key, tensor in (model_state or {}).items():
-        if _owner(key) in to_save:
-            tensors[f"{_PREFIX}{key}"] = tensor
-    for owner in sorted(to_save):
-        # PEFT selects modules_to_save by suffix; extra modules it picks keep their own values (outputs
-        # unchanged), but one that is, or holds, a LoRA layer would lose its adapter.
-        clash = [
-            n
-            for n in {_owner(k) for k in model_state or {}}
-            if n != owner
-            and n.endswith(owner)
-            and any(f"{n}.".startswith(f"{m}.") or m.startswith(f"{n}.") for m in file.layers)
-        ]
-        if clash:
+    # PEFT wraps every module whose name ends with a modules_to_save entry and expects all of its
+    # tensors in the file: save each one's current values (unchanged ones keep the outputs exact).
+    names = {key.rsplit(".", i)[0] for key in model_state or {} for i in range(1, key.count(".") + 1)}
+    selected = {n for n in names if any(n.endswith(owner) for owner in to_save)} | to_save
+    for name in sorted(selected):
+        lora = [m for m in file.layers if name == m or name.startswith(f"{m}.") or m.startswith(f"{name}.")]
+        nested = [o for o in selected if o.startswith(f"{name}.")]
+        if lora or nested:
+            owner = next((o for o in sorted(to_save) if name.endswith(o)), name)
+            clash = f"holds or sits in LoRA layers {lora[:3]}" if lora else f"contains {nested[:3]}"
             raise file_error(
                 file.path,
-                f"PEFT matches modules_to_save by suffix: {owner!r} would also select {clash[:3]}, which hold LoRA "
-                "layers; it cannot be exported to PEFT exactly",
+                f"PEFT matches modules_to_save by suffix: {owner!r} would also select {name!r}, which {clash}; "
+                "this adapter cannot be exported to PEFT exactly",
             )
+    for key, tensor in (model_state or {}).items():
+        if any(key.startswith(f"{name}.") for name in selected):
+            tensors[f"{_PREFIX}{key}"] = tensor
     ranks = {n: s.rank for n, s in file.layers.items()}
     alphas = {n: s.alpha for n, s in file.layers.items()}
     rank, alpha = most_common(ranks.values()), most_common(alphas.values())
@@ -149,9 +150,32 @@ def write_peft(
         "init_lora_weights": True,
         **_UNSUPPORTED,
     }
-    write_safetensors(folder / WEIGHTS_FILE, cast_tensors(tensors, dtype), {"format": "pt", **export_header(file)})
-    write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tensors = require_finite(file.path, cast_tensors(tensors, dtype))
+    with atomic_folder(folder, CONFIG_FILE) as staging:
+        write_safetensors(staging / WEIGHTS_FILE, tensors, {"format": "pt", **export_header(file)})
+        write_text(staging / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_config(path: Path, config: dict[str, Any]) -> None:
+    """The adapter_config.json entries visionlora reads have the types PEFT writes."""
+    checks = {
+        "r": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "lora_alpha": _number,
+        "rank_pattern": lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+        "alpha_pattern": lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+        "lora_dropout": lambda v: _number(v) and 0 <= v < 1,
+        "use_rslora": lambda v: isinstance(v, bool),
+        "bias": lambda v: v in ("none", "all", "lora_only"),
+        "modules_to_save": lambda v: v is None or (isinstance(v, list) and all(isinstance(m, str) and m for m in v)),
+    }
+    bad = [f"{k}={config[k]!r}" for k, ok in checks.items() if k in config and not ok(config[k])]
+    if bad:
+        raise file_error(path, f"entries with values PEFT does not write: {', '.join(bad)}")
 
 
 def read_peft(folder: Path) -> AdapterFile:
@@ -163,14 +187,15 @@ def read_peft(folder: Path) -> AdapterFile:
     """
     try:
         config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise file_error(folder / CONFIG_FILE, f"not a readable JSON file ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise file_error(folder / CONFIG_FILE, f"not a readable JSON file ({type(exc).__name__}: {exc})") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         found = config.get("peft_type") if isinstance(config, dict) else config
         raise file_error(folder, f"peft_type is {found!r}; visionlora reads LoRA adapters ('LORA') only")
     used = [k for k, default in _UNSUPPORTED.items() if config.get(k, default) not in (default, [], {})]
     if used:
         raise file_error(folder, f"uses PEFT options visionlora does not reproduce: {used}")
+    _check_config(folder / CONFIG_FILE, config)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         pickled = folder / "adapter_model.bin"
