@@ -59,30 +59,24 @@ def test_readme_rank_by_resolution_example_gives_the_ranks_its_comment_states():
     assert model.layer4[0].conv1.adapter("default").rank == 4
 
 
-def test_quickstart_reloads_and_merges_exactly(tmp_path):
+def test_quickstart_compares_three_ways_and_reloads_merges_and_exports_exactly(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "quickstart.py"),
-            "--epochs",
-            "1",
-            "--out",
-            str(out),
-            "--json",
-            str(tmp_path / "r.json"),
-        ],
+        [sys.executable, "-m", "visionlora", "quickstart", "--epochs", "1", "--out", str(out)],
         capture_output=True,
         text=True,
         check=True,
     )
-    results = json.loads((tmp_path / "r.json").read_text())
+    results = json.loads((out / "quickstart.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["head only", "LoRA layer4 + head", "full fine-tuning"]
+    lora = results["rows"][1]
+    assert lora["trainable_percent"] < 2.0 and lora["val_accuracy"] > 0.2  # above chance (5 classes) after 1 epoch
+    assert results["rows"][2]["trainable_percent"] == 100.0
     assert results["reload_max_abs_diff"] == 0.0
     assert results["merge_max_abs_diff"] <= 1e-5 * results["output_scale"]
-    assert results["trainable_percent"] < 2.0
-    assert results["lora_val_accuracy_digits_5_9"] > 0.2  # above chance (5 classes) after one epoch
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "merged.pt"]
-    assert "| lora_val_accuracy_digits_5_9 |" in result.stdout
+    assert results["peft_max_abs_diff"] <= 1e-5 * results["output_scale"]
+    assert results["files"] == ["adapter-peft", "adapter.safetensors", "merged.safetensors"]
+    assert "| LoRA layer4 + head | 1.96 % |" in result.stdout
 
 
 def test_readme_preset_example_runs_with_local_weights():
