@@ -142,6 +142,9 @@ def tiny_pipeline(folder: Path, unet: nn.Module) -> Path:
         num_attention_heads=2,
         max_position_embeddings=8,
         projection_dim=24,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
     vae = diffusers.AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",),

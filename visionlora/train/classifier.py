@@ -21,8 +21,8 @@ from visionlora.io import export_adapter, export_merged, save_adapter
 from visionlora.io.files import write_text
 from visionlora.models.heads import replace_head
 from visionlora.models.loading import build_model, load_base
-from visionlora.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from visionlora.train.data import EpochBatches, classifier_datasets, classifier_transforms, set_epoch
+from visionlora.train.loop import cosine_with_warmup, make_accelerator, restore, write_checkpoint
 from visionlora.train.recipe import ClassifierModel, ClassifierRecipe, Train, dump_recipe
 from visionlora.train.report import confusion_matrix, macro_f1, plot_confusion, plot_curves
 
@@ -42,39 +42,6 @@ def build_classifier(spec: ClassifierModel) -> nn.Module:
     return load_base(spec.weights, arch=spec.name, kwargs=spec.kwargs)
 
 
-def _mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
-def _accelerator(train: Train, out_dir: Path) -> Any:
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
-
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),  # without it accelerate ignores torchrun's processes on a CPU machine
-        mixed_precision=_mixed_precision(train.mixed_precision),
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-        log_with=train.log_with,
-        project_dir=str(out_dir),
-    )
-
-
-def cosine_with_warmup(warmup: int, total: int) -> Any:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def _param_groups(model: nn.Module, train: Train) -> list[dict[str, Any]]:
     lora_ids = {id(p) for _, layer in lora_layers(model) for p in layer.adapters.parameters()}
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -84,17 +51,6 @@ def _param_groups(model: nn.Module, train: Train) -> list[dict[str, Any]]:
     if other:
         groups.append({"params": other, "lr": train.head_lr, "weight_decay": train.weight_decay})
     return groups
-
-
-def _resume_folder(resume: str, out_dir: Path) -> Path:
-    if resume == "latest":
-        return latest_checkpoint(out_dir)
-    path = Path(resume)
-    if (path / "state.json").is_file():
-        return path
-    if (path / "checkpoints").is_dir():
-        return latest_checkpoint(path)
-    raise ConfigError(f"--resume {resume}: not 'latest', a run folder with checkpoints/, or a checkpoint folder")
 
 
 @torch.no_grad()
@@ -127,7 +83,7 @@ def run_classifier(
     """
     out_dir = Path(output or recipe.output.dir)
     train = recipe.train
-    accelerator = _accelerator(train, out_dir)
+    accelerator = make_accelerator(train, out_dir)
     from accelerate.utils import set_seed
 
     set_seed(train.seed)
@@ -171,13 +127,9 @@ def run_classifier(
 
     step, epoch, start_batch, history, elapsed = 0, 0, 0, [], 0.0
     if resume is not None:
-        folder = _resume_folder(resume, out_dir)
-        state = load_checkpoint(folder, model=plain, optimizer=optimizer.optimizer, rank=accelerator.process_index)
-        scheduler.load_state_dict(state["scheduler"])
+        state = restore(resume, out_dir, accelerator, plain, optimizer, scheduler)
         step, epoch, start_batch = state["step"], state["epoch"], state["batch"]
         history, elapsed = state["history"], state["elapsed"]
-        if state.get("scaler") and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "recipe.yaml", dump_recipe(recipe))
@@ -223,7 +175,7 @@ def run_classifier(
             if train.log_with:
                 accelerator.log({"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=step)
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < total:
-                _checkpoint(
+                write_checkpoint(
                     accelerator, out_dir, step, epoch, index + 1, plain, optimizer, scheduler, history, started, train
                 )
             if step >= total:
@@ -248,43 +200,6 @@ def run_classifier(
     if train.log_with:
         accelerator.end_training()
     return metrics
-
-
-def _checkpoint(
-    accelerator: Any,
-    out_dir: Path,
-    step: int,
-    epoch: int,
-    batch: int,
-    model: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    history: list[dict[str, Any]],
-    started: float,
-    train: Train,
-) -> None:
-    state = {
-        "step": step,
-        "epoch": epoch,
-        "batch": batch,
-        "history": history,
-        "elapsed": time.perf_counter() - started,
-        "scheduler": scheduler.state_dict(),
-        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-    }
-    root = out_dir / "checkpoints"
-    save_checkpoint(
-        root,
-        step,
-        model=model,
-        optimizer=optimizer.optimizer,
-        state=state,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        barrier=accelerator.wait_for_everyone,
-    )
-    if accelerator.is_main_process:
-        prune_checkpoints(root, train.keep_checkpoints)
 
 
 def _finish(

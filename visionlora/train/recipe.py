@@ -22,11 +22,18 @@ from visionlora.config import LoraConfig, config_from_dict, config_to_dict, is_f
 from visionlora.errors import ConfigError
 
 __all__ = [
+    "RECIPES",
     "ClassifierData",
     "ClassifierModel",
     "ClassifierRecipe",
+    "DiffusionData",
+    "DiffusionModel",
+    "DiffusionRecipe",
+    "DiffusionTrain",
     "Output",
+    "Recipe",
     "Train",
+    "Validation",
     "apply_overrides",
     "dump_recipe",
     "load_recipe",
@@ -110,34 +117,46 @@ class ClassifierRecipe:
     output: Output = field(default_factory=Output)
 
     def __post_init__(self) -> None:
+        _check_train(self.train)
         checks: list[tuple[str, bool, str]] = [
             ("data.val_fraction", 0.0 < self.data.val_fraction < 1.0, "a number between 0 and 1 (exclusive)"),
             ("data.image_size", self.data.image_size >= 8, "an integer >= 8"),
             ("data.batch_size", self.data.batch_size >= 1, "an integer >= 1"),
             ("data.num_workers", self.data.num_workers >= 0, "an integer >= 0"),
-            ("train.epochs", self.train.epochs >= 1, "an integer >= 1"),
-            ("train.max_steps", self.train.max_steps is None or self.train.max_steps >= 1, "null or an integer >= 1"),
-            ("train.lr", _positive(self.train.lr), "a finite number > 0"),
-            ("train.head_lr", _positive(self.train.head_lr), "a finite number > 0"),
-            ("train.weight_decay", is_finite_number(self.train.weight_decay) and self.train.weight_decay >= 0, ">= 0"),
-            ("train.warmup_steps", self.train.warmup_steps >= 0, "an integer >= 0"),
-            ("train.grad_accum", self.train.grad_accum >= 1, "an integer >= 1"),
-            (
-                "train.max_grad_norm",
-                self.train.max_grad_norm is None or _positive(self.train.max_grad_norm),
-                "null or > 0",
-            ),
-            (
-                "train.checkpoint_every",
-                self.train.checkpoint_every is None or self.train.checkpoint_every >= 1,
-                "null or an integer >= 1",
-            ),
-            ("train.keep_checkpoints", self.train.keep_checkpoints >= 1, "an integer >= 1"),
         ]
-        for key, ok, valid in checks:
-            if not ok:
-                value = _get(config_to_dict(self), key)
-                raise ConfigError(f"{key}: {value!r} is invalid; expected {valid}")
+        _raise_first(self, checks)
+
+
+def _check_train(train: Train) -> None:
+    t = train
+    checks: list[tuple[str, bool, str]] = [
+        ("train.epochs", t.epochs >= 1, "an integer >= 1"),
+        ("train.max_steps", t.max_steps is None or t.max_steps >= 1, "null or an integer >= 1"),
+        ("train.lr", _positive(t.lr), "a finite number > 0"),
+        ("train.head_lr", _positive(t.head_lr), "a finite number > 0"),
+        ("train.weight_decay", is_finite_number(t.weight_decay) and t.weight_decay >= 0, ">= 0"),
+        ("train.warmup_steps", t.warmup_steps >= 0, "an integer >= 0"),
+        ("train.grad_accum", t.grad_accum >= 1, "an integer >= 1"),
+        (
+            "train.max_grad_norm",
+            t.max_grad_norm is None or _positive(t.max_grad_norm),
+            "null or > 0",
+        ),
+        (
+            "train.checkpoint_every",
+            t.checkpoint_every is None or t.checkpoint_every >= 1,
+            "null or an integer >= 1",
+        ),
+        ("train.keep_checkpoints", t.keep_checkpoints >= 1, "an integer >= 1"),
+    ]
+    _raise_first({"train": train}, checks)
+
+
+def _raise_first(obj: Any, checks: list[tuple[str, bool, str]]) -> None:
+    for key, ok, valid in checks:
+        if not ok:
+            value = _get(config_to_dict(obj), key)
+            raise ConfigError(f"{key}: {value!r} is invalid; expected {valid}")
 
 
 def _positive(value: float) -> bool:
@@ -150,7 +169,86 @@ def _get(data: Any, dotted: str) -> Any:
     return data
 
 
-RECIPES: dict[str, type[ClassifierRecipe]] = {"classifier": ClassifierRecipe}
+@dataclass
+class DiffusionModel:
+    """The Stable Diffusion (1.x/2.x layout) base."""
+
+    pipeline: str
+    """A diffusers pipeline folder, or a single-file ``.safetensors`` checkpoint (then give ``config``)."""
+    config: str | None = None
+    """For a single-file checkpoint: a local diffusers pipeline folder with the matching configs."""
+
+
+@dataclass
+class DiffusionData:
+    """Style images with captions: ``<name>.txt`` beside each image, else ``caption`` for all."""
+
+    root: str
+    caption: str | None = None
+    resolution: int = 512
+    batch_size: int = 4
+    """Global batch size (split over processes under ``accelerate launch``)."""
+    center_crop: bool = True
+    random_flip: bool = True
+    cache: bool = True
+    """Encode latents and captions once (the VAE and text encoder are frozen)."""
+
+
+@dataclass
+class DiffusionTrain(Train):
+    """:class:`Train` plus the diffusion loss options."""
+
+    min_snr_gamma: float | None = 5.0
+    """Min-SNR loss weighting (Hang et al. 2023) with this gamma; None: plain MSE."""
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class Validation:
+    """Fixed-seed sample grids, base vs adapted, for a few prompts."""
+
+    prompts: list[str] = field(default_factory=list)
+    seed: int = 0
+    steps: int = 25
+    guidance_scale: float = 7.5
+    every: int | None = None
+    """Also sample every this many steps (None: only at the end)."""
+
+
+@dataclass
+class DiffusionRecipe:
+    """Give a diffusion model a style: LoRA on the UNet (attention, optionally LoCon convs)."""
+
+    task: Literal["diffusion-style"]
+    model: DiffusionModel
+    data: DiffusionData
+    lora: LoraConfig
+    train: DiffusionTrain = field(default_factory=DiffusionTrain)
+    validation: Validation = field(default_factory=Validation)
+    output: Output = field(default_factory=lambda: Output(export=["diffusers", "kohya"]))
+
+    def __post_init__(self) -> None:
+        _check_train(self.train)
+        checks: list[tuple[str, bool, str]] = [
+            ("data.resolution", self.data.resolution >= 8 and self.data.resolution % 8 == 0, "a multiple of 8"),
+            ("data.batch_size", self.data.batch_size >= 1, "an integer >= 1"),
+            (
+                "train.min_snr_gamma",
+                self.train.min_snr_gamma is None or _positive(self.train.min_snr_gamma),
+                "null or a number > 0",
+            ),
+            ("validation.steps", self.validation.steps >= 1, "an integer >= 1"),
+            ("validation.every", self.validation.every is None or self.validation.every >= 1, "null or >= 1"),
+        ]
+        _raise_first(self, checks)
+
+
+Recipe = ClassifierRecipe | DiffusionRecipe
+
+RECIPES: dict[str, type[ClassifierRecipe] | type[DiffusionRecipe]] = {
+    "classifier": ClassifierRecipe,
+    "diffusion-style": DiffusionRecipe,
+}
 """Recipe class by ``task``."""
 
 
@@ -203,17 +301,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
-def parse_recipe(data: Any, where: str = "recipe") -> ClassifierRecipe:
+def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     """The recipe dataclass for a parsed YAML document (checked in full)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: a recipe is a mapping with task, model, data, lora, train, output")
     task = data.get("task")
     if task not in RECIPES:
         raise ConfigError(f"{where}: task {task!r} is not one of {list(RECIPES)}")
-    return config_from_dict(RECIPES[task], data)
+    return config_from_dict(RECIPES[task], data)  # type: ignore[return-value]
 
 
-def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> ClassifierRecipe:
+def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply ``--set``-style overrides, and check every key and value.
 
     Raises:
@@ -230,6 +328,6 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
     return parse_recipe(apply_overrides(data, overrides or []), str(path))
 
 
-def dump_recipe(recipe: ClassifierRecipe) -> str:
+def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML; :func:`load_recipe` reads it back to an equal recipe."""
     return str(_yaml().safe_dump(config_to_dict(recipe), sort_keys=False))

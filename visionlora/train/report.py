@@ -28,7 +28,8 @@ def macro_f1(confusion: torch.Tensor) -> float:
     return float((2 * tp[present] / denominator[present]).mean())
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +40,7 @@ def _pyplot() -> Any:
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:
     """Train/val loss and val accuracy per epoch, one PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     left.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
@@ -59,7 +60,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:
 
 def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> Path:
     """The validation confusion matrix as a PNG heat map with counts."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(classes)
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n, 1.0 + 0.45 * n))
     ax.imshow(confusion.numpy(), cmap="Blues")

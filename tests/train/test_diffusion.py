@@ -1,0 +1,136 @@
+"""The diffusion style recipe on a tiny local pipeline: outputs, resume, loss math, captions."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import visionlora as vl
+from tests.conftest import tiny_pipeline, tiny_unet, unet_input
+from visionlora.train import run_recipe
+from visionlora.train.diffusion import min_snr_weights, noise_target, style_items
+from visionlora.train.recipe import parse_recipe
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+
+@pytest.fixture(scope="module")
+def style(tmp_path_factory):
+    """A tiny pipeline and six 64x64 crops of scikit-learn's bundled china.jpg, one with its own caption."""
+    from sklearn.datasets import load_sample_images
+
+    root = tmp_path_factory.mktemp("style")
+    tiny_pipeline(root / "pipe", tiny_unet())
+    china = load_sample_images().images[0]
+    for i in range(6):
+        Image.fromarray(china[i * 40 : i * 40 + 64, i * 50 : i * 50 + 64]).save(root / f"img{i}.png")
+    (root / "img0.txt").write_text("a photo in zz style")
+    return root
+
+
+def _recipe(root, **train):
+    return parse_recipe(
+        {
+            "task": "diffusion-style",
+            "model": {"pipeline": str(root / "pipe")},
+            "data": {"root": str(root), "caption": "zz style", "resolution": 16, "batch_size": 2},
+            "lora": {"targets": ["preset:unet-attention"], "rank": 4, "alpha": 4},
+            "train": {"epochs": 2, "lr": 1e-3, "seed": 0, **train},
+            "validation": {"prompts": ["a cat", "a dog"], "steps": 2},
+        }
+    )
+
+
+def test_a_style_run_writes_adapter_exports_merged_pipeline_samples_and_metrics(style, tmp_path):
+    out = tmp_path / "run"
+    metrics = run_recipe(_recipe(style), output=out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter-diffusers.safetensors",
+        "adapter-kohya.safetensors",
+        "adapter.safetensors",
+        "merged",
+        "metrics.json",
+        "recipe.yaml",
+        "report",
+    ]
+    assert metrics["steps"] == 6 and metrics["images"] == 6 and len(metrics["losses"]) == 6
+    with Image.open(out / "report" / "samples.png") as grid:
+        assert grid.size == (2 * 16, 2 * 16)  # base | adapted, one row per prompt
+    assert (out / "report" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    merged = diffusers.DiffusionPipeline.from_pretrained(str(out / "merged"))
+    adapted = vl.load_adapter(
+        diffusers.UNet2DConditionModel.from_pretrained(style / "pipe" / "unet"), out / "adapter.safetensors"
+    )
+    with torch.no_grad():
+        expected = adapted.eval()(**unet_input()).sample
+        assert torch.allclose(merged.unet(**unet_input()).sample, expected, rtol=1e-5, atol=1e-5)
+        base = diffusers.UNet2DConditionModel.from_pretrained(style / "pipe" / "unet")(**unet_input()).sample
+    assert (expected - base).abs().max() > 1e-4  # training moved the UNet
+
+
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(style, tmp_path):
+    recipe = _recipe(style, checkpoint_every=2, keep_checkpoints=3)
+    run_recipe(recipe, output=tmp_path / "whole", progress=False)
+    expected = load_file(tmp_path / "whole" / "adapter.safetensors")
+    for step in ("step-000002", "step-000004"):
+        resumed = tmp_path / step
+        shutil.copytree(tmp_path / "whole" / "checkpoints" / step, resumed / "checkpoints" / step)
+        metrics = run_recipe(recipe, output=resumed, resume="latest", progress=False)
+        got = load_file(resumed / "adapter.safetensors")
+        assert all(torch.equal(got[k], expected[k]) for k in expected), step
+        assert metrics["steps"] == 6
+
+
+def test_min_snr_weights_are_the_textbook_formula():
+    alphas = torch.tensor([0.99, 0.5, 0.01])  # SNR 99, 1, 1/99
+    t = torch.tensor([0, 1, 2])
+    eps = min_snr_weights(alphas, t, gamma=5.0, v_prediction=False)
+    v = min_snr_weights(alphas, t, gamma=5.0, v_prediction=True)
+    assert torch.allclose(eps, torch.tensor([5 / 99, 1.0, 1.0]))
+    assert torch.allclose(v, torch.tensor([5 / 100, 0.5, (1 / 99) / (1 / 99 + 1)]))
+
+
+def test_the_target_follows_the_schedulers_prediction_type():
+    scheduler = diffusers.DDPMScheduler(prediction_type="v_prediction")
+    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(noise_target(scheduler, latents, noise, t), a.sqrt() * noise - (1 - a).sqrt() * latents)
+    assert noise_target(diffusers.DDPMScheduler(), latents, noise, t) is noise
+    with pytest.raises(vl.ConfigError, match="prediction_type 'sample'"):
+        noise_target(diffusers.DDPMScheduler(prediction_type="sample"), latents, noise, t)
+
+
+def test_captions_come_from_txt_files_else_the_recipe_and_missing_ones_are_named(style, tmp_path):
+    items = dict((p.name, c) for p, c in style_items(style, "zz style"))
+    assert items["img0.png"] == "a photo in zz style" and items["img3.png"] == "zz style"
+    with pytest.raises(vl.ConfigError, match=r"data.caption: img1.png has no img1.txt"):
+        style_items(style, None)
+    with pytest.raises(vl.ConfigError, match="holds no images"):
+        style_items(tmp_path, "x")
+
+
+def test_the_shipped_style_recipe_runs_on_a_tiny_pipeline(style, tmp_path):
+    from pathlib import Path
+
+    from visionlora.train import load_recipe
+
+    path = Path(__file__).parents[2] / "recipes" / "diffusion-style.yaml"
+    overrides = [
+        f"model.pipeline={style / 'pipe'}",
+        f"data.root={style}",
+        "data.caption=zz style",
+        "data.resolution=16",
+        "data.batch_size=2",
+        "train.max_steps=2",
+        "validation.steps=2",
+        "validation.every=null",
+        "output.merged_dtype=fp32",
+    ]
+    metrics = run_recipe(load_recipe(path, overrides), output=tmp_path / "run", progress=False)
+    assert metrics["steps"] == 2 and (tmp_path / "run" / "merged" / "model_index.json").is_file()

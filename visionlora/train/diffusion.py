@@ -1,0 +1,402 @@
+"""The diffusion style recipe: LoRA on a Stable Diffusion UNet from captioned style images.
+
+Noise-prediction loss (epsilon or v-prediction, as the scheduler is configured) with optional
+min-SNR weighting; latents and caption embeddings are encoded once when ``data.cache`` is on
+(the VAE and text encoder are frozen). At the end: the adapter, diffusers and kohya exports, a
+merged pipeline folder, fixed-seed sample grids (base | adapted) and the loss curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from visionlora.adapters import disable_adapters, enable_adapters
+from visionlora.errors import ConfigError
+from visionlora.inject import apply_lora, lora_layers
+from visionlora.io import export_adapter, export_merged, save_adapter
+from visionlora.io.files import write_text
+from visionlora.models.loading import example_input_for
+from visionlora.train.data import EpochBatches
+from visionlora.train.loop import cosine_with_warmup, make_accelerator, restore, write_checkpoint
+from visionlora.train.recipe import DiffusionModel, DiffusionRecipe, dump_recipe
+from visionlora.train.report import pyplot
+
+__all__ = ["load_pipeline", "min_snr_weights", "noise_target", "run_diffusion", "style_items"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_pipeline(spec: DiffusionModel) -> Any:
+    """A StableDiffusionPipeline from a pipeline folder, or from one ``.safetensors`` file with local configs."""
+    import diffusers
+
+    path = Path(spec.pipeline)
+    common = {"safety_checker": None, "requires_safety_checker": False}
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(f"model.pipeline: {path} has no model_index.json; give a diffusers pipeline folder")
+        return diffusers.StableDiffusionPipeline.from_pretrained(str(path), **common)
+    if path.suffix == ".safetensors" and path.is_file():
+        if spec.config is None:
+            raise ConfigError(
+                "model.config: a single-file checkpoint needs a local pipeline folder with its configs "
+                "(nothing is downloaded)"
+            )
+        return diffusers.StableDiffusionPipeline.from_single_file(
+            str(path), config=spec.config, local_files_only=True, **common
+        )
+    raise ConfigError(
+        f"model.pipeline: {path} is neither a diffusers pipeline folder nor a .safetensors checkpoint "
+        "(.ckpt files are pickles and are not read)"
+    )
+
+
+def style_items(root: str | Path, caption: str | None) -> list[tuple[Path, str]]:
+    """(image, caption) pairs: the ``.txt`` beside each image, else ``caption``."""
+    folder = Path(root)
+    if not folder.is_dir():
+        raise ConfigError(f"data.root: {folder} is not a folder of style images")
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ConfigError(f"data.root: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    items = []
+    for image in images:
+        text_file = image.with_suffix(".txt")
+        text = text_file.read_text(encoding="utf-8").strip() if text_file.is_file() else caption
+        if text is None:
+            raise ConfigError(f"data.caption: {image.name} has no {text_file.name}; add one or set data.caption")
+        items.append((image, text))
+    return items
+
+
+def _pixels(path: Path, resolution: int, center_crop: bool, flip: bool, seed: int) -> torch.Tensor:
+    """The image at ``resolution`` x ``resolution`` in [-1, 1]: shorter side resized, cropped, maybe flipped."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    with Image.open(path) as im:
+        image = im.convert("RGB")
+    image = TF.resize(image, resolution, antialias=True)
+    w, h = image.size
+    if center_crop:
+        top, left = (h - resolution) // 2, (w - resolution) // 2
+    else:
+        g = torch.Generator().manual_seed(seed)
+        top = int(torch.randint(0, h - resolution + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - resolution + 1, (1,), generator=g))
+    image = TF.crop(image, top, left, resolution, resolution)
+    if flip:
+        image = TF.hflip(image)
+    return TF.to_tensor(image) * 2 - 1
+
+
+def min_snr_weights(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, v_prediction: bool
+) -> torch.Tensor:
+    """Per-sample loss weights min(SNR, gamma) / SNR (epsilon) or min(SNR, gamma) / (SNR + 1) (v-prediction)."""
+    alpha = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alpha / (1 - alpha)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if v_prediction else clipped / snr
+
+
+def noise_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon), or v = sqrt(a)·noise - sqrt(1 - a)·latents."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ConfigError(f"scheduler prediction_type {kind!r}: the style recipe trains 'epsilon' or 'v_prediction'")
+
+
+@dataclass
+class _Encoded:
+    """What the frozen encoders give for the dataset: latent distribution (mean, std) per flip, text per caption."""
+
+    mean: torch.Tensor  # (2, N, C, h, w): [unflipped, flipped]
+    std: torch.Tensor
+    text: torch.Tensor  # (N, tokens, dim)
+
+
+@torch.no_grad()
+def _encode(pipe: Any, items: list[tuple[Path, str]], recipe: DiffusionRecipe, device: torch.device) -> _Encoded:
+    data = recipe.data
+    means, stds = [], []
+    for flip in (False, True) if data.random_flip else (False,):
+        mean, std = [], []
+        for index, (path, _) in enumerate(items):
+            pixels = _pixels(path, data.resolution, data.center_crop, flip, recipe.train.seed * 7919 + index)
+            dist = pipe.vae.encode(pixels[None].to(device, pipe.vae.dtype)).latent_dist
+            mean.append(dist.mean.float().cpu())
+            std.append(dist.std.float().cpu())
+        means.append(torch.cat(mean))
+        stds.append(torch.cat(std))
+    if not data.random_flip:
+        means, stds = means * 2, stds * 2
+    captions = sorted({c for _, c in items})
+    tokens = pipe.tokenizer(
+        captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    embedded = pipe.text_encoder(tokens.input_ids.to(device))[0].float().cpu()
+    by_caption = dict(zip(captions, embedded, strict=True))
+    text = torch.stack([by_caption[c] for _, c in items])
+    return _Encoded(torch.stack(means), torch.stack(stds), text)
+
+
+def _flips(seed: int, epoch: int, indices: list[int], random_flip: bool) -> torch.Tensor:
+    """Whether each image is flipped this epoch: fixed by (seed, epoch, index), independent of the global RNG."""
+    if not random_flip:
+        return torch.zeros(len(indices), dtype=torch.long)
+    out = []
+    for index in indices:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + index)
+        out.append(int(torch.randint(0, 2, (1,), generator=g)))
+    return torch.tensor(out)
+
+
+def _sample_grid(pipe: Any, unet: nn.Module, recipe: DiffusionRecipe, path: Path) -> Path | None:
+    """Base | adapted samples from the same seeds, one row per prompt, saved as a PNG."""
+    from PIL import Image
+
+    val = recipe.validation
+    if not val.prompts:
+        return None
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    with torch.random.fork_rng(devices=[]):  # sampling must not move the training RNG
+        for prompt in val.prompts:
+            row = []
+            for adapted in (False, True):
+                (enable_adapters if adapted else disable_adapters)(unet)
+                generator = torch.Generator(device="cpu").manual_seed(val.seed)
+                image = pipe(
+                    prompt,
+                    num_inference_steps=val.steps,
+                    guidance_scale=val.guidance_scale,
+                    height=recipe.data.resolution,
+                    width=recipe.data.resolution,
+                    generator=generator,
+                ).images[0]
+                row.append(image)
+            rows.append(row)
+    enable_adapters(unet)
+    size = rows[0][0].size
+    grid = Image.new("RGB", (size[0] * 2, size[1] * len(rows)))
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image, (c * size[0], r * size[1]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def run_diffusion(
+    recipe: DiffusionRecipe, *, output: str | Path | None = None, resume: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Train ``recipe``; write adapter, exports, merged pipeline, metrics.json, recipe.yaml and report/."""
+    out_dir = Path(output or recipe.output.dir)
+    train, data = recipe.train, recipe.data
+    accelerator = make_accelerator(train, out_dir)
+    from accelerate.utils import set_seed
+
+    set_seed(train.seed)
+    world = accelerator.num_processes
+    if data.batch_size % world:
+        raise ConfigError(f"data.batch_size: {data.batch_size} does not split over {world} processes")
+    items = style_items(data.root, data.caption)
+    pipe = load_pipeline(recipe.model)
+    unet, device = pipe.unet, accelerator.device
+    for frozen in (pipe.vae, pipe.text_encoder):
+        frozen.requires_grad_(False)
+        frozen.to(device)
+    probe = recipe.lora.rank_by_resolution or recipe.lora.rank_budget is not None
+    latent_size = data.resolution // pipe.vae_scale_factor
+    apply_lora(unet, recipe.lora, example_input=example_input_for(unet, latent_size) if probe else None)
+    if train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    encoded = _encode(pipe, items, recipe, device) if data.cache else None
+    scheduler_config = pipe.scheduler.config
+    import diffusers
+
+    noise_scheduler = diffusers.DDPMScheduler.from_config(scheduler_config)
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    scaling = float(getattr(pipe.vae.config, "scaling_factor", 1.0))
+
+    batches = EpochBatches(len(items), data.batch_size, train.seed, drop_last=len(items) >= data.batch_size)
+    per_epoch = len(batches)
+    steps_per_epoch = math.ceil(per_epoch / train.grad_accum)
+    total = steps_per_epoch * train.epochs if train.max_steps is None else train.max_steps
+    epochs = math.ceil(total / steps_per_epoch)
+    lora_params = [p for _, layer in lora_layers(unet) for p in layer.adapters.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora_params, lr=train.lr, weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train.warmup_steps, total))
+    model, optimizer = accelerator.prepare(unet, optimizer)
+    step, epoch, start_batch, losses, elapsed = 0, 0, 0, [], 0.0
+    if resume is not None:
+        state = restore(resume, out_dir, accelerator, unet, optimizer, scheduler)
+        step, epoch, start_batch, losses, elapsed = (
+            state["step"],
+            state["epoch"],
+            state["batch"],
+            state["losses"],
+            state["elapsed"],
+        )
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / "recipe.yaml", dump_recipe(recipe))
+    if train.log_with:
+        accelerator.init_trackers("visionlora")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=step, disable=not (progress and accelerator.is_local_main_process), unit="step")
+    started = time.perf_counter() - elapsed
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    rank = accelerator.process_index
+    while step < total and epoch < epochs:
+        batches.set_position(epoch, start_batch)
+        model.train()
+        group: list[torch.Tensor] = []
+        for index, batch in enumerate(batches, start=start_batch):
+            share = len(batch) // world
+            mine = batch[rank * share : (rank + 1) * share]
+            flips = _flips(train.seed, epoch, mine, data.random_flip)
+            if encoded is not None:
+                mean = encoded.mean[flips, torch.tensor(mine)].to(device)
+                std = encoded.std[flips, torch.tensor(mine)].to(device)
+                text = encoded.text[torch.tensor(mine)].to(device)
+            else:
+                single = _encode(pipe, [items[i] for i in mine], recipe, device)
+                mean = single.mean[flips, torch.arange(len(mine))].to(device)
+                std = single.std[flips, torch.arange(len(mine))].to(device)
+                text = single.text.to(device)
+            latents = (mean + std * torch.randn(mean.shape, device=device)) * scaling
+            noise = torch.randn(latents.shape, device=device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(mine),), device=device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            target = noise_target(noise_scheduler, latents, noise, timesteps)
+            group_end = min(per_epoch, (index // train.grad_accum + 1) * train.grad_accum)
+            boundary = index + 1 == group_end
+            group_size = group_end - (index // train.grad_accum) * train.grad_accum
+            with contextlib.nullcontext() if boundary else accelerator.no_sync(model):
+                prediction = model(noisy, timesteps, text).sample
+                mse = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+                if train.min_snr_gamma is not None:
+                    mse = mse * min_snr_weights(alphas_cumprod, timesteps, train.min_snr_gamma, v_prediction)
+                loss = mse.mean()
+                accelerator.backward(loss / group_size)
+            group.append(loss.detach())
+            if not boundary:
+                continue
+            if train.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(lora_params, train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_loss = accelerator.reduce(torch.stack(group).mean(), reduction="mean").item()
+            group = []
+            losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            bar.update(1)
+            if train.log_with:
+                accelerator.log({"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=step)
+            if recipe.validation.every and step % recipe.validation.every == 0 and accelerator.is_main_process:
+                _sample_grid(pipe, unet, recipe, out_dir / "report" / f"samples-step{step:06d}.png")
+            if train.checkpoint_every and step % train.checkpoint_every == 0 and step < total:
+                write_checkpoint(
+                    accelerator,
+                    out_dir,
+                    step,
+                    epoch,
+                    index + 1,
+                    unet,
+                    optimizer,
+                    scheduler,
+                    [],
+                    started,
+                    train,
+                    extra={"losses": losses},
+                )
+            if step >= total:
+                break
+        start_batch = 0
+        epoch += 1
+    bar.close()
+    return _finish(accelerator, recipe, pipe, unet, out_dir, losses, time.perf_counter() - started, step)
+
+
+def _finish(
+    accelerator: Any,
+    recipe: DiffusionRecipe,
+    pipe: Any,
+    unet: nn.Module,
+    out_dir: Path,
+    losses: list[float],
+    seconds: float,
+    step: int,
+) -> dict[str, Any]:
+    window = max(1, len(losses) // 10)
+    metrics: dict[str, Any] = {
+        "steps": step,
+        "images": len(style_items(recipe.data.root, recipe.data.caption)),
+        "loss_first": sum(losses[:window]) / window if losses else None,
+        "loss_last": sum(losses[-window:]) / window if losses else None,
+        "seconds": seconds,
+        "processes": accelerator.num_processes,
+        "losses": losses,
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unet.eval()
+        save_adapter(unet, out_dir / "adapter.safetensors")
+        for fmt in recipe.output.export:
+            export_adapter(
+                unet,
+                out_dir / f"adapter-{fmt}" if fmt == "peft" else out_dir / f"adapter-{fmt}.safetensors",
+                format=fmt,
+            )
+        folder = Path(recipe.model.pipeline)
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        merged_dtype = dtypes[recipe.output.merged_dtype]
+        if folder.is_dir():
+            export_merged(unet, out_dir / "merged", pipeline=folder, dtype=merged_dtype)
+        else:
+            export_merged(unet, out_dir / "merged-unet", dtype=merged_dtype)
+        _sample_grid(pipe, unet, recipe, out_dir / "report" / "samples.png")
+        if losses:
+            _plot_losses(losses, out_dir / "report" / "loss.png")
+        write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+    accelerator.wait_for_everyone()
+    if recipe.train.log_with:
+        accelerator.end_training()
+    return metrics
+
+
+def _plot_losses(losses: list[float], path: Path) -> Path:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, lw=1, label="step")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
+        ax.plot(range(1, len(losses) + 1), smooth, lw=2, label=f"mean of {window}")
+    ax.set(xlabel="step", ylabel="loss", title="noise-prediction loss")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

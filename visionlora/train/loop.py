@@ -1,0 +1,113 @@
+"""What every recipe runner shares: the accelerator, the LR schedule, checkpoint writing and resuming."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from visionlora.errors import ConfigError
+from visionlora.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from visionlora.train.recipe import Train
+
+__all__ = ["cosine_with_warmup", "make_accelerator", "restore", "write_checkpoint"]
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def make_accelerator(train: Train, out_dir: Path) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),  # without it accelerate ignores torchrun's processes on a CPU machine
+        mixed_precision=_mixed_precision(train.mixed_precision),
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        log_with=train.log_with,
+        project_dir=str(out_dir),
+    )
+
+
+def cosine_with_warmup(warmup: int, total: int) -> Any:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _resume_folder(resume: str, out_dir: Path) -> Path:
+    if resume == "latest":
+        return latest_checkpoint(out_dir)
+    path = Path(resume)
+    if (path / "state.json").is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        return latest_checkpoint(path)
+    raise ConfigError(f"--resume {resume}: not 'latest', a run folder with checkpoints/, or a checkpoint folder")
+
+
+def restore(
+    resume: str, out_dir: Path, accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any
+) -> dict[str, Any]:
+    """Load the checkpoint ``resume`` names into model, optimizer, scheduler, grad scaler and RNG; return its state."""
+    folder = _resume_folder(resume, out_dir)
+    state = load_checkpoint(folder, model=model, optimizer=optimizer.optimizer, rank=accelerator.process_index)
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    return state
+
+
+def write_checkpoint(
+    accelerator: Any,
+    out_dir: Path,
+    step: int,
+    epoch: int,
+    batch: int,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    history: list[dict[str, Any]],
+    started: float,
+    train: Train,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write a resumable checkpoint (every process calls this) and prune old ones."""
+    state = {
+        "step": step,
+        "epoch": epoch,
+        "batch": batch,
+        "history": history,
+        "elapsed": time.perf_counter() - started,
+        "scheduler": scheduler.state_dict(),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        **(extra or {}),
+    }
+    root = out_dir / "checkpoints"
+    save_checkpoint(
+        root,
+        step,
+        model=model,
+        optimizer=optimizer.optimizer,
+        state=state,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone,
+    )
+    if accelerator.is_main_process:
+        prune_checkpoints(root, train.keep_checkpoints)
