@@ -120,6 +120,19 @@ def unet_input(batch: int = 2, seed: int = 1) -> dict[str, Tensor]:
     }
 
 
+def unet_from(state: dict[str, Tensor]) -> nn.Module:
+    """A :func:`tiny_unet` holding ``state``."""
+    unet = tiny_unet()
+    unet.load_state_dict(state)
+    return unet
+
+
+def unet_output(unet: nn.Module) -> Tensor:
+    """``unet``'s output on :func:`unet_input`, without gradients."""
+    with torch.no_grad():
+        return unet(**unet_input()).sample
+
+
 def tiny_pipeline(folder: Path, unet: nn.Module) -> Path:
     """Save a small StableDiffusionPipeline around ``unet`` to ``folder`` (tokenizer vocabulary made up here)."""
     diffusers = pytest.importorskip("diffusers")

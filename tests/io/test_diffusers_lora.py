@@ -10,6 +10,8 @@ from safetensors import safe_open
 
 import visionlora as vl
 from tests.conftest import assert_rel_close, randomize_lora, tiny_pipeline, tiny_unet, unet_input
+from tests.conftest import unet_from as _fresh
+from tests.conftest import unet_output as _out
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -33,17 +35,6 @@ def adapted():
     with torch.no_grad():
         expected = unet(**unet_input()).sample
     return unet, base, expected
-
-
-def _fresh(base):
-    unet = tiny_unet()
-    unet.load_state_dict(base)
-    return unet
-
-
-def _out(unet):
-    with torch.no_grad():
-        return unet(**unet_input()).sample
 
 
 def test_the_adapter_has_per_layer_ranks_and_alphas_that_are_not_the_rank(adapted, tmp_path):

@@ -12,6 +12,8 @@ from safetensors.torch import save_file
 
 import visionlora as vl
 from tests.conftest import assert_rel_close, randomize_lora, tiny_pipeline, tiny_unet, unet_input
+from tests.conftest import unet_from as _fresh
+from tests.conftest import unet_output as _out
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -35,17 +37,6 @@ def _adapted(alpha_pattern=None):
     with torch.no_grad():
         expected = unet(**unet_input()).sample
     return unet, base, expected
-
-
-def _fresh(base):
-    unet = tiny_unet()
-    unet.load_state_dict(base)
-    return unet
-
-
-def _out(unet):
-    with torch.no_grad():
-        return unet(**unet_input()).sample
 
 
 def _read(path):

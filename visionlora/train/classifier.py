@@ -22,7 +22,14 @@ from visionlora.io.files import write_text
 from visionlora.models.heads import replace_head
 from visionlora.models.loading import build_model, load_base
 from visionlora.train.data import EpochBatches, classifier_datasets, classifier_transforms, set_epoch
-from visionlora.train.loop import cosine_with_warmup, make_accelerator, restore, write_checkpoint
+from visionlora.train.loop import (
+    accumulation,
+    cosine_with_warmup,
+    make_accelerator,
+    optimizer_step,
+    restore,
+    write_checkpoint,
+)
 from visionlora.train.recipe import ClassifierModel, ClassifierRecipe, Train, dump_recipe
 from visionlora.train.report import confusion_matrix, macro_f1, plot_confusion, plot_curves
 
@@ -150,9 +157,7 @@ def run_classifier(
         epoch_losses: list[float] = []
         group: list[torch.Tensor] = []
         for index, (x, y) in enumerate(train_loader, start=start_batch):
-            group_end = min(batches_per_epoch, (index // train.grad_accum + 1) * train.grad_accum)
-            boundary = index + 1 == group_end
-            group_size = group_end - (index // train.grad_accum) * train.grad_accum
+            boundary, group_size = accumulation(index, batches_per_epoch, train.grad_accum)
             with contextlib.nullcontext() if boundary else accelerator.no_sync(model):
                 loss = F.cross_entropy(model(x).float(), y)
                 accelerator.backward(loss / group_size)
@@ -160,13 +165,8 @@ def run_classifier(
             images += len(y) * accelerator.num_processes
             if not boundary:
                 continue
-            if train.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss = optimizer_step(accelerator, optimizer, scheduler, trainable, train.max_grad_norm, group)
             step += 1
-            step_loss = accelerator.reduce(torch.stack(group).mean(), reduction="mean").item()
             group = []
             epoch_losses.append(step_loss)
             rate = images / max(time.perf_counter() - started, 1e-9)

@@ -26,9 +26,16 @@ from visionlora.io import export_adapter, export_merged, save_adapter
 from visionlora.io.files import write_text
 from visionlora.models.loading import example_input_for
 from visionlora.train.data import EpochBatches
-from visionlora.train.loop import cosine_with_warmup, make_accelerator, restore, write_checkpoint
+from visionlora.train.loop import (
+    accumulation,
+    cosine_with_warmup,
+    make_accelerator,
+    optimizer_step,
+    restore,
+    write_checkpoint,
+)
 from visionlora.train.recipe import DiffusionModel, DiffusionRecipe, dump_recipe
-from visionlora.train.report import pyplot
+from visionlora.train.report import plot_losses
 
 __all__ = ["load_pipeline", "min_snr_weights", "noise_target", "run_diffusion", "style_items"]
 
@@ -284,9 +291,7 @@ def run_diffusion(
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(mine),), device=device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = noise_target(noise_scheduler, latents, noise, timesteps)
-            group_end = min(per_epoch, (index // train.grad_accum + 1) * train.grad_accum)
-            boundary = index + 1 == group_end
-            group_size = group_end - (index // train.grad_accum) * train.grad_accum
+            boundary, group_size = accumulation(index, per_epoch, train.grad_accum)
             with contextlib.nullcontext() if boundary else accelerator.no_sync(model):
                 prediction = model(noisy, timesteps, text).sample
                 mse = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
@@ -297,13 +302,8 @@ def run_diffusion(
             group.append(loss.detach())
             if not boundary:
                 continue
-            if train.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(lora_params, train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss = optimizer_step(accelerator, optimizer, scheduler, lora_params, train.max_grad_norm, group)
             step += 1
-            step_loss = accelerator.reduce(torch.stack(group).mean(), reduction="mean").item()
             group = []
             losses.append(step_loss)
             bar.set_postfix(loss=f"{step_loss:.4f}")
@@ -374,29 +374,9 @@ def _finish(
             export_merged(unet, out_dir / "merged-unet", dtype=merged_dtype)
         _sample_grid(pipe, unet, recipe, out_dir / "report" / "samples.png")
         if losses:
-            _plot_losses(losses, out_dir / "report" / "loss.png")
+            plot_losses(losses, out_dir / "report" / "loss.png")
         write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     accelerator.wait_for_everyone()
     if recipe.train.log_with:
         accelerator.end_training()
     return metrics
-
-
-def _plot_losses(losses: list[float], path: Path) -> Path:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses, lw=1, label="step")
-    window = max(1, len(losses) // 20)
-    if window > 1:
-        smooth = [
-            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-            for i in range(len(losses))
-        ]
-        ax.plot(range(1, len(losses) + 1), smooth, lw=2, label=f"mean of {window}")
-    ax.set(xlabel="step", ylabel="loss", title="noise-prediction loss")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from visionlora.errors import ConfigError
 from visionlora.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from visionlora.train.recipe import Train
 
-__all__ = ["cosine_with_warmup", "make_accelerator", "restore", "write_checkpoint"]
+__all__ = ["accumulation", "cosine_with_warmup", "make_accelerator", "optimizer_step", "restore", "write_checkpoint"]
 
 
 def _mixed_precision(choice: str) -> str:
@@ -59,6 +60,31 @@ def _resume_folder(resume: str, out_dir: Path) -> Path:
     if (path / "checkpoints").is_dir():
         return latest_checkpoint(path)
     raise ConfigError(f"--resume {resume}: not 'latest', a run folder with checkpoints/, or a checkpoint folder")
+
+
+def accumulation(index: int, batches: int, grad_accum: int) -> tuple[bool, int]:
+    """For batch ``index`` of an epoch of ``batches``: whether an optimizer step follows it, and how many
+    batches its accumulation group has (the last group of an epoch may be shorter)."""
+    start = (index // grad_accum) * grad_accum
+    end = min(batches, start + grad_accum)
+    return index + 1 == end, end - start
+
+
+def optimizer_step(
+    accelerator: Any,
+    optimizer: Any,
+    scheduler: Any,
+    params: Sequence[torch.Tensor],
+    max_grad_norm: float | None,
+    losses: list[torch.Tensor],
+) -> float:
+    """Clip, step, schedule and zero the gradients; return the group's loss averaged over processes."""
+    if max_grad_norm is not None:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item())
 
 
 def restore(

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["confusion_matrix", "macro_f1", "plot_confusion", "plot_curves"]
+__all__ = ["confusion_matrix", "macro_f1", "plot_confusion", "plot_curves", "plot_losses", "pyplot"]
 
 
 def confusion_matrix(predicted: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -72,6 +72,27 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> P
         for j in range(n):
             value = int(confusion[i, j])
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(losses: list[float], path: Path) -> Path:
+    """Loss per optimizer step (and a running mean), one PNG."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, lw=1, label="step")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
+        ax.plot(range(1, len(losses) + 1), smooth, lw=2, label=f"mean of {window}")
+    ax.set(xlabel="step", ylabel="loss", title="noise-prediction loss")
+    ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
