@@ -28,9 +28,10 @@ from visionlora.train.loop import (
     make_accelerator,
     optimizer_step,
     restore,
+    start_run,
     write_checkpoint,
 )
-from visionlora.train.recipe import ClassifierModel, ClassifierRecipe, Train, dump_recipe
+from visionlora.train.recipe import ClassifierModel, ClassifierRecipe, Train
 from visionlora.train.report import confusion_matrix, macro_f1, plot_confusion, plot_curves
 
 __all__ = ["build_classifier", "run_classifier"]
@@ -137,15 +138,7 @@ def run_classifier(
         state = restore(resume, out_dir, accelerator, plain, optimizer, scheduler)
         step, epoch, start_batch = state["step"], state["epoch"], state["batch"]
         history, elapsed = state["history"], state["elapsed"]
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(out_dir / "recipe.yaml", dump_recipe(recipe))
-    if train.log_with:
-        accelerator.init_trackers("visionlora")
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=step, disable=not (progress and accelerator.is_local_main_process), unit="step")
+    bar = start_run(accelerator, recipe, out_dir, total, step, progress)
     started = time.perf_counter() - elapsed
     trainable = [p for p in model.parameters() if p.requires_grad]
     last_val: dict[str, Any] | None = None

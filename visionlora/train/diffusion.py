@@ -32,9 +32,10 @@ from visionlora.train.loop import (
     make_accelerator,
     optimizer_step,
     restore,
+    start_run,
     write_checkpoint,
 )
-from visionlora.train.recipe import DiffusionModel, DiffusionRecipe, dump_recipe
+from visionlora.train.recipe import DiffusionModel, DiffusionRecipe
 from visionlora.train.report import plot_losses
 
 __all__ = ["load_pipeline", "min_snr_weights", "noise_target", "run_diffusion", "style_items"]
@@ -258,14 +259,7 @@ def run_diffusion(
             state["losses"],
             state["elapsed"],
         )
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(out_dir / "recipe.yaml", dump_recipe(recipe))
-    if train.log_with:
-        accelerator.init_trackers("visionlora")
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=step, disable=not (progress and accelerator.is_local_main_process), unit="step")
+    bar = start_run(accelerator, recipe, out_dir, total, step, progress)
     started = time.perf_counter() - elapsed
     alphas_cumprod = noise_scheduler.alphas_cumprod
     rank = accelerator.process_index

@@ -12,10 +12,19 @@ import torch
 from torch import nn
 
 from visionlora.errors import ConfigError
+from visionlora.io.files import write_text
 from visionlora.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from visionlora.train.recipe import Train
+from visionlora.train.recipe import Train, dump_recipe
 
-__all__ = ["accumulation", "cosine_with_warmup", "make_accelerator", "optimizer_step", "restore", "write_checkpoint"]
+__all__ = [
+    "accumulation",
+    "cosine_with_warmup",
+    "make_accelerator",
+    "optimizer_step",
+    "restore",
+    "start_run",
+    "write_checkpoint",
+]
 
 
 def _mixed_precision(choice: str) -> str:
@@ -85,6 +94,18 @@ def optimizer_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item())
+
+
+def start_run(accelerator: Any, recipe: Any, out_dir: Path, total: int, step: int, progress: bool) -> Any:
+    """Write the resolved recipe, start the trackers, and return the progress bar (main process only)."""
+    from tqdm.auto import tqdm
+
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / "recipe.yaml", dump_recipe(recipe))
+    if recipe.train.log_with:
+        accelerator.init_trackers("visionlora")
+    return tqdm(total=total, initial=step, disable=not (progress and accelerator.is_local_main_process), unit="step")
 
 
 def restore(
