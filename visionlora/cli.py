@@ -134,9 +134,15 @@ def _train(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     import tempfile
 
+    out = args.out or tempfile.mkdtemp(prefix="visionlora-quickstart-")
+    if args.what == "diffusion":
+        from visionlora.train.quickstart_diffusion import run_quickstart_diffusion
+
+        steps = {} if args.steps is None else {"pretrain_steps": args.steps, "style_steps": max(1, args.steps // 4)}
+        run_quickstart_diffusion(out, **steps)
+        return 0
     from visionlora.train.quickstart import run_quickstart
 
-    out = args.out or tempfile.mkdtemp(prefix="visionlora-quickstart-")
     run_quickstart(out, epochs=args.epochs)
     return 0
 
@@ -232,11 +238,17 @@ def _parser() -> argparse.ArgumentParser:
 
     quickstart = commands.add_parser(
         "quickstart",
-        help="LoRA vs head-only vs full fine-tuning on scikit-learn's bundled digits (CPU, about a minute)",
-        description="Pre-train a ResNet-18 on digits 0-4, then adapt it to digits 5-9 three ways; save, "
-        "reload, merge and export the LoRA adapter and print what was measured. No downloads.",
+        help="LoRA vs head-only vs full fine-tuning on scikit-learn's bundled digits; 'diffusion': styling",
+        description="classifier (default): pre-train a ResNet-18 on digits 0-4, adapt it to digits 5-9 three "
+        "ways, save, reload, merge and export the LoRA adapter (about a minute). diffusion: pre-train a small "
+        "UNet on patches of one bundled photo, LoRA-style it toward another, save base vs styled samples "
+        "(a few minutes). CPU, no downloads.",
     )
-    quickstart.add_argument("--epochs", type=_positive, default=6, help="epochs for each training phase (default 6)")
+    quickstart.add_argument("what", nargs="?", choices=["classifier", "diffusion"], default="classifier")
+    quickstart.add_argument("--epochs", type=_positive, default=6, help="classifier: epochs per phase (default 6)")
+    quickstart.add_argument(
+        "--steps", type=_positive, help="diffusion: pre-training steps (styling gets a quarter; default 1500/400)"
+    )
     quickstart.add_argument("--out", help="folder for the files (default: a new temporary folder)")
     quickstart.set_defaults(run=_quickstart)
     return parser
