@@ -124,10 +124,16 @@ def _train(args: argparse.Namespace) -> int:
     resume = args.resume
     metrics = run_recipe(recipe, output=args.output, resume=resume)
     out = args.output or recipe.output.dir
-    print(
-        f"wrote {out}: val. accuracy {metrics['val_accuracy']:.3f}, macro-F1 {metrics['val_macro_f1']:.3f}, "
-        f"{metrics['steps']} steps, {metrics['trainable_percent']:.2f}% of parameters trained"
-    )
+    if "val_accuracy" in metrics:
+        summary_line = (
+            f"val. accuracy {metrics['val_accuracy']:.3f}, macro-F1 {metrics['val_macro_f1']:.3f}, "
+            f"{metrics['trainable_percent']:.2f}% of parameters trained"
+        )
+    elif metrics["losses"]:
+        summary_line = f"loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f} on {metrics['images']} images"
+    else:
+        summary_line = "nothing left to train"
+    print(f"wrote {out}: {metrics['steps']} steps, {summary_line}")
     return 0
 
 

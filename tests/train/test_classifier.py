@@ -174,3 +174,60 @@ def test_two_processes_give_the_adapter_of_one_with_the_same_global_batch(digits
     assert a.keys() == b.keys()
     for key in a:  # documented tolerance: 1e-4 of each tensor's largest value (float sums in another order)
         assert (a[key] - b[key]).abs().max() <= 1e-4 * a[key].abs().max(), key
+
+
+def test_resume_keeps_the_epochs_loss_history_and_accumulation(digits_root, tmp_path):
+    recipe = parse_recipe(tiny_recipe(digits_root, checkpoint_every=1, keep_checkpoints=6, grad_accum=2))
+    run_recipe(recipe, output=tmp_path / "whole", progress=False)  # 3 batches per epoch: groups of 2 and 1
+    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    for step in ("step-000001", "step-000002"):  # mid-epoch and at the end of the first epoch
+        resumed = tmp_path / step
+        shutil.copytree(tmp_path / "whole" / "checkpoints" / step, resumed / "checkpoints" / step)
+        run_recipe(recipe, output=resumed, resume="latest", progress=False)
+        got = json.loads((resumed / "metrics.json").read_text())
+        assert got["history"] == expected["history"], step
+        assert (
+            load_file(resumed / "adapter.safetensors").keys()
+            == load_file(tmp_path / "whole" / "adapter.safetensors").keys()
+        )
+
+
+def test_resuming_from_an_older_checkpoint_replaces_the_newer_ones(digits_root, tmp_path):
+    out = tmp_path / "run"
+    run_recipe(
+        parse_recipe(tiny_recipe(digits_root, checkpoint_every=1, keep_checkpoints=6)), output=out, progress=False
+    )
+    assert len(checkpoint_dirs(out / "checkpoints")) == 5
+    (out / "checkpoints" / "step-000009").mkdir()  # a newer, unrelated timeline
+    (out / "checkpoints" / "step-000009" / "state.json").write_text("{}")
+    recipe = parse_recipe(tiny_recipe(digits_root, checkpoint_every=1, keep_checkpoints=1))
+    run_recipe(recipe, output=out, resume=str(out / "checkpoints" / "step-000002"), progress=False)
+    assert [p.name for p in checkpoint_dirs(out / "checkpoints")] == ["step-000005"]  # written by the resumed run
+
+
+def test_max_steps_runs_exactly_that_many_steps_past_epochs(digits_root, tmp_path):
+    recipe = parse_recipe(tiny_recipe(digits_root, max_steps=7, epochs=1))
+    metrics = run_recipe(recipe, output=tmp_path / "run", progress=False)
+    assert metrics["steps"] == 7 and metrics["epochs"] == 3  # 3 steps per epoch
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.seed=-1", r"train.seed: -1 is invalid; expected an integer from 0 to 2\*\*32 - 1"),
+        (
+            "output.export=[kohya]",
+            r"output.export: \['kohya'\] is invalid; expected formats that can hold the new head",
+        ),
+    ],
+)
+def test_values_that_would_fail_late_are_refused_up_front(digits_root, tmp_path, override, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump_recipe(parse_recipe(tiny_recipe(digits_root))))
+    with pytest.raises(vl.ConfigError, match=message):
+        load_recipe(path, [override])
+
+
+def test_large_seeds_train(digits_root, tmp_path):
+    recipe = parse_recipe(tiny_recipe(digits_root, max_steps=1, seed=2**32 - 1))
+    assert run_recipe(recipe, output=tmp_path / "run", progress=False)["steps"] == 1

@@ -134,3 +134,34 @@ def test_the_shipped_style_recipe_runs_on_a_tiny_pipeline(style, tmp_path):
     ]
     metrics = run_recipe(load_recipe(path, overrides), output=tmp_path / "run", progress=False)
     assert metrics["steps"] == 2 and (tmp_path / "run" / "merged" / "model_index.json").is_file()
+
+
+def test_uncached_encoding_trains_the_same_adapter_as_cached(style, tmp_path):
+    a, b = _recipe(style, max_steps=3), _recipe(style, max_steps=3)
+    a.data.center_crop, a.data.cache = False, True
+    b.data.center_crop, b.data.cache = False, False
+    run_recipe(a, output=tmp_path / "cached", progress=False)
+    run_recipe(b, output=tmp_path / "uncached", progress=False)
+    x, y = (
+        load_file(tmp_path / "cached" / "adapter.safetensors"),
+        load_file(tmp_path / "uncached" / "adapter.safetensors"),
+    )
+    assert all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
+
+
+def test_trainable_modules_train_in_the_style_recipe_and_the_cli_summarises(style, tmp_path, capsys):
+    from visionlora.cli import main
+    from visionlora.train import dump_recipe, load_recipe
+
+    recipe = _recipe(style, max_steps=2, head_lr=1e-2)
+    recipe.lora.trainable = ["conv_in"]
+    path = tmp_path / "r.yaml"
+    path.write_text(dump_recipe(recipe))
+    with pytest.raises(vl.ConfigError, match=r"output.export: .* expected formats that can hold lora.trainable"):
+        load_recipe(path)
+    path.write_text(dump_recipe(recipe).replace("  - diffusers\n  - kohya\n", "  - peft\n"))
+    assert main(["train", str(path), "--output", str(tmp_path / "run")]) == 0
+    assert "2 steps, loss " in capsys.readouterr().out
+    before = diffusers.UNet2DConditionModel.from_pretrained(style / "pipe" / "unet").conv_in.weight
+    after = load_file(tmp_path / "run" / "adapter.safetensors")["conv_in.weight"]
+    assert (after - before).abs().max() > 0

@@ -52,11 +52,14 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
-def prune_checkpoints(root: Path, keep: int) -> None:
-    """Remove all but the newest ``keep`` checkpoints (and temporary folders of interrupted writes)."""
-    for old in checkpoint_dirs(root)[:-keep]:
+def prune_checkpoints(root: Path, keep: int, current: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to step ``current``; remove the rest, temporary folders of
+    interrupted writes, and checkpoints after ``current`` (a run resumed from an older one replaced them)."""
+    found = checkpoint_dirs(root)
+    ours = [p for p in found if int(p.name.split("-")[1]) <= current]
+    for old in [p for p in found if p not in ours] + ours[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for tmp in root.glob(".tmp-step-*"):
+    for tmp in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -153,9 +156,14 @@ def save_checkpoint(
         opt_tensors, opt_header = _optimizer_state(optimizer)
         write_safetensors(tmp / "optimizer.safetensors", opt_tensors, opt_header)
         write_text(tmp / "state.json", json.dumps({**state, "world_size": world_size}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # the same step written again (a resumed run): swap, then remove the old one
+            old = root / f".old-step-{step:06d}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     wait()
     return final
 

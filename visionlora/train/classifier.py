@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from visionlora.errors import ConfigError
-from visionlora.inject import apply_lora, lora_layers
+from visionlora.inject import apply_lora
 from visionlora.io import export_adapter, export_merged, save_adapter
 from visionlora.io.files import write_text
 from visionlora.models.heads import replace_head
@@ -27,11 +27,13 @@ from visionlora.train.loop import (
     cosine_with_warmup,
     make_accelerator,
     optimizer_step,
+    param_groups,
     restore,
     start_run,
+    total_steps,
     write_checkpoint,
 )
-from visionlora.train.recipe import ClassifierModel, ClassifierRecipe, Train
+from visionlora.train.recipe import ClassifierModel, ClassifierRecipe
 from visionlora.train.report import confusion_matrix, macro_f1, plot_confusion, plot_curves
 
 __all__ = ["build_classifier", "run_classifier"]
@@ -48,17 +50,6 @@ def build_classifier(spec: ClassifierModel) -> nn.Module:
     if not Path(spec.weights).is_file():
         raise ConfigError(f"model.weights: {spec.weights!r} is not 'pretrained', 'none' or an existing weights file")
     return load_base(spec.weights, arch=spec.name, kwargs=spec.kwargs)
-
-
-def _param_groups(model: nn.Module, train: Train) -> list[dict[str, Any]]:
-    lora_ids = {id(p) for _, layer in lora_layers(model) for p in layer.adapters.parameters()}
-    trained = [p for p in model.parameters() if p.requires_grad]
-    lora = [p for p in trained if id(p) in lora_ids]
-    other = [p for p in trained if id(p) not in lora_ids]
-    groups = [{"params": lora, "lr": train.lr, "weight_decay": train.weight_decay}]
-    if other:
-        groups.append({"params": other, "lr": train.head_lr, "weight_decay": train.weight_decay})
-    return groups
 
 
 @torch.no_grad()
@@ -121,33 +112,28 @@ def run_classifier(
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         # One global batch, as with one process: BatchNorm statistics over all of it (GPU only in torch).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.AdamW(_param_groups(model, train))
+    optimizer = torch.optim.AdamW(param_groups(model, train))
     batches_per_epoch = len(batches)
     steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
-    total = (
-        steps_per_epoch * train.epochs
-        if train.max_steps is None
-        else min(train.max_steps, steps_per_epoch * train.epochs)
-    )
+    total = total_steps(train, steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train.warmup_steps, total))
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     plain = accelerator.unwrap_model(model)
 
-    step, epoch, start_batch, history, elapsed = 0, 0, 0, [], 0.0
+    step, epoch, start_batch, history, elapsed, epoch_losses = 0, 0, 0, [], 0.0, []
     if resume is not None:
         state = restore(resume, out_dir, accelerator, plain, optimizer, scheduler)
         step, epoch, start_batch = state["step"], state["epoch"], state["batch"]
-        history, elapsed = state["history"], state["elapsed"]
+        history, elapsed, epoch_losses = state["history"], state["elapsed"], state["epoch_losses"]
     bar = start_run(accelerator, recipe, out_dir, total, step, progress)
     started = time.perf_counter() - elapsed
     trainable = [p for p in model.parameters() if p.requires_grad]
     last_val: dict[str, Any] | None = None
     images = 0
-    while step < total and epoch < train.epochs:
+    while step < total:
         batches.set_position(epoch, start_batch)
         set_epoch(train_set, epoch)
         model.train()
-        epoch_losses: list[float] = []
         group: list[torch.Tensor] = []
         for index, (x, y) in enumerate(train_loader, start=start_batch):
             boundary, group_size = accumulation(index, batches_per_epoch, train.grad_accum)
@@ -169,7 +155,18 @@ def run_classifier(
                 accelerator.log({"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=step)
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < total:
                 write_checkpoint(
-                    accelerator, out_dir, step, epoch, index + 1, plain, optimizer, scheduler, history, started, train
+                    accelerator,
+                    out_dir,
+                    step,
+                    epoch,
+                    index + 1,
+                    plain,
+                    optimizer,
+                    scheduler,
+                    history,
+                    started,
+                    train,
+                    extra={"epoch_losses": epoch_losses},
                 )
             if step >= total:
                 break
@@ -185,6 +182,7 @@ def run_classifier(
         if train.log_with:
             accelerator.log({k: v for k, v in entry.items() if k not in ("epoch", "step")}, step=step)
         epoch += 1
+        epoch_losses = []
     bar.close()
     if last_val is None:  # resumed from a checkpoint taken after the last step
         last_val = _validate(model, val_loader, accelerator, len(classes))

@@ -14,10 +14,18 @@ from torch.utils.data import Dataset, Sampler, Subset
 from visionlora.errors import ConfigError
 from visionlora.train.recipe import ClassifierData
 
-__all__ = ["EpochBatches", "classifier_datasets", "classifier_transforms", "set_epoch", "targets_of"]
+__all__ = ["EpochBatches", "classifier_datasets", "classifier_transforms", "mix_seed", "set_epoch", "targets_of"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def mix_seed(*parts: int) -> int:
+    """One 63-bit seed from several non-negative integers (a seed, an epoch, an index)."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + part) % (1 << 63)
+    return value
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -36,7 +44,7 @@ class EpochBatches(Sampler[list[int]]):
         self.epoch, self.start = epoch, start
 
     def _batches(self) -> list[list[int]]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch)))
         batches = [b.tolist() for b in order.split(self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
@@ -85,7 +93,7 @@ class _Transformed(Dataset[tuple[torch.Tensor, int]]):
         image, label = self.base[index]
         if self.seed is None:
             return self.transform(image), label
-        sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        sample_seed = mix_seed(self.seed, self.epoch, index)
         state = random.getstate()
         try:
             with torch.random.fork_rng(devices=[]):

@@ -21,18 +21,20 @@ from torch import nn
 
 from visionlora.adapters import disable_adapters, enable_adapters
 from visionlora.errors import ConfigError
-from visionlora.inject import apply_lora, lora_layers
+from visionlora.inject import apply_lora
 from visionlora.io import export_adapter, export_merged, save_adapter
 from visionlora.io.files import write_text
 from visionlora.models.loading import example_input_for
-from visionlora.train.data import EpochBatches
+from visionlora.train.data import EpochBatches, mix_seed
 from visionlora.train.loop import (
     accumulation,
     cosine_with_warmup,
     make_accelerator,
     optimizer_step,
+    param_groups,
     restore,
     start_run,
+    total_steps,
     write_checkpoint,
 )
 from visionlora.train.recipe import DiffusionModel, DiffusionRecipe
@@ -129,47 +131,62 @@ def noise_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, tim
 
 @dataclass
 class _Encoded:
-    """What the frozen encoders give for the dataset: latent distribution (mean, std) per flip, text per caption."""
+    """What the frozen encoders give: the latent distribution (mean, std) per image, the caption embedding."""
 
-    mean: torch.Tensor  # (2, N, C, h, w): [unflipped, flipped]
+    mean: torch.Tensor  # (N, C, h, w)
     std: torch.Tensor
     text: torch.Tensor  # (N, tokens, dim)
 
 
 @torch.no_grad()
-def _encode(pipe: Any, items: list[tuple[Path, str]], recipe: DiffusionRecipe, device: torch.device) -> _Encoded:
-    data = recipe.data
+def _encode(
+    pipe: Any, items: list[tuple[Path, str]], indices: list[int], flips: list[bool], recipe: DiffusionRecipe
+) -> _Encoded:
+    """Encode images ``indices`` of ``items`` (each flipped or not); crops are fixed per dataset index."""
+    data, device = recipe.data, pipe.vae.device
     means, stds = [], []
-    for flip in (False, True) if data.random_flip else (False,):
-        mean, std = [], []
-        for index, (path, _) in enumerate(items):
-            pixels = _pixels(path, data.resolution, data.center_crop, flip, recipe.train.seed * 7919 + index)
-            dist = pipe.vae.encode(pixels[None].to(device, pipe.vae.dtype)).latent_dist
-            mean.append(dist.mean.float().cpu())
-            std.append(dist.std.float().cpu())
-        means.append(torch.cat(mean))
-        stds.append(torch.cat(std))
-    if not data.random_flip:
-        means, stds = means * 2, stds * 2
-    captions = sorted({c for _, c in items})
+    for index, flip in zip(indices, flips, strict=True):
+        path = items[index][0]
+        pixels = _pixels(path, data.resolution, data.center_crop, flip, mix_seed(recipe.train.seed, index))
+        dist = pipe.vae.encode(pixels[None].to(device, pipe.vae.dtype)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+    captions = sorted({items[i][1] for i in indices})
     tokens = pipe.tokenizer(
         captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     )
-    embedded = pipe.text_encoder(tokens.input_ids.to(device))[0].float().cpu()
+    embedded = pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0].float().cpu()
     by_caption = dict(zip(captions, embedded, strict=True))
-    text = torch.stack([by_caption[c] for _, c in items])
-    return _Encoded(torch.stack(means), torch.stack(stds), text)
+    text = torch.stack([by_caption[items[i][1]] for i in indices])
+    return _Encoded(torch.cat(means), torch.cat(stds), text)
 
 
-def _flips(seed: int, epoch: int, indices: list[int], random_flip: bool) -> torch.Tensor:
+class _Cache:
+    """Every image encoded once, unflipped and (with ``random_flip``) flipped."""
+
+    def __init__(self, pipe: Any, items: list[tuple[Path, str]], recipe: DiffusionRecipe) -> None:
+        everything = list(range(len(items)))
+        self.plain = _encode(pipe, items, everything, [False] * len(items), recipe)
+        flipped = recipe.data.random_flip
+        self.flipped = _encode(pipe, items, everything, [True] * len(items), recipe) if flipped else self.plain
+
+    def get(self, indices: list[int], flips: list[bool]) -> _Encoded:
+        rows = [(self.flipped if f else self.plain, i) for i, f in zip(indices, flips, strict=True)]
+        return _Encoded(
+            torch.stack([e.mean[i] for e, i in rows]),
+            torch.stack([e.std[i] for e, i in rows]),
+            torch.stack([e.text[i] for e, i in rows]),
+        )
+
+
+def _flips(seed: int, epoch: int, indices: list[int], random_flip: bool) -> list[bool]:
     """Whether each image is flipped this epoch: fixed by (seed, epoch, index), independent of the global RNG."""
     if not random_flip:
-        return torch.zeros(len(indices), dtype=torch.long)
-    out = []
-    for index in indices:
-        g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + index)
-        out.append(int(torch.randint(0, 2, (1,), generator=g)))
-    return torch.tensor(out)
+        return [False] * len(indices)
+    return [
+        bool(torch.randint(0, 2, (1,), generator=torch.Generator().manual_seed(mix_seed(seed, epoch, i))))
+        for i in indices
+    ]
 
 
 def _sample_grid(pipe: Any, unet: nn.Module, recipe: DiffusionRecipe, path: Path) -> Path | None:
@@ -232,7 +249,12 @@ def run_diffusion(
     apply_lora(unet, recipe.lora, example_input=example_input_for(unet, latent_size) if probe else None)
     if train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    encoded = _encode(pipe, items, recipe, device) if data.cache else None
+    if world > 1 and len(items) < data.batch_size:
+        raise ConfigError(
+            f"data.batch_size: {data.batch_size} is more than the {len(items)} images; with {world} processes "
+            "every batch must be full (lower the batch size)"
+        )
+    cache = _Cache(pipe, items, recipe) if data.cache else None
     scheduler_config = pipe.scheduler.config
     import diffusers
 
@@ -243,10 +265,9 @@ def run_diffusion(
     batches = EpochBatches(len(items), data.batch_size, train.seed, drop_last=len(items) >= data.batch_size)
     per_epoch = len(batches)
     steps_per_epoch = math.ceil(per_epoch / train.grad_accum)
-    total = steps_per_epoch * train.epochs if train.max_steps is None else train.max_steps
-    epochs = math.ceil(total / steps_per_epoch)
-    lora_params = [p for _, layer in lora_layers(unet) for p in layer.adapters.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(lora_params, lr=train.lr, weight_decay=train.weight_decay)
+    total = total_steps(train, steps_per_epoch)
+    optimizer = torch.optim.AdamW(param_groups(unet, train))
+    trainable = [p for p in unet.parameters() if p.requires_grad]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train.warmup_steps, total))
     model, optimizer = accelerator.prepare(unet, optimizer)
     step, epoch, start_batch, losses, elapsed = 0, 0, 0, [], 0.0
@@ -263,7 +284,7 @@ def run_diffusion(
     started = time.perf_counter() - elapsed
     alphas_cumprod = noise_scheduler.alphas_cumprod
     rank = accelerator.process_index
-    while step < total and epoch < epochs:
+    while step < total:
         batches.set_position(epoch, start_batch)
         model.train()
         group: list[torch.Tensor] = []
@@ -271,15 +292,8 @@ def run_diffusion(
             share = len(batch) // world
             mine = batch[rank * share : (rank + 1) * share]
             flips = _flips(train.seed, epoch, mine, data.random_flip)
-            if encoded is not None:
-                mean = encoded.mean[flips, torch.tensor(mine)].to(device)
-                std = encoded.std[flips, torch.tensor(mine)].to(device)
-                text = encoded.text[torch.tensor(mine)].to(device)
-            else:
-                single = _encode(pipe, [items[i] for i in mine], recipe, device)
-                mean = single.mean[flips, torch.arange(len(mine))].to(device)
-                std = single.std[flips, torch.arange(len(mine))].to(device)
-                text = single.text.to(device)
+            enc = cache.get(mine, flips) if cache is not None else _encode(pipe, items, mine, flips, recipe)
+            mean, std, text = enc.mean.to(device), enc.std.to(device), enc.text.to(device)
             latents = (mean + std * torch.randn(mean.shape, device=device)) * scaling
             noise = torch.randn(latents.shape, device=device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(mine),), device=device)
@@ -296,7 +310,7 @@ def run_diffusion(
             group.append(loss.detach())
             if not boundary:
                 continue
-            step_loss = optimizer_step(accelerator, optimizer, scheduler, lora_params, train.max_grad_norm, group)
+            step_loss = optimizer_step(accelerator, optimizer, scheduler, trainable, train.max_grad_norm, group)
             step += 1
             group = []
             losses.append(step_loss)

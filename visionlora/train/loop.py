@@ -21,8 +21,10 @@ __all__ = [
     "cosine_with_warmup",
     "make_accelerator",
     "optimizer_step",
+    "param_groups",
     "restore",
     "start_run",
+    "total_steps",
     "write_checkpoint",
 ]
 
@@ -71,6 +73,25 @@ def _resume_folder(resume: str, out_dir: Path) -> Path:
     raise ConfigError(f"--resume {resume}: not 'latest', a run folder with checkpoints/, or a checkpoint folder")
 
 
+def param_groups(model: nn.Module, train: Train) -> list[dict[str, Any]]:
+    """AdamW groups: the LoRA parameters at ``train.lr``, everything else that trains at ``train.head_lr``."""
+    from visionlora.inject import lora_layers
+
+    lora_ids = {id(p) for _, layer in lora_layers(model) for p in layer.adapters.parameters()}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    lora = [p for p in trained if id(p) in lora_ids]
+    other = [p for p in trained if id(p) not in lora_ids]
+    groups = [{"params": lora, "lr": train.lr, "weight_decay": train.weight_decay}]
+    if other:
+        groups.append({"params": other, "lr": train.head_lr, "weight_decay": train.weight_decay})
+    return groups
+
+
+def total_steps(train: Train, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``train.max_steps`` if set (as many epochs as that takes), else all epochs."""
+    return train.max_steps if train.max_steps is not None else steps_per_epoch * train.epochs
+
+
 def accumulation(index: int, batches: int, grad_accum: int) -> tuple[bool, int]:
     """For batch ``index`` of an epoch of ``batches``: whether an optimizer step follows it, and how many
     batches its accumulation group has (the last group of an epoch may be shorter)."""
@@ -91,7 +112,8 @@ def optimizer_step(
     if max_grad_norm is not None:
         accelerator.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
-    scheduler.step()
+    if not accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skipped a step with inf/NaN grads
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item())
 
@@ -157,4 +179,4 @@ def write_checkpoint(
         barrier=accelerator.wait_for_everyone,
     )
     if accelerator.is_main_process:
-        prune_checkpoints(root, train.keep_checkpoints)
+        prune_checkpoints(root, train.keep_checkpoints, step)

@@ -76,7 +76,7 @@ class Train:
 
     epochs: int = 10
     max_steps: int | None = None
-    """Stop after this many optimizer steps, whatever ``epochs`` says (None: no cap)."""
+    """Train for exactly this many optimizer steps, as many epochs as that takes (None: ``epochs`` epochs)."""
     lr: float = 1e-3
     """Learning rate of the LoRA parameters."""
     head_lr: float = 1e-3
@@ -123,6 +123,11 @@ class ClassifierRecipe:
             ("data.image_size", self.data.image_size >= 8, "an integer >= 8"),
             ("data.batch_size", self.data.batch_size >= 1, "an integer >= 1"),
             ("data.num_workers", self.data.num_workers >= 0, "an integer >= 0"),
+            (
+                "output.export",
+                not {"diffusers", "kohya"} & set(self.output.export),
+                "formats that can hold the new head: visionlora, peft (diffusers and kohya hold LoRA weights only)",
+            ),
         ]
         _raise_first(self, checks)
 
@@ -148,6 +153,7 @@ def _check_train(train: Train) -> None:
             "null or an integer >= 1",
         ),
         ("train.keep_checkpoints", t.keep_checkpoints >= 1, "an integer >= 1"),
+        ("train.seed", 0 <= t.seed < 2**32, "an integer from 0 to 2**32 - 1"),
     ]
     _raise_first({"train": train}, checks)
 
@@ -239,6 +245,14 @@ class DiffusionRecipe:
             ),
             ("validation.steps", self.validation.steps >= 1, "an integer >= 1"),
             ("validation.every", self.validation.every is None or self.validation.every >= 1, "null or >= 1"),
+            (
+                "output.export",
+                not (
+                    {"diffusers", "kohya"} & set(self.output.export)
+                    and (self.lora.trainable or self.lora.bias != "none")
+                ),
+                "formats that can hold lora.trainable modules and biases: visionlora, peft",
+            ),
         ]
         _raise_first(self, checks)
 
