@@ -294,9 +294,13 @@ def run_diffusion(
             flips = _flips(train.seed, epoch, mine, data.random_flip)
             enc = cache.get(mine, flips) if cache is not None else _encode(pipe, items, mine, flips, recipe)
             mean, std, text = enc.mean.to(device), enc.std.to(device), enc.text.to(device)
-            latents = (mean + std * torch.randn(mean.shape, device=device)) * scaling
-            noise = torch.randn(latents.shape, device=device)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(mine),), device=device)
+            # Every process draws the whole global batch's random numbers (same RNG state everywhere) and
+            # takes its share, so N processes train on exactly what one process would.
+            whole, own = (len(batch), *mean.shape[1:]), slice(rank * share, (rank + 1) * share)
+            latents = (mean + std * torch.randn(whole, device=device)[own]) * scaling
+            noise = torch.randn(whole, device=device)[own]
+            steps_all = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), device=device)
+            timesteps = steps_all[own]
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = noise_target(noise_scheduler, latents, noise, timesteps)
             boundary, group_size = accumulation(index, per_epoch, train.grad_accum)
