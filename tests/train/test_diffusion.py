@@ -203,3 +203,33 @@ def test_two_processes_train_the_adapter_of_one(style, tmp_path):
         base, a, b = (m(**unet_input()).sample for m in (unet, one, two))
     print("relative difference of the adapters' effect", float((a - b).abs().max() / (a - base).abs().max()))
     assert (a - b).abs().max() <= 1e-3 * (a - base).abs().max()
+
+
+def test_text_encoder_lora_trains_is_saved_merged_into_the_pipeline_and_resumes(style, tmp_path):
+    transformers = pytest.importorskip("transformers")
+
+    recipe = _recipe(style, checkpoint_every=2, keep_checkpoints=3)
+    recipe.text_encoder_lora = vl.LoraConfig(targets=["*.self_attn.q_proj", "*.self_attn.v_proj"], rank=2, alpha=4)
+    out = tmp_path / "run"
+    run_recipe(recipe, output=out, progress=False)
+    te_file = vl.read_adapter(out / "adapter-text-encoder.safetensors")
+    names = [n for n, _ in transformers.CLIPTextModel.from_pretrained(style / "pipe" / "text_encoder").named_modules()]
+    assert set(te_file.layers) == {n for n in names if n.endswith(("self_attn.q_proj", "self_attn.v_proj"))}
+    assert len(te_file.layers) == 2
+    assert all(te_file.tensors[f"{n}.lora_B.weight"].abs().max() > 0 for n in te_file.layers)  # B starts at 0
+    # The merged pipeline holds the merged text encoder: the base one plus its adapter.
+    base = transformers.CLIPTextModel.from_pretrained(style / "pipe" / "text_encoder").eval()
+    merged = transformers.CLIPTextModel.from_pretrained(out / "merged" / "text_encoder").eval()
+    adapted = vl.load_adapter(transformers.CLIPTextModel.from_pretrained(style / "pipe" / "text_encoder"), te_file.path)
+    ids = torch.tensor([[0, 5, 9, 1]])
+    with torch.no_grad():
+        expected = adapted.eval()(ids)[0]
+        assert torch.allclose(merged(ids)[0], expected, rtol=1e-5, atol=1e-6)
+        assert (expected - base(ids)[0]).abs().max() > 0
+    # Resume: both adapters come back bit for bit.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoints" / "step-000004", resumed / "checkpoints" / "step-000004")
+    run_recipe(recipe, output=resumed, resume="latest", progress=False)
+    for name in ("adapter.safetensors", "adapter-text-encoder.safetensors"):
+        a, b = load_file(out / name), load_file(resumed / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -67,53 +67,71 @@ def export_merged(
     dtype: torch.dtype | None = None,
     pipeline: str | os.PathLike[str] | None = None,
     component: str = "unet",
+    others: Mapping[str, nn.Module] | None = None,
 ) -> Path:
     """Write the adapted model as a plain checkpoint of its original architecture (see the module docstring).
 
     For a diffusers model ``path`` is a model folder, or with ``pipeline`` (the pipeline folder the
     model was loaded from) a whole pipeline folder whose ``component`` subfolder holds the merged
-    model. Otherwise ``path`` is a ``.safetensors`` file. Files are written atomically and a
-    pipeline folder appears complete or not at all. The model itself is not changed. Returns ``path``.
+    model; ``others`` merges more components the same way (e.g. ``{"text_encoder": text_encoder}``
+    for a text encoder with LoRA). Otherwise ``path`` is a ``.safetensors`` file. Files are written
+    atomically and a folder appears complete or not at all. The models are not changed. Returns ``path``.
 
     Example:
         >>> vl.export_merged(model, "merged.safetensors", dtype=torch.float16)
         >>> torchvision.models.resnet50().load_state_dict(safetensors.torch.load_file("merged.safetensors"))
         >>> vl.export_merged(unet, "styled-pipeline", pipeline="sd15-pipeline")
     """
-    state = merged_state_dict(model, dtype=dtype)
     path = Path(path)
-    save_config = getattr(model, "save_config", None)
-    if not (from_diffusers(model) and callable(save_config)):
-        if pipeline is not None:
-            raise ConfigError(f"pipeline= is for diffusers models; {type(model).__name__} is written to one file")
-        return write_safetensors(path, state, {"format": "pt"})
+    if not _is_library_model(model):
+        if pipeline is not None or others:
+            raise ConfigError(f"pipeline= and others= are for diffusers models; {type(model).__name__} is one file")
+        return write_safetensors(path, merged_state_dict(model, dtype=dtype), {"format": "pt"})
     if pipeline is None:
+        if others:
+            raise ConfigError("others= needs pipeline= (the pipeline folder the components came from)")
         with atomic_folder(path, "config.json") as staging:
-            _write_diffusers_model(staging, state, save_config)
+            _write_model_folder(staging, model, dtype)
         return path
     source = Path(pipeline)
-    if not (source / "model_index.json").is_file() or not (source / component).is_dir():
-        raise ConfigError(f"pipeline={source}: not a diffusers pipeline folder with a {component}/ subfolder")
+    parts = {component: model, **(others or {})}
+    missing = [name for name in parts if not (source / name).is_dir()]
+    if not (source / "model_index.json").is_file() or missing:
+        raise ConfigError(f"pipeline={source}: not a diffusers pipeline folder with subfolders {sorted(parts)}")
     here, there = path.resolve(), source.resolve()
     if here == there or here.is_relative_to(there) or there.is_relative_to(here):
         raise ConfigError(f"{path}: write the merged pipeline to a folder outside {source} (and not containing it)")
     with atomic_folder(path, "model_index.json") as staging:
         # Copies, not links: diffusers rewrites configs in place, which would reach through a hard link.
-        shutil.copytree(source, staging, dirs_exist_ok=True, ignore=_skip(source / component))
-        _write_diffusers_model(staging / component, state, save_config)
+        shutil.copytree(source, staging, dirs_exist_ok=True, ignore=_skip({source / name for name in parts}))
+        for name, part in parts.items():
+            _write_model_folder(staging / name, part, dtype)
     return path
 
 
-def _write_diffusers_model(folder: Path, state: dict[str, torch.Tensor], save_config: Callable[[str], object]) -> None:
+def _is_library_model(model: nn.Module) -> bool:
+    """A diffusers model, or a transformers one (a pipeline's text encoder): saved as a model folder."""
+    if from_diffusers(model) and callable(getattr(model, "save_config", None)):
+        return True
+    return callable(getattr(getattr(model, "config", None), "save_pretrained", None))
+
+
+def _write_model_folder(folder: Path, model: nn.Module, dtype: torch.dtype | None) -> None:
+    """``model`` merged, as the folder its library's ``from_pretrained`` reads."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_safetensors(folder / _DIFFUSERS_WEIGHTS, state, {"format": "pt"})
-    save_config(str(folder))
+    state = merged_state_dict(model, dtype=dtype)
+    if from_diffusers(model):
+        write_safetensors(folder / _DIFFUSERS_WEIGHTS, state, {"format": "pt"})
+        model.save_config(str(folder))  # type: ignore[operator]
+        return
+    write_safetensors(folder / "model.safetensors", state, {"format": "pt"})
+    model.config.save_pretrained(str(folder))  # type: ignore[union-attr,operator]
 
 
-def _skip(component: Path) -> Callable[[str, list[str]], set[str]]:
-    """copytree's ``ignore``: leave out the component being replaced."""
+def _skip(components: set[Path]) -> Callable[[str, list[str]], set[str]]:
+    """copytree's ``ignore``: leave out the components being replaced."""
 
     def ignore(folder: str, names: list[str]) -> set[str]:
-        return {n for n in names if Path(folder) / n == component}
+        return {n for n in names if Path(folder) / n in components}
 
     return ignore

@@ -135,7 +135,8 @@ class _Encoded:
 
     mean: torch.Tensor  # (N, C, h, w)
     std: torch.Tensor
-    text: torch.Tensor  # (N, tokens, dim)
+    ids: torch.Tensor  # (N, tokens): the captions' token ids
+    text: torch.Tensor | None  # (N, tokens, dim): their embeddings, while the text encoder is frozen
 
 
 @torch.no_grad()
@@ -151,14 +152,14 @@ def _encode(
         dist = pipe.vae.encode(pixels[None].to(device, pipe.vae.dtype)).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
-    captions = sorted({items[i][1] for i in indices})
-    tokens = pipe.tokenizer(
+    captions = [items[i][1] for i in indices]
+    ids = pipe.tokenizer(
         captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    embedded = pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0].float().cpu()
-    by_caption = dict(zip(captions, embedded, strict=True))
-    text = torch.stack([by_caption[items[i][1]] for i in indices])
-    return _Encoded(torch.cat(means), torch.cat(stds), text)
+    ).input_ids
+    text = None
+    if recipe.text_encoder_lora is None:
+        text = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float().cpu()
+    return _Encoded(torch.cat(means), torch.cat(stds), ids, text)
 
 
 class _Cache:
@@ -172,10 +173,12 @@ class _Cache:
 
     def get(self, indices: list[int], flips: list[bool]) -> _Encoded:
         rows = [(self.flipped if f else self.plain, i) for i, f in zip(indices, flips, strict=True)]
+        texts = [e.text[i] for e, i in rows if e.text is not None]
         return _Encoded(
             torch.stack([e.mean[i] for e, i in rows]),
             torch.stack([e.std[i] for e, i in rows]),
-            torch.stack([e.text[i] for e, i in rows]),
+            torch.stack([e.ids[i] for e, i in rows]),
+            torch.stack(texts) if texts else None,
         )
 
 
@@ -189,7 +192,7 @@ def _flips(seed: int, epoch: int, indices: list[int], random_flip: bool) -> list
     ]
 
 
-def _sample_grid(pipe: Any, unet: nn.Module, recipe: DiffusionRecipe, path: Path) -> Path | None:
+def _sample_grid(pipe: Any, adapted: list[nn.Module], recipe: DiffusionRecipe, path: Path) -> Path | None:
     """Base | adapted samples from the same seeds, one row per prompt, saved as a PNG."""
     from PIL import Image
 
@@ -201,8 +204,9 @@ def _sample_grid(pipe: Any, unet: nn.Module, recipe: DiffusionRecipe, path: Path
     with torch.random.fork_rng(devices=[]):  # sampling must not move the training RNG
         for prompt in val.prompts:
             row = []
-            for adapted in (False, True):
-                (enable_adapters if adapted else disable_adapters)(unet)
+            for on in (False, True):
+                for part in adapted:
+                    (enable_adapters if on else disable_adapters)(part)
                 generator = torch.Generator(device="cpu").manual_seed(val.seed)
                 image = pipe(
                     prompt,
@@ -214,7 +218,8 @@ def _sample_grid(pipe: Any, unet: nn.Module, recipe: DiffusionRecipe, path: Path
                 ).images[0]
                 row.append(image)
             rows.append(row)
-    enable_adapters(unet)
+    for part in adapted:
+        enable_adapters(part)
     size = rows[0][0].size
     grid = Image.new("RGB", (size[0] * 2, size[1] * len(rows)))
     for r, row in enumerate(rows):
@@ -247,6 +252,12 @@ def run_diffusion(
     probe = recipe.lora.rank_by_resolution or recipe.lora.rank_budget is not None
     latent_size = data.resolution // pipe.vae_scale_factor
     apply_lora(unet, recipe.lora, example_input=example_input_for(unet, latent_size) if probe else None)
+    text_encoder = pipe.text_encoder
+    adapted: list[nn.Module] = [unet]
+    if recipe.text_encoder_lora is not None:
+        apply_lora(text_encoder, recipe.text_encoder_lora)
+        adapted.append(text_encoder)
+    trained = nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}) if len(adapted) > 1 else unet
     if train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if world > 1 and len(items) < data.batch_size:
@@ -266,13 +277,17 @@ def run_diffusion(
     per_epoch = len(batches)
     steps_per_epoch = math.ceil(per_epoch / train.grad_accum)
     total = total_steps(train, steps_per_epoch)
-    optimizer = torch.optim.AdamW(param_groups(unet, train))
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(param_groups(trained, train))
+    trainable = [p for p in trained.parameters() if p.requires_grad]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train.warmup_steps, total))
-    model, optimizer = accelerator.prepare(unet, optimizer)
+    if len(adapted) > 1:
+        model, text_model, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        model, optimizer = accelerator.prepare(unet, optimizer)
+        text_model = None
     step, epoch, start_batch, losses, elapsed = 0, 0, 0, [], 0.0
     if resume is not None:
-        state = restore(resume, out_dir, accelerator, unet, optimizer, scheduler)
+        state = restore(resume, out_dir, accelerator, trained, optimizer, scheduler)
         step, epoch, start_batch, losses, elapsed = (
             state["step"],
             state["epoch"],
@@ -287,13 +302,15 @@ def run_diffusion(
     while step < total:
         batches.set_position(epoch, start_batch)
         model.train()
+        if text_model is not None:
+            text_model.train()
         group: list[torch.Tensor] = []
         for index, batch in enumerate(batches, start=start_batch):
             share = len(batch) // world
             mine = batch[rank * share : (rank + 1) * share]
             flips = _flips(train.seed, epoch, mine, data.random_flip)
             enc = cache.get(mine, flips) if cache is not None else _encode(pipe, items, mine, flips, recipe)
-            mean, std, text = enc.mean.to(device), enc.std.to(device), enc.text.to(device)
+            mean, std = enc.mean.to(device), enc.std.to(device)
             # Every process draws the whole global batch's random numbers (same RNG state everywhere) and
             # takes its share, so N processes train on exactly what one process would.
             whole, own = (len(batch), *mean.shape[1:]), slice(rank * share, (rank + 1) * share)
@@ -304,7 +321,16 @@ def run_diffusion(
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = noise_target(noise_scheduler, latents, noise, timesteps)
             boundary, group_size = accumulation(index, per_epoch, train.grad_accum)
-            with contextlib.nullcontext() if boundary else accelerator.no_sync(model):
+            with contextlib.ExitStack() as syncing:
+                if not boundary:
+                    for part in (model, text_model):
+                        if part is not None:
+                            syncing.enter_context(accelerator.no_sync(part))
+                if text_model is not None:
+                    text = text_model(enc.ids.to(device))[0]
+                else:
+                    assert enc.text is not None
+                    text = enc.text.to(device)
                 prediction = model(noisy, timesteps, text).sample
                 mse = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
                 if train.min_snr_gamma is not None:
@@ -323,7 +349,7 @@ def run_diffusion(
             if train.log_with:
                 accelerator.log({"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=step)
             if recipe.validation.every and step % recipe.validation.every == 0 and accelerator.is_main_process:
-                _sample_grid(pipe, unet, recipe, out_dir / "report" / f"samples-step{step:06d}.png")
+                _sample_grid(pipe, adapted, recipe, out_dir / "report" / f"samples-step{step:06d}.png")
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < total:
                 write_checkpoint(
                     accelerator,
@@ -331,7 +357,7 @@ def run_diffusion(
                     step,
                     epoch,
                     index + 1,
-                    unet,
+                    trained,
                     optimizer,
                     scheduler,
                     [],
@@ -344,14 +370,14 @@ def run_diffusion(
         start_batch = 0
         epoch += 1
     bar.close()
-    return _finish(accelerator, recipe, pipe, unet, out_dir, losses, time.perf_counter() - started, step)
+    return _finish(accelerator, recipe, pipe, adapted, out_dir, losses, time.perf_counter() - started, step)
 
 
 def _finish(
     accelerator: Any,
     recipe: DiffusionRecipe,
     pipe: Any,
-    unet: nn.Module,
+    adapted: list[nn.Module],
     out_dir: Path,
     losses: list[float],
     seconds: float,
@@ -369,9 +395,14 @@ def _finish(
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unet.eval()
+        unet = adapted[0]
+        for part in adapted:
+            part.eval()
         save_adapter(unet, out_dir / "adapter.safetensors")
-        for fmt in recipe.output.export:
+        others = {"text_encoder": adapted[1]} if len(adapted) > 1 else {}
+        if others:
+            save_adapter(others["text_encoder"], out_dir / "adapter-text-encoder.safetensors")
+        for fmt in recipe.output.export:  # the UNet's adapter (a text encoder's is in the visionlora file only)
             export_adapter(
                 unet,
                 out_dir / f"adapter-{fmt}" if fmt == "peft" else out_dir / f"adapter-{fmt}.safetensors",
@@ -381,10 +412,12 @@ def _finish(
         dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
         merged_dtype = dtypes[recipe.output.merged_dtype]
         if folder.is_dir():
-            export_merged(unet, out_dir / "merged", pipeline=folder, dtype=merged_dtype)
+            export_merged(unet, out_dir / "merged", pipeline=folder, dtype=merged_dtype, others=others)
         else:
             export_merged(unet, out_dir / "merged-unet", dtype=merged_dtype)
-        _sample_grid(pipe, unet, recipe, out_dir / "report" / "samples.png")
+            for name, part in others.items():
+                export_merged(part, out_dir / f"merged-{name.replace('_', '-')}", dtype=merged_dtype)
+        _sample_grid(pipe, adapted, recipe, out_dir / "report" / "samples.png")
         if losses:
             plot_losses(losses, out_dir / "report" / "loss.png")
         write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))

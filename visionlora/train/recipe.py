@@ -229,6 +229,9 @@ class DiffusionRecipe:
     model: DiffusionModel
     data: DiffusionData
     lora: LoraConfig
+    text_encoder_lora: LoraConfig | None = None
+    """LoRA for the text encoder too (e.g. ``targets: ["*.self_attn.*_proj"]``); its captions are then
+    encoded every step rather than cached."""
     train: DiffusionTrain = field(default_factory=DiffusionTrain)
     validation: Validation = field(default_factory=Validation)
     output: Output = field(default_factory=lambda: Output(export=["diffusers", "kohya"]))
