@@ -100,27 +100,27 @@ class QuickstartResult:
     files: list[str]
 
 
-def run_quickstart(out: str | Path, *, epochs: int = 6, echo: bool = True) -> QuickstartResult:
+def run_quickstart(out: str | Path, *, epochs: int = 6, seed: int = 0, echo: bool = True) -> QuickstartResult:
     """Run the comparison (see the module docstring), write its files to ``out``, print the table."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = print if echo else (lambda *a, **k: None)
-    torch.manual_seed(0)
-    xa, ya, xa_val, ya_val = digits(range(0, 5))
+    torch.manual_seed(seed)
+    xa, ya, xa_val, ya_val = digits(range(0, 5), seed=seed)
     import torchvision
 
     pretrain = torchvision.models.resnet18(num_classes=5)
     say(f"1. pre-training a ResNet-18 in full on digits 0-4 ({len(ya)} images) ...")
-    _fit(pretrain, xa, ya, epochs=epochs, lr=2e-3)
+    _fit(pretrain, xa, ya, epochs=epochs, lr=2e-3, seed=seed)
     base_state = pretrain.state_dict()
     base_accuracy = _accuracy(pretrain, xa_val, ya_val)
 
-    xb, yb, xb_val, yb_val = digits(range(5, 10))
+    xb, yb, xb_val, yb_val = digits(range(5, 10), seed=seed)
     rows = []
     lora_model: nn.Module | None = None
     for method in ("head only", "LoRA layer4 + head", "full fine-tuning"):
         say(f"2. digits 5-9 ({len(yb)} images): {method} ...")
-        torch.manual_seed(1)
+        torch.manual_seed(1 + seed)
         model = _resnet(base_state)
         if method == "head only":
             for name, p in model.named_parameters():
@@ -130,7 +130,7 @@ def run_quickstart(out: str | Path, *, epochs: int = 6, echo: bool = True) -> Qu
             apply_lora(model, cfg)
             lora_model = model
         started = time.perf_counter()
-        _fit(model, xb, yb, epochs=epochs, lr=1e-3 if method == "full fine-tuning" else 3e-3)
+        _fit(model, xb, yb, epochs=epochs, lr=1e-3 if method == "full fine-tuning" else 3e-3, seed=seed)
         rows.append(
             {
                 "method": method,

@@ -1,0 +1,320 @@
+"""Benchmarks against PEFT and full fine-tuning, interleaved in one run; prints markdown tables, writes JSON.
+
+    python scripts/bench.py                  # CPU: resnet50 at 128 px batch 8, a small SD-like UNet
+    python scripts/bench.py --device cuda    # GPU: resnet50 at 224 px batch 64, SD-1.5-shaped UNet
+    python scripts/bench.py --only resnet --repeats 5 --json bench.json
+
+Every contender gets the same model weights, input, rank and targets. Rounds are interleaved
+(contender A, B, C, A, B, C, ...) so drift in the machine's speed hits all alike; each figure is
+the median over rounds. "saved MB" is what autograd keeps for the backward pass (measured with
+saved-tensor hooks, exact on any device); "peak MB" is CUDA's peak allocation (GPU only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import visionlora as vl
+
+Step = Callable[[], None]
+
+
+def saved_bytes(step: Callable[[], torch.Tensor]) -> int:
+    """Bytes autograd saves for the backward pass of ``step()``'s loss (each storage counted once)."""
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    loss.backward()
+    return total
+
+
+def train_step(
+    model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]
+) -> tuple[Step, Callable[[], torch.Tensor]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def forward() -> torch.Tensor:
+        return loss_fn(model)
+
+    def step() -> None:
+        loss = forward()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step, forward
+
+
+def interleaved(steps: dict[str, Step], repeats: int, per_round: int, device: str) -> dict[str, float]:
+    """Median seconds per call of each step, rounds interleaved across contenders."""
+    for step in steps.values():  # warm-up
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) / per_round)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_mb(step: Step, device: str) -> float | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+# ------------------------------------------------------------------------------------------ contenders
+
+
+def resnet_contenders(device: str) -> tuple[dict[str, nn.Module], Callable[[nn.Module], torch.Tensor], torch.Tensor]:
+    import peft
+    import torchvision
+
+    size, batch = (224, 64) if device == "cuda" else (128, 8)
+    torch.manual_seed(0)
+    base = torchvision.models.resnet50(num_classes=10).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    targets = [n for n, m in base.named_modules() if n.startswith("layer4") and isinstance(m, nn.Conv2d)]
+    ours = vl.apply_lora(copy.deepcopy(base), vl.LoraConfig(targets=targets, rank=8, alpha=8, trainable=["fc"]))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=8, target_modules=targets, modules_to_save=["fc"])
+    )
+    full = copy.deepcopy(base)
+    models = {"visionlora": ours, "peft": theirs, "full fine-tuning": full}
+    for m in models.values():
+        m.train()
+    return models, lambda m: F.cross_entropy(m(x), y), x
+
+
+def unet_config(device: str) -> dict[str, Any]:
+    if device == "cuda":  # SD-1.5 shapes
+        return {
+            "sample_size": 64,
+            "cross_attention_dim": 768,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "attention_head_dim": 8,
+        }
+    return {
+        "sample_size": 32,
+        "cross_attention_dim": 128,
+        "block_out_channels": (64, 128, 256),
+        "down_block_types": ("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2,
+        "attention_head_dim": 8,
+        "layers_per_block": 1,
+        "norm_num_groups": 32,
+    }
+
+
+def unet_contenders(device: str) -> tuple[dict[str, nn.Module], Callable[[nn.Module], torch.Tensor], dict[str, Any]]:
+    import diffusers
+    import peft
+
+    cfg = unet_config(device)
+    batch = 4
+    torch.manual_seed(0)
+    base = diffusers.UNet2DConditionModel(**cfg).to(device)
+    size, dim = cfg["sample_size"], cfg["cross_attention_dim"]
+    inputs = {
+        "sample": torch.randn(batch, 4, size, size, device=device),
+        "timestep": torch.randint(0, 1000, (batch,), device=device),
+        "encoder_hidden_states": torch.randn(batch, 77, dim, device=device),
+    }
+    target = torch.randn(batch, 4, size, size, device=device)
+    attention = ["to_q", "to_k", "to_v", "to_out.0"]
+    ours = vl.apply_lora(copy.deepcopy(base), vl.LoraConfig(targets=[f"*.{t}" for t in attention], rank=4, alpha=4))
+    theirs = copy.deepcopy(base)
+    theirs.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=attention))
+    floor = copy.deepcopy(base).requires_grad_(False)
+    models = {"visionlora": ours, "peft (add_adapter)": theirs, "full fine-tuning": copy.deepcopy(base), "floor": floor}
+    for m in models.values():
+        m.train()
+
+    def loss(m: nn.Module) -> torch.Tensor:
+        sample = inputs["sample"].requires_grad_(m is floor)  # the floor: backward through the net, no weight grads
+        return F.mse_loss(m(sample, inputs["timestep"], inputs["encoder_hidden_states"]).sample, target)
+
+    return models, loss, inputs
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def training_table(
+    models: dict[str, nn.Module], loss: Callable[[nn.Module], torch.Tensor], args: Any
+) -> dict[str, Any]:
+    steps, forwards = {}, {}
+    for name, m in models.items():
+        steps[name], forwards[name] = train_step(m, loss)
+    seconds = interleaved(steps, args.repeats, args.per_round, args.device)
+    rows = {}
+    for name, m in models.items():
+        rows[name] = {
+            "step_s": seconds[name],
+            "saved_mb": saved_bytes(forwards[name]) / 2**20,
+            "peak_mb": peak_mb(steps[name], args.device),
+            "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
+        }
+    return rows
+
+
+def inference_table(
+    base: nn.Module, ours: nn.Module, theirs: nn.Module, x: torch.Tensor, args: Any
+) -> dict[str, float]:
+    merged = vl.merge_and_unload(copy.deepcopy(ours))
+    models = {"base": base, "visionlora unmerged": ours, "peft unmerged": theirs, "visionlora merged": merged}
+    for m in models.values():
+        m.eval()
+
+    def runner(m: nn.Module) -> Step:
+        def run() -> None:
+            with torch.no_grad():
+                m(x)
+
+        return run
+
+    return interleaved({n: runner(m) for n, m in models.items()}, args.repeats, args.per_round, args.device)
+
+
+def unet_io_table(ours: nn.Module, theirs: nn.Module) -> dict[str, float]:
+    import peft
+
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        vl.merge(ours)
+        out["visionlora merge"] = time.perf_counter() - t
+        vl.unmerge(ours)
+        t = time.perf_counter()
+        for module in theirs.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                module.merge()
+        out["peft merge"] = time.perf_counter() - t
+        t = time.perf_counter()
+        path = vl.save_adapter(ours, Path(tmp) / "a.safetensors")
+        out["visionlora save"] = time.perf_counter() - t
+        fresh = copy.deepcopy(ours)
+        for name in vl.list_adapters(fresh):
+            vl.delete_adapter(fresh, name)
+        t = time.perf_counter()
+        vl.load_adapter(fresh, path, adapter_name="loaded")
+        out["visionlora load"] = time.perf_counter() - t
+    return out
+
+
+def quality_table(seeds: list[int], epochs: int) -> dict[str, dict[str, float]]:
+    from visionlora.train.quickstart import run_quickstart
+
+    scores: dict[str, list[float]] = {}
+    trainable: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            result = run_quickstart(Path(tmp) / str(seed), epochs=epochs, seed=seed, echo=False)
+            for row in result.rows:
+                scores.setdefault(row["method"], []).append(row["val_accuracy"])
+                trainable[row["method"]] = row["trainable_percent"]
+    return {
+        m: {"mean": statistics.mean(s), "stdev": statistics.pstdev(s), "trainable_percent": trainable[m]}
+        for m, s in scores.items()
+    }
+
+
+def _print_training(title: str, rows: dict[str, Any], reference: str) -> None:
+    print(f"\n### {title}\n")
+    print("| contender | step (s) | ratio to " + reference + " | saved for backward (MB) | peak (MB) | trainable |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, r in rows.items():
+        ratio = r["step_s"] / rows[reference]["step_s"]
+        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+        print(f"| {name} | {r['step_s']:.3f} | {ratio:.2f} | {r['saved_mb']:.1f} | {peak} | {r['trainable']:,} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--only", nargs="+", choices=["resnet", "unet", "quality"], default=["resnet", "unet", "quality"]
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; figures are medians")
+    parser.add_argument("--per-round", type=int, default=2, help="calls timed together in each round")
+    parser.add_argument("--seeds", type=int, default=3, help="quality: quickstart seeds")
+    parser.add_argument("--epochs", type=int, default=6, help="quality: quickstart epochs per phase")
+    parser.add_argument("--json", type=Path, default=Path("bench.json"))
+    args = parser.parse_args()
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+    }
+    print(f"device: {report['device']}, torch {torch.__version__}")
+    if "resnet" in args.only:
+        models, loss, x = resnet_contenders(args.device)
+        report["resnet_training"] = training_table(models, loss, args)
+        _print_training("resnet50, LoRA r=8 on layer4 + new head", report["resnet_training"], "peft")
+        base = copy.deepcopy(models["full fine-tuning"])
+        report["resnet_inference"] = inference_table(base, models["visionlora"], models["peft"], x, args)
+        print("\n| inference | seconds | ratio to base |\n| --- | --- | --- |")
+        for name, s in report["resnet_inference"].items():
+            print(f"| {name} | {s:.4f} | {s / report['resnet_inference']['base']:.3f} |")
+    if "unet" in args.only:
+        models, loss, _ = unet_contenders(args.device)
+        report["unet_training"] = training_table(models, loss, args)
+        _print_training("UNet2DConditionModel, LoRA r=4 on attention", report["unet_training"], "peft (add_adapter)")
+        floor = report["unet_training"]["floor"]["step_s"]
+        print(f"\nvisionlora / floor: {report['unet_training']['visionlora']['step_s'] / floor:.3f}")
+        report["unet_io"] = unet_io_table(models["visionlora"], models["peft (add_adapter)"])
+        print("\n| UNet adapter | seconds |\n| --- | --- |")
+        for name, s in report["unet_io"].items():
+            print(f"| {name} | {s:.4f} |")
+    if "quality" in args.only:
+        report["quality"] = quality_table(list(range(args.seeds)), args.epochs)
+        print("\n| quickstart task (digits 5-9) | val. accuracy, mean ± spread | trainable |\n| --- | --- | --- |")
+        for method, q in report["quality"].items():
+            print(f"| {method} | {q['mean']:.3f} ± {q['stdev']:.3f} | {q['trainable_percent']:.2f} % |")
+        full = report["quality"]["full fine-tuning"]["mean"]
+        print(f"\nLoRA / full fine-tuning accuracy: {report['quality']['LoRA layer4 + head']['mean'] / full:.3f}")
+    args.json.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
