@@ -27,7 +27,6 @@ from visionlora.inject import adaptable_kind, iter_modules
 from visionlora.io.adapter import META_KEY, AdapterFile, LayerSpec, file_error
 from visionlora.io.convert import (
     KINDS_BY_NDIM,
-    cast_tensors,
     export_header,
     foreign_record,
     kept_record,
@@ -66,11 +65,11 @@ def write_kohya(file: AdapterFile, path: Path, *, dtype: torch.dtype | None = No
         if key in by_flat:
             raise file_error(file.path, f"modules {by_flat[key]!r} and {name!r} both flatten to kohya name {key!r}")
         by_flat[key] = name
-        tensors[f"{key}.lora_down.weight"] = file.tensors[f"{name}.lora_A.weight"]
-        tensors[f"{key}.lora_up.weight"] = file.tensors[f"{name}.lora_B.weight"]
+        a, b = file.tensors[f"{name}.lora_A.weight"], file.tensors[f"{name}.lora_B.weight"]
+        tensors[f"{key}.lora_down.weight"] = a if dtype is None else a.to(dtype)
+        tensors[f"{key}.lora_up.weight"] = b if dtype is None else b.to(dtype)
         # alpha / r must give the layer's scale; float32 so any alpha survives (fp16 would round it).
         tensors[f"{key}.alpha"] = torch.tensor(layer_scale(file, name) * spec.rank, dtype=torch.float32)
-    tensors = {k: v if k.endswith(".alpha") else cast_tensors({k: v}, dtype)[k] for k, v in tensors.items()}
     linear = [s for s in file.layers.values() if s.kind == "Linear"] or list(file.layers.values())
     conv = [s for s in file.layers.values() if s.kind != "Linear"]
     header = {

@@ -370,7 +370,8 @@ def run_diffusion(
         start_batch = 0
         epoch += 1
     bar.close()
-    return _finish(accelerator, recipe, pipe, adapted, out_dir, losses, time.perf_counter() - started, step)
+    seconds = time.perf_counter() - started
+    return _finish(accelerator, recipe, pipe, adapted, out_dir, losses, seconds, step, len(items))
 
 
 def _finish(
@@ -382,11 +383,12 @@ def _finish(
     losses: list[float],
     seconds: float,
     step: int,
+    images: int,
 ) -> dict[str, Any]:
     window = max(1, len(losses) // 10)
     metrics: dict[str, Any] = {
         "steps": step,
-        "images": len(style_items(recipe.data.root, recipe.data.caption)),
+        "images": images,
         "loss_first": sum(losses[:window]) / window if losses else None,
         "loss_last": sum(losses[-window:]) / window if losses else None,
         "seconds": seconds,

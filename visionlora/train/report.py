@@ -38,6 +38,15 @@ def pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:
     """Train/val loss and val accuracy per epoch, one PNG."""
     plt = pyplot()
@@ -51,11 +60,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:
     right.plot(epochs, [h["val_macro_f1"] for h in history], marker="o", label="val macro-F1")
     right.set(xlabel="epoch", ylim=(0, 1.02), title="accuracy")
     right.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> Path:
@@ -72,11 +77,7 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> P
         for j in range(n):
             value = int(confusion[i, j])
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_losses(losses: list[float], path: Path) -> Path:
@@ -93,8 +94,4 @@ def plot_losses(losses: list[float], path: Path) -> Path:
         ax.plot(range(1, len(losses) + 1), smooth, lw=2, label=f"mean of {window}")
     ax.set(xlabel="step", ylabel="loss", title="noise-prediction loss")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
