@@ -37,6 +37,7 @@ from visionlora.io import (
 from visionlora.layers import LoraConv, LoraLayer, LoraLinear
 from visionlora.merge import merge, merge_and_unload, unmerge
 from visionlora.models import expand_preset, fitting_presets, replace_head
+from visionlora.prefix import FrozenSplit, split_frozen_prefix
 from visionlora.summary import summary
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ __all__ = [
     "AdapterFile",
     "AdapterFileError",
     "ConfigError",
+    "FrozenSplit",
     "LoraConfig",
     "LoraConv",
     "LoraLayer",
@@ -77,6 +79,7 @@ __all__ = [
     "resize_adapter",
     "save_adapter",
     "set_adapter",
+    "split_frozen_prefix",
     "summary",
     "unmerge",
 ]

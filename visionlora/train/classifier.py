@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from visionlora.errors import ConfigError
 from visionlora.inject import apply_lora
@@ -21,6 +21,7 @@ from visionlora.io import export_adapter, export_merged, save_adapter
 from visionlora.io.files import write_text
 from visionlora.models.heads import replace_head
 from visionlora.models.loading import build_model, load_base
+from visionlora.prefix import split_frozen_prefix
 from visionlora.train.data import EpochBatches, classifier_datasets, classifier_transforms, set_epoch
 from visionlora.train.loop import (
     accumulation,
@@ -33,7 +34,7 @@ from visionlora.train.loop import (
     total_steps,
     write_checkpoint,
 )
-from visionlora.train.recipe import ClassifierModel, ClassifierRecipe
+from visionlora.train.recipe import ClassifierData, ClassifierModel, ClassifierRecipe
 from visionlora.train.report import confusion_matrix, macro_f1, plot_confusion, plot_curves
 
 __all__ = ["build_classifier", "run_classifier"]
@@ -50,6 +51,28 @@ def build_classifier(spec: ClassifierModel) -> nn.Module:
     if not Path(spec.weights).is_file():
         raise ConfigError(f"model.weights: {spec.weights!r} is not 'pretrained', 'none' or an existing weights file")
     return load_base(spec.weights, arch=spec.name, kwargs=spec.kwargs)
+
+
+def _cache_features(
+    network: nn.Module, train_set: Dataset[Any], val_set: Dataset[Any], data: ClassifierData, accelerator: Any
+) -> tuple[nn.Module, TensorDataset, TensorDataset]:
+    """The layers after ``network``'s frozen prefix, and both datasets as that prefix's outputs."""
+    split = split_frozen_prefix(network)
+    split.prefix.to(accelerator.device)
+    cached = []
+    started = time.perf_counter()
+    for dataset in (train_set, val_set):
+        features, labels = [], []
+        for x, y in DataLoader(dataset, batch_size=data.batch_size, num_workers=data.num_workers):
+            features.append(split.features(x.to(accelerator.device)).cpu())
+            labels.append(y)
+        cached.append(TensorDataset(torch.cat(features), torch.cat(labels)))
+    size = sum(d.tensors[0].numel() * d.tensors[0].element_size() for d in cached)
+    accelerator.print(
+        f"cached the frozen prefix ({split.prefix_calls} calls, up to {split.boundary}): "
+        f"{size / 2**20:.1f} MiB in {time.perf_counter() - started:.1f} s"
+    )
+    return split.rest, cached[0], cached[1]
 
 
 @torch.no_grad()
@@ -100,6 +123,9 @@ def run_classifier(
     probe = cfg.rank_by_resolution or cfg.rank_budget is not None
     size = recipe.data.image_size
     apply_lora(model, cfg, example_input=torch.zeros(1, 3, size, size) if probe else None)
+    network = model  # the whole classifier; ``model`` is what runs in the loop
+    if recipe.data.cache_features:
+        model, train_set, val_set = _cache_features(network, train_set, val_set, recipe.data, accelerator)
 
     batches = EpochBatches(
         size_of_train, recipe.data.batch_size, train.seed, drop_last=size_of_train >= recipe.data.batch_size
@@ -118,11 +144,10 @@ def run_classifier(
     total = total_steps(train, steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train.warmup_steps, total))
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    plain = accelerator.unwrap_model(model)
 
     step, epoch, start_batch, history, elapsed, epoch_losses = 0, 0, 0, [], 0.0, []
     if resume is not None:
-        state = restore(resume, out_dir, accelerator, plain, optimizer, scheduler)
+        state = restore(resume, out_dir, accelerator, network, optimizer, scheduler)
         step, epoch, start_batch = state["step"], state["epoch"], state["batch"]
         history, elapsed, epoch_losses = state["history"], state["elapsed"], state["epoch_losses"]
     bar = start_run(accelerator, recipe, out_dir, total, step, progress)
@@ -160,7 +185,7 @@ def run_classifier(
                     step,
                     epoch,
                     index + 1,
-                    plain,
+                    network,
                     optimizer,
                     scheduler,
                     history,
@@ -187,7 +212,7 @@ def run_classifier(
     if last_val is None:  # resumed from a checkpoint taken after the last step
         last_val = _validate(model, val_loader, accelerator, len(classes))
     seconds = time.perf_counter() - started
-    metrics = _finish(accelerator, recipe, out_dir, plain, history, last_val, classes, seconds, step)
+    metrics = _finish(accelerator, recipe, out_dir, network, history, last_val, classes, seconds, step)
     if train.log_with:
         accelerator.end_training()
     return metrics

@@ -68,6 +68,10 @@ class ClassifierData:
     num_workers: int = 0
     augment: bool = True
     """Random resized crops and horizontal flips for training (timm models: timm's own transforms)."""
+    cache_features: bool = False
+    """Run the frozen layers before the first trainable block once per image (in eval mode), keep
+    their outputs in memory and train the rest on them. Needs ``augment: false``. Much faster when
+    LoRA sits in the last blocks; the memory is the prefix's output size times the number of images."""
 
 
 @dataclass
@@ -123,6 +127,11 @@ class ClassifierRecipe:
             ("data.image_size", self.data.image_size >= 8, "an integer >= 8"),
             ("data.batch_size", self.data.batch_size >= 1, "an integer >= 1"),
             ("data.num_workers", self.data.num_workers >= 0, "an integer >= 0"),
+            (
+                "data.cache_features",
+                not (self.data.cache_features and self.data.augment),
+                "false while data.augment is true (augmented images change every epoch, so nothing can be cached)",
+            ),
             (
                 "output.export",
                 not {"diffusers", "kohya"} & set(self.output.export),
