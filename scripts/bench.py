@@ -2,7 +2,7 @@
 
     python scripts/bench.py                  # CPU: resnet50 at 128 px batch 8, a small SD-like UNet
     python scripts/bench.py --device cuda    # GPU: resnet50 at 224 px batch 64, SD-1.5-shaped UNet
-    python scripts/bench.py --only resnet --repeats 5 --json bench.json
+    python scripts/bench.py --only resnet prefix --repeats 5 --json bench.json
 
 Every contender gets the same model weights, input, rank and targets. Rounds are interleaved
 (contender A, B, C, A, B, C, ...) so drift in the machine's speed hits all alike; each figure is
@@ -259,6 +259,48 @@ def quality_table(seeds: list[int], epochs: int) -> dict[str, dict[str, float]]:
     }
 
 
+def prefix_table(models: dict[str, nn.Module], x: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per epoch over ``args.images`` images: PEFT and visionlora as they are, and visionlora
+    training on cached frozen-prefix features (plus the one-time cost of caching)."""
+    images = x.repeat(max(1, args.images // len(x)), 1, 1, 1)[: args.images]
+    labels = torch.arange(len(images), device=x.device) % 10
+    batches = list(zip(images.split(len(x)), labels.split(len(x)), strict=True))
+
+    def epoch_of(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]) -> Step:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def epoch() -> None:
+            model.train()
+            for xb, yb in data:
+                F.cross_entropy(model(xb), yb).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        return epoch
+
+    cached_model = copy.deepcopy(models["visionlora"])
+    split = vl.split_frozen_prefix(cached_model)
+
+    def cache() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        split.recalibrate_batchnorm(xb for xb, _ in batches)
+        return [(split.features(xb), yb) for xb, yb in batches]
+
+    start = time.perf_counter()
+    features = cache()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    caching = time.perf_counter() - start
+    steps = {
+        "peft": epoch_of(models["peft"], batches),
+        "visionlora": epoch_of(models["visionlora"], batches),
+        "visionlora, cached prefix": epoch_of(split.rest, features),
+    }
+    out = interleaved(steps, args.repeats, 1, args.device)
+    out["caching (once)"] = caching
+    return out
+
+
 def _print_training(title: str, rows: dict[str, Any], reference: str) -> None:
     print(f"\n### {title}\n")
     print("| contender | step (s) | ratio to " + reference + " | saved for backward (MB) | peak (MB) | trainable |")
@@ -273,8 +315,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
-        "--only", nargs="+", choices=["resnet", "unet", "quality"], default=["resnet", "unet", "quality"]
+        "--only",
+        nargs="+",
+        choices=["resnet", "prefix", "unet", "quality"],
+        default=["resnet", "prefix", "unet", "quality"],
     )
+    parser.add_argument("--images", type=int, default=64, help="prefix: images per epoch")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; figures are medians")
     parser.add_argument("--per-round", type=int, default=2, help="calls timed together in each round")
     parser.add_argument("--seeds", type=int, default=3, help="quality: quickstart seeds")
@@ -295,6 +341,17 @@ def main() -> None:
         print("\n| inference | seconds | ratio to base |\n| --- | --- | --- |")
         for name, s in report["resnet_inference"].items():
             print(f"| {name} | {s:.4f} | {s / report['resnet_inference']['base']:.3f} |")
+    if "prefix" in args.only:
+        models, _, x = resnet_contenders(args.device)
+        report["prefix"] = epochs = prefix_table(models, x, args)
+        print(f"\n### frozen-prefix cache: resnet50, LoRA r=8 on layer4 + head, {args.images} images per epoch\n")
+        print("| epoch | seconds | PEFT / this |\n| --- | --- | --- |")
+        for name in ("peft", "visionlora", "visionlora, cached prefix"):
+            print(f"| {name} | {epochs[name]:.3f} | {epochs['peft'] / epochs[name]:.2f} |")
+        cached = epochs["visionlora, cached prefix"]
+        for n in (1, 10):
+            ratio = n * epochs["peft"] / (epochs["caching (once)"] + n * cached)
+            print(f"| {n} epoch(s) with caching ({epochs['caching (once)']:.2f} s once) | - | {ratio:.2f} |")
     if "unet" in args.only:
         models, loss, _ = unet_contenders(args.device)
         report["unet_training"] = training_table(models, loss, args)

@@ -145,3 +145,14 @@ def test_refusals_name_the_problem():
 
     with pytest.raises(vl.ConfigError, match="hands 2 values"):
         split_frozen_prefix(Skip())
+
+
+def test_recalibrated_batchnorm_holds_the_new_images_statistics():
+    model = _adapted(torchvision.models.resnet18(num_classes=5), CASES["torchvision-resnet18"][1]).train()
+    split = split_frozen_prefix(model)
+    x = torch.randn(12, 3, 32, 32) * 3 + 1  # far from the fresh statistics (mean 0, var 1)
+    assert split.recalibrate_batchnorm(x.split(4)) == 15  # bn1 and the BatchNorms of layer1-3
+    with torch.no_grad():
+        first = model.conv1(x)
+    torch.testing.assert_close(model.bn1.running_mean, first.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert model.bn1.momentum == 0.1 and model.bn1.training and model.layer4[0].bn1.num_batches_tracked == 0

@@ -16,11 +16,13 @@ its module holds no trainable parameter. The prefix must hand exactly one tensor
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from visionlora.errors import ConfigError
 
@@ -52,6 +54,34 @@ class FrozenSplit:
         if not isinstance(out, torch.Tensor):
             raise ConfigError(f"data.cache_features: the frozen prefix returns {type(out).__name__}, not a tensor")
         return out
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, batches: Iterable[torch.Tensor]) -> int:
+        """Re-estimate the prefix's BatchNorm running statistics on ``batches``; return how many layers.
+
+        Each statistic becomes the average over all batches (as AdaBN does), which is where an
+        uncached run's running statistics drift to when it trains on the same images. Use it before
+        :meth:`features` when the images differ from what the network was trained on.
+        """
+        norms = [m for m in self.prefix.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        if not norms:
+            return 0
+        modes = {m: m.training for m in self.prefix.modules()}
+        momenta = [m.momentum for m in norms]
+        self.prefix.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+            m.train()
+        try:
+            for x in batches:
+                self.prefix(x)
+        finally:
+            for m, momentum in zip(norms, momenta, strict=True):
+                m.momentum = momentum
+            for m, mode in modes.items():
+                m.train(mode)
+        return len(norms)
 
 
 class _BlockTracer(fx.Tracer):
