@@ -59,12 +59,19 @@ def _cache_features(
     """The layers after ``network``'s frozen prefix, and both datasets as that prefix's outputs."""
     split = split_frozen_prefix(network)
     split.prefix.to(accelerator.device)
-    cached = []
     started = time.perf_counter()
+
+    def images(dataset: Dataset[Any]) -> Any:
+        for x, y in DataLoader(dataset, batch_size=data.batch_size, num_workers=data.num_workers):
+            yield x.to(accelerator.device), y
+
+    # What an uncached run's BatchNorms would drift to on these images (AdaBN); then fixed features.
+    split.recalibrate_batchnorm(x for x, _ in images(train_set))
+    cached = []
     for dataset in (train_set, val_set):
         features, labels = [], []
-        for x, y in DataLoader(dataset, batch_size=data.batch_size, num_workers=data.num_workers):
-            features.append(split.features(x.to(accelerator.device)).cpu())
+        for x, y in images(dataset):
+            features.append(split.features(x).cpu())
             labels.append(y)
         cached.append(TensorDataset(torch.cat(features), torch.cat(labels)))
     size = sum(d.tensors[0].numel() * d.tensors[0].element_size() for d in cached)
