@@ -233,3 +233,28 @@ def test_text_encoder_lora_trains_is_saved_merged_into_the_pipeline_and_resumes(
     for name in ("adapter.safetensors", "adapter-text-encoder.safetensors"):
         a, b = load_file(out / name), load_file(resumed / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_single_file_checkpoint_base_trains_the_adapter_of_its_pipeline_folder(style, tmp_path):
+    from tests.ldm import save_single_file
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(style / "pipe"))
+    checkpoint = save_single_file(pipe, tmp_path / "sd-tiny.safetensors")  # the original (LDM) key layout
+    configs = tmp_path / "configs"  # what from_single_file needs beside the file: configs and tokenizer only
+    shutil.copytree(style / "pipe", configs, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    recipe = _recipe(style, max_steps=2)
+    single = copy.deepcopy(recipe)
+    single.model.pipeline, single.model.config = str(checkpoint), str(configs)
+    run_recipe(recipe, output=tmp_path / "folder", progress=False)
+    run_recipe(single, output=tmp_path / "single", progress=False)
+    a = load_file(tmp_path / "folder" / "adapter.safetensors")
+    b = load_file(tmp_path / "single" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    merged = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "single" / "merged-unet")
+    expected = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "folder" / "merged" / "unet")
+    with torch.no_grad():
+        assert torch.equal(merged(**unet_input()).sample, expected(**unet_input()).sample)
+
+    single.model.config = None
+    with pytest.raises(vl.ConfigError, match=r"model\.config: a single-file checkpoint needs a local pipeline folder"):
+        run_recipe(single, output=tmp_path / "no-config", progress=False)
