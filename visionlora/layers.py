@@ -368,9 +368,13 @@ class LoraLayer(nn.Module, abc.ABC):
         for name, w in self.active.items():
             adapter = self.adapter(name)
             h = x if not (adapter.dropout and self.training) else F.dropout(x, adapter.dropout, True)
-            branch = self._branch(h.to(adapter.lora_A.dtype), adapter.lora_A, adapter.lora_B)
-            y = torch.add(y, branch.to(y.dtype), alpha=w * adapter.scale)
+            y = self._add_branch(y, h.to(adapter.lora_A.dtype), adapter.lora_A, adapter.lora_B, w * adapter.scale)
         return y
+
+    def _add_branch(self, y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+        """y + scale · B(A(x)). The scale goes into B (r·out numbers) rather than into the output,
+        so neither pass spends a kernel over the whole output on it."""
+        return y + self._branch(x, a, b * scale if scale != 1.0 else b).to(y.dtype)
 
     @abc.abstractmethod
     def _delta(self, a: Tensor, b: Tensor, scale: float) -> Tensor:
@@ -393,6 +397,14 @@ class LoraLinear(LoraLayer):
 
     def _branch(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         return F.linear(F.linear(x, a), b)
+
+    def _add_branch(self, y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+        if y.dtype != a.dtype or y.dim() < 2:
+            return super()._add_branch(y, x, a, b, scale)
+        # One GEMM adds the branch into the base output: y + scale · (x Aᵀ) Bᵀ.
+        h = F.linear(x, a)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
+        return out.view(y.shape)
 
 
 class LoraConv(LoraLayer):
