@@ -77,10 +77,10 @@ class FrozenSplit:
             for x in batches:
                 self.prefix(x)
         finally:
-            for m, momentum in zip(norms, momenta, strict=True):
-                m.momentum = momentum
-            for m, mode in modes.items():
-                m.train(mode)
+            for norm, momentum in zip(norms, momenta, strict=True):
+                norm.momentum = momentum
+            for module, mode in modes.items():
+                module.train(mode)
         return len(norms)
 
 
