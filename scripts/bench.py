@@ -304,6 +304,61 @@ def prefix_table(models: dict[str, nn.Module], x: torch.Tensor, args: argparse.N
     return out
 
 
+def encode_table(models: dict[str, nn.Module], args: argparse.Namespace) -> dict[str, float]:
+    """Style-training step with latents and prompt embeddings cached (the recipe) vs encoding the
+    images with the VAE and the prompts with CLIP at every step (the diffusers example scripts)."""
+    import diffusers
+    import transformers
+
+    cfg = unet_config(args.device)
+    gpu = args.device == "cuda"
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(  # SD's VAE shape; on CPU with narrower channels
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512) if gpu else (32, 64, 128, 128),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+    ).to(args.device)
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            hidden_size=cfg["cross_attention_dim"],
+            intermediate_size=4 * cfg["cross_attention_dim"],
+            num_hidden_layers=12 if gpu else 4,
+            num_attention_heads=8,
+            max_position_embeddings=77,
+        )
+    ).to(args.device)
+    vae.requires_grad_(False).eval()
+    text_encoder.requires_grad_(False).eval()
+    batch, size = 4, cfg["sample_size"] * 8
+    pixels = torch.randn(batch, 3, size, size, device=args.device)
+    ids = torch.randint(0, 1000, (batch, 77), device=args.device)
+    unet = models["visionlora"]
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample() * 0.18215
+        prompts = text_encoder(ids)[0]
+    timesteps = torch.randint(0, 1000, (batch,), device=args.device)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(x0: torch.Tensor, text: torch.Tensor) -> None:
+        noise = torch.randn_like(x0)
+        F.mse_loss(unet(x0 + noise, timesteps, text).sample, noise).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def encode_every_step() -> None:
+        with torch.no_grad():
+            x0 = vae.encode(pixels).latent_dist.sample() * 0.18215
+            text = text_encoder(ids)[0]
+        step(x0, text)
+
+    steps = {"cached (visionlora recipe)": lambda: step(latents, prompts), "encode every step": encode_every_step}
+    return interleaved(steps, args.repeats, args.per_round, args.device)
+
+
 def _print_training(title: str, rows: dict[str, Any], reference: str) -> None:
     print(f"\n### {title}\n")
     print("| contender | step (s) | ratio to " + reference + " | saved for backward (MB) | peak (MB) | trainable |")
@@ -321,8 +376,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["resnet", "prefix", "unet", "quality"],
-        default=["resnet", "prefix", "unet", "quality"],
+        choices=["resnet", "prefix", "unet", "encode", "quality"],
+        default=["resnet", "prefix", "unet", "encode", "quality"],
     )
     parser.add_argument("--images", type=int, default=64, help="prefix: images per epoch")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd contenders (GPU figure)")
@@ -367,6 +422,14 @@ def main() -> None:
         print("\n| UNet adapter | seconds |\n| --- | --- |")
         for name, s in report["unet_io"].items():
             print(f"| {name} | {s:.4f} |")
+    if "encode" in args.only:
+        models, _, _ = unet_contenders(args.device)
+        report["encode"] = enc = encode_table(models, args)
+        size = unet_config(args.device)["sample_size"] * 8
+        print(f"\n### style-training step, batch 4 at {size} px: cached latents and prompts vs encoding\n")
+        print("| step | seconds | ratio to cached |\n| --- | --- | --- |")
+        for name, sec in enc.items():
+            print(f"| {name} | {sec:.3f} | {sec / enc['cached (visionlora recipe)']:.2f} |")
     if "quality" in args.only:
         report["quality"] = quality_table(list(range(args.seeds)), args.epochs)
         print("\n| quickstart task (digits 5-9) | val. accuracy, mean ± spread | trainable |\n| --- | --- | --- |")
