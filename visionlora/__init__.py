@@ -20,6 +20,7 @@ from visionlora.errors import (
     ConfigError,
     MergeError,
     TargetError,
+    TrainingError,
     UnsupportedModuleError,
     VisionLoraError,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "MergeError",
     "ResizedLayer",
     "TargetError",
+    "TrainingError",
     "UnsupportedModuleError",
     "VisionLoraError",
     "active_adapters",

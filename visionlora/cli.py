@@ -84,7 +84,8 @@ def _merge(args: argparse.Namespace) -> int:
     _match_head(model, read_adapter(args.adapter))
     load_adapter(model, args.adapter)
     pipeline = args.base if (Path(args.base) / "model_index.json").is_file() else None
-    out = export_merged(model, args.out, dtype=_DTYPES[args.dtype] if args.dtype else None, pipeline=pipeline)
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    out = export_merged(model, args.out, dtype=dtype, pipeline=pipeline, overwrite=args.overwrite)
     print(f"wrote {out}: {type(model).__name__} with {args.adapter} merged")
     return 0
 
@@ -112,7 +113,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    out = export_adapter(args.file, args.out, format=args.format, dtype=_DTYPES[args.dtype] if args.dtype else None)
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    out = export_adapter(args.file, args.out, format=args.format, dtype=dtype, overwrite=args.overwrite)
     print(f"wrote {out}: {args.file} as a {args.format} adapter")
     return 0
 
@@ -122,7 +124,7 @@ def _train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set or [])
     resume = args.resume
-    metrics = run_recipe(recipe, output=args.output, resume=resume)
+    metrics = run_recipe(recipe, output=args.output, resume=resume, overwrite=args.overwrite)
     out = args.output or recipe.output.dir
     if "val_accuracy" in metrics:
         summary_line = (
@@ -196,6 +198,9 @@ def _parser() -> argparse.ArgumentParser:
         help="the .safetensors file to write; a folder for a diffusers model (a whole pipeline for a pipeline base)",
     )
     merge.add_argument("--dtype", choices=list(_DTYPES), help="dtype of the written weights (default: the base's)")
+    merge.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out (a folder only if it is an earlier export)"
+    )
     merge.set_defaults(run=_merge)
 
     inspect = commands.add_parser(
@@ -216,6 +221,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=list(FORMATS))
     export.add_argument("--out", required=True, help="the file to write (a folder for peft)")
     export.add_argument("--dtype", choices=list(_DTYPES), help="dtype of the written weights (default: as stored)")
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out (a folder only if it is an earlier export)"
+    )
     export.set_defaults(run=_export)
 
     train = commands.add_parser(
@@ -240,12 +248,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR|latest",
         help="continue from the newest checkpoint of the output folder (or of DIR, or checkpoint folder DIR)",
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an output folder that holds an earlier run (its checkpoints are removed)",
+    )
     train.set_defaults(run=_train)
 
     quickstart = commands.add_parser(
         "quickstart",
         help="LoRA vs head-only vs full fine-tuning on scikit-learn's bundled digits; 'diffusion': styling",
-        description="classifier (default): pre-train a ResNet-18 on digits 0-4, adapt it to digits 5-9 three "
+        description="classifier (default): pre-train a ResNet-18 on digits 0-4, adapt it to digits 5-9 four "
         "ways, save, reload, merge and export the LoRA adapter (about a minute). diffusion: pre-train a small "
         "UNet on patches of one bundled photo, LoRA-style it toward another, save base vs styled samples "
         "(a few minutes). CPU, no downloads.",

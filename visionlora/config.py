@@ -18,6 +18,7 @@ import fnmatch
 import math
 import numbers
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -76,8 +77,11 @@ def _check_pattern(pattern: str, where: str) -> None:
     if pattern.startswith("re:"):
         try:
             re.compile(pattern[3:])
-        except re.error as exc:
-            raise ConfigError(f"{where}: {pattern!r} is not a valid regular expression: {exc}") from None
+        # Deep nesting overflows the regex parser's recursion and huge repeat counts overflow a C int.
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise ConfigError(
+                f"{where}: {_short(pattern)} is not a valid regular expression: {_short(str(exc))}"
+            ) from None
 
 
 @dataclass
@@ -237,8 +241,18 @@ def config_from_dict(cls: type[C], data: Mapping[str, Any], path: str = "") -> C
 def _int_keys_from_json(value: Any, tp: Any) -> Any:
     """JSON object keys are strings: read decimal keys back as ints where the field has int keys."""
     if typing.get_origin(tp) is dict and typing.get_args(tp)[0] is int and isinstance(value, dict):
-        return {int(k) if isinstance(k, str) and k.isdecimal() else k: v for k, v in value.items()}
+        return {_decimal(k): v for k, v in value.items()}
     return value
+
+
+def _decimal(key: Any) -> Any:
+    """``key`` as an int if it is a decimal string Python converts (up to 4300 digits), else unchanged."""
+    if isinstance(key, str) and key.isdecimal():
+        try:
+            return int(key)
+        except ValueError:  # over sys.get_int_max_str_digits(): the type check then names the key
+            return key
+    return key
 
 
 def _check_fields(obj: Any) -> None:
@@ -267,9 +281,17 @@ def _converts(value: float) -> bool:
     return True
 
 
+def _short(value: Any) -> str:
+    """A repr short enough for an error message, however large or deep ``value`` is (a YAML alias bomb, say)."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = 120
+    short.maxlevel, short.maxlist, short.maxdict = 3, 8, 8
+    return short.repr(value)
+
+
 def _check_type(value: Any, tp: Any, where: str) -> None:
     if not _type_ok(value, tp):
-        raise ConfigError(f"{where}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected {_describe(tp)}, got {type(value).__name__} {_short(value)}")
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

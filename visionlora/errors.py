@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "MergeError",
     "TargetError",
+    "TrainingError",
     "UnsupportedModuleError",
     "VisionLoraError",
 ]
@@ -38,8 +39,13 @@ class AdapterError(VisionLoraError, ValueError):
 
 
 class AdapterFileError(VisionLoraError, ValueError):
-    """An adapter file is unreadable, malformed, or does not fit the model."""
+    """An adapter file is unreadable, malformed, or does not fit the model; or an output cannot be
+    written where asked (it exists, or the write failed, e.g. no space left)."""
 
 
 class MergeError(VisionLoraError, ValueError):
     """Merging would write non-finite values into a weight."""
+
+
+class TrainingError(VisionLoraError, RuntimeError):
+    """A training run cannot go on: too many non-finite steps in a row, or its output folder is in use."""

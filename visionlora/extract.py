@@ -130,6 +130,7 @@ def resize_adapter(
     energy: float | None = None,
     adapter_name: str = "default",
     out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> list[ResizedLayer]:
     """Re-factorise each layer's B·A by SVD to a smaller rank and report the error per layer.
 
@@ -143,6 +144,7 @@ def resize_adapter(
         energy: Share of spectral energy to keep, in (0, 1].
         adapter_name: The adapter to resize on a model.
         out: Where to write the resized file (required for a file, not used for a model).
+        overwrite: Replace an existing ``out`` (otherwise it is refused).
 
     Example:
         >>> for row in vl.resize_adapter("adapter.safetensors", energy=0.9, out="small.safetensors"):
@@ -168,7 +170,7 @@ def resize_adapter(
             spec, rank=new_rank, alpha=_same_scale_alpha(scale, new_rank, file.config.rslora)
         )
         report.append(ResizedLayer(name, spec.rank, new_rank, error))
-    write_adapter(dataclasses.replace(file, path=Path(out), layers=layers, tensors=tensors))
+    write_adapter(dataclasses.replace(file, path=Path(out), layers=layers, tensors=tensors), overwrite=overwrite)
     return report
 
 

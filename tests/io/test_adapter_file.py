@@ -251,8 +251,8 @@ def test_save_is_atomic_a_failed_write_keeps_the_old_file(saved, tmp_path, monke
         raise OSError("disk full")
 
     monkeypatch.setattr("visionlora.io.files.save_file", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        vl.save_adapter(model, path)
+    with pytest.raises(vl.AdapterFileError, match=r"could not be written \(disk full\); the existing one is unchanged"):
+        vl.save_adapter(model, path, overwrite=True)
     assert path.read_bytes() == good
     assert sorted(os.listdir(path.parent)) == ["adapter.safetensors"]
 

@@ -90,7 +90,7 @@ def test_an_overflowing_export_raises_and_keeps_the_old_file(tmp_path):
         model.layer4[0].conv1.adapter("default").lora_B.fill_(1e4)
         model.layer4[0].conv1.adapter("default").lora_A.fill_(1e4)
     with pytest.raises(vl.MergeError, match=r"NaN/Inf in layer4\.0\.conv1\.weight; nothing was written"):
-        vl.export_merged(model, path, dtype=torch.float16)
+        vl.export_merged(model, path, dtype=torch.float16, overwrite=True)
     assert path.read_bytes() == good
 
 
@@ -104,7 +104,9 @@ def test_diffusers_unet_exports_a_folder_that_from_pretrained_loads(tmp_path):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text("{}")  # an earlier, sharded export: replaced whole
     (tmp_path / "unet" / "diffusion_pytorch_model-00001-of-00002.safetensors").write_bytes(b"stale")
-    folder = vl.export_merged(unet, tmp_path / "unet")
+    with pytest.raises(vl.AdapterFileError, match="exists; pass overwrite=True"):
+        vl.export_merged(unet, tmp_path / "unet")
+    folder = vl.export_merged(unet, tmp_path / "unet", overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     loaded = diffusers.UNet2DConditionModel.from_pretrained(folder).eval()
     args = (torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 7, 24))
@@ -123,7 +125,7 @@ def test_a_pipeline_folder_gets_its_unet_replaced_and_loads_as_a_pipeline(tmp_pa
     randomize_lora(unet, std=0.05)
     vl.export_merged(unet, tmp_path / "out", pipeline=source)
     (tmp_path / "out" / "stale.txt").write_text("from the earlier export")
-    out = vl.export_merged(unet, tmp_path / "out", pipeline=source, dtype=torch.float16)  # replaces it whole
+    out = vl.export_merged(unet, tmp_path / "out", pipeline=source, dtype=torch.float16, overwrite=True)  # whole
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(out))
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in source.iterdir())

@@ -258,3 +258,16 @@ def test_a_single_file_checkpoint_base_trains_the_adapter_of_its_pipeline_folder
     single.model.config = None
     with pytest.raises(vl.ConfigError, match=r"model\.config: a single-file checkpoint needs a local pipeline folder"):
         run_recipe(single, output=tmp_path / "no-config", progress=False)
+
+
+def test_nan_steps_are_skipped_and_too_many_in_a_row_stop_the_run_at_its_last_checkpoint(style, tmp_path):
+    from tests.reliability.harness import poisoned
+    from visionlora.train.checkpoint import latest_checkpoint
+
+    recipe = _recipe(style, checkpoint_every=1, max_nonfinite_steps=2)
+    stop = r"2 optimizer steps in a row .* since step 3 .*checkpoints.step-000002"
+    with pytest.raises(vl.TrainingError, match=stop), poisoned(lambda i: i == 1 or i >= 3) as hit:
+        run_recipe(recipe, output=tmp_path / "run", progress=False)
+    assert hit == [1, 3, 4]  # one isolated NaN step (skipped), then two in a row
+    trained = load_file(latest_checkpoint(tmp_path / "run") / "trainable.safetensors")
+    assert trained and all(torch.isfinite(v).all() for v in trained.values() if v.is_floating_point())

@@ -41,7 +41,7 @@ from visionlora.inject import (
     extra_parameters,
     lora_layers,
 )
-from visionlora.io.files import read_safetensors, write_safetensors
+from visionlora.io.files import read_safetensors, refuse_existing, write_safetensors
 from visionlora.layers import base_layer, layer_kind, transforms_weight_or_input
 
 __all__ = [
@@ -132,7 +132,9 @@ class AdapterFile:
     """Layer names are kohya's flattened ones (``layer4_0_conv1``) until mapped onto a model."""
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str = "default") -> Path:
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str = "default", overwrite: bool = False
+) -> Path:
     """Write adapter ``adapter_name`` (LoRA weights + trainable modules and biases) to ``path``.
 
     Buffers that changed since LoRA was first added to the model (BatchNorm running statistics
@@ -140,10 +142,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name
     on the base it was trained from. The write is atomic; the config and each layer's name,
     kind, rank and alpha go in the file's metadata. Returns the path.
 
+    Raises:
+        AdapterFileError: ``path`` exists and ``overwrite`` is off, a tensor holds NaN/Inf, or the
+            write failed (e.g. no space left); the old file is then intact.
+
     Example:
         >>> vl.save_adapter(model, "adapter.safetensors")
+        >>> vl.save_adapter(model, "adapter.safetensors", overwrite=True)  # replace the earlier one
     """
-    return write_adapter(adapter_record(model, Path(path), adapter_name))
+    refuse_existing(Path(path), overwrite)
+    return write_adapter(adapter_record(model, Path(path), adapter_name), overwrite=overwrite)
 
 
 def adapter_record(model: nn.Module, path: Path, adapter_name: str = "default") -> AdapterFile:
@@ -190,9 +198,17 @@ def _spec_to_dict(spec: LayerSpec) -> dict[str, Any]:
     return out
 
 
-def write_adapter(file: AdapterFile) -> Path:
-    """Write an adapter record to ``file.path`` atomically, with its self-describing metadata."""
-    return write_safetensors(file.path, file.tensors, {META_KEY: record_metadata(file)})
+def write_adapter(file: AdapterFile, *, overwrite: bool = False) -> Path:
+    """Write an adapter record to ``file.path`` atomically, with its self-describing metadata.
+
+    Raises:
+        AdapterFileError: ``file.path`` exists and ``overwrite`` is off, or a tensor holds NaN/Inf
+            (the file could not be read back).
+    """
+    bad = [k for k, v in file.tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise file_error(file.path, f"not written: {', '.join(bad[:10])} hold NaN or Inf (readers refuse such a file)")
+    return write_safetensors(file.path, file.tensors, {META_KEY: record_metadata(file)}, overwrite=overwrite)
 
 
 def file_error(path: Path, problem: str) -> AdapterFileError:

@@ -37,6 +37,7 @@ __all__ = [
     "KINDS_BY_NDIM",
     "anchored",
     "cast_tensors",
+    "check_patterns",
     "exact_regex",
     "export_header",
     "foreign_record",
@@ -46,6 +47,7 @@ __all__ = [
     "pattern_value",
     "require_exportable",
     "require_finite",
+    "scalar_alpha",
     "unmappable",
 ]
 
@@ -76,6 +78,54 @@ def exact_regex(names: Iterable[str]) -> str:
     return "^(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
 
 
+_MAX_PATTERNS = 10_000
+_MAX_PATTERN_CHARS = 1_000
+
+
+def check_patterns(path: Path, patterns: Any, what: str) -> None:
+    """Refuse a rank/alpha pattern mapping from a file whose regexes could take hours to match.
+
+    Python's ``re`` backtracks: a quantified group such as ``(.|..)*x`` takes exponential time and
+    k quantifiers in a row take n^k on an n-character module name, and a file can hold thousands of
+    keys. PEFT itself writes module names and simple patterns, which pass.
+    """
+    if not isinstance(patterns, Mapping):
+        raise file_error(path, f"{what} is not a mapping of pattern -> value")
+    if len(patterns) > _MAX_PATTERNS:
+        raise file_error(path, f"{what} has {len(patterns)} patterns; visionlora reads up to {_MAX_PATTERNS}")
+    for key in patterns:
+        if not isinstance(key, str) or not _quick_regex(key):
+            shown = repr(key) if len(repr(key)) < 100 else repr(key)[:97] + "..."
+            raise file_error(
+                path,
+                f"{what} key {shown} is not a pattern visionlora matches: at most {_MAX_PATTERN_CHARS} "
+                "characters, no quantified group such as '(...)*', and at most two of '*', '+', '{'",
+            )
+
+
+def _quick_regex(pattern: str) -> bool:
+    """No quantified group and at most two unbounded quantifiers: matching a module name stays fast."""
+    if len(pattern) > _MAX_PATTERN_CHARS:
+        return False
+    quantifiers, escaped, in_class, previous = 0, False, False, ""
+    for char in pattern:
+        if escaped or (in_class and char != "]"):
+            escaped, previous = False, "x"
+        elif char == "\\":
+            escaped = True
+        elif char == "[":
+            in_class = True
+        elif char == "]":
+            in_class, previous = False, "x"
+        else:
+            if char in "*+{":
+                if previous == ")":
+                    return False
+                quantifiers += 1
+            previous = char
+    return quantifiers <= 2
+
+
 def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of ``name``."""
     for key, value in patterns.items():
@@ -84,9 +134,16 @@ def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
         try:
             if re.match(rf"(.*\.)?({key})$", name):
                 return value
-        except re.error:
+        except (re.error, RecursionError, OverflowError):  # not a regex PEFT could have written either
             continue
     return default
+
+
+def scalar_alpha(path: Path, key: str, tensor: torch.Tensor) -> float:
+    """The value of a one-element ``.alpha`` tensor; other shapes and bool/complex dtypes are refused by name."""
+    if tensor.numel() != 1 or tensor.dtype == torch.bool or tensor.is_complex():
+        raise file_error(path, f"{key} is a {tensor.dtype} tensor of shape {tuple(tensor.shape)}, not a real scalar")
+    return float(tensor.double().item())
 
 
 def unmappable(path: Path, keys: Iterable[str], what: str, hint: str = "") -> None:
@@ -160,7 +217,7 @@ def foreign_record(
         if a is None or b is None:
             raise file_error(path, f"layer {name!r} has only one of its two LoRA matrices")
         kind = KINDS_BY_NDIM.get(a.ndim)
-        rank = a.shape[0]
+        rank = a.shape[0] if kind is not None else 0  # a scalar or vector A has no rank to read
         if kind is None or b.ndim != a.ndim or b.shape[1] != rank or not 1 <= rank <= MAX_RANK:
             raise file_error(
                 path, f"layer {name!r}: LoRA matrices of shapes {tuple(a.shape)} and {tuple(b.shape)} do not pair up"
@@ -218,6 +275,12 @@ def kept_record(file: AdapterFile, header: Mapping[str, str]) -> AdapterFile:
         if abs(ratio - 1) > _SAME_SCALE:
             key = f"{name}.lora_B.weight"
             tensors[key] = (tensors[key].double() * ratio).to(tensors[key].dtype)
+            if not torch.isfinite(tensors[key]).all():  # a record whose alpha lies can overflow B here
+                raise file_error(
+                    file.path,
+                    f"layer {name!r}: the kept visionlora record's scale differs from the file's by a factor "
+                    f"of {ratio:g}, and B rescaled by it overflows {tensors[key].dtype}",
+                )
     return dataclasses.replace(kept, tensors=tensors, format=file.format)
 
 

@@ -20,6 +20,7 @@ import torch
 from visionlora.io.adapter import AdapterFile, file_error
 from visionlora.io.convert import (
     anchored,
+    check_patterns,
     exact_regex,
     export_header,
     foreign_record,
@@ -29,6 +30,7 @@ from visionlora.io.convert import (
     pattern_value,
     require_exportable,
     require_finite,
+    scalar_alpha,
     unmappable,
 )
 from visionlora.io.files import write_safetensors
@@ -40,8 +42,12 @@ LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # what load_lora_weights
 METADATA_KEY = "lora_adapter_metadata"
 
 
-def write_diffusers(file: AdapterFile, path: Path, *, dtype: torch.dtype | None = None) -> Path:
+def write_diffusers(
+    file: AdapterFile, path: Path, *, dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
     """Write ``file`` as a diffusers LoRA file (a folder gets ``pytorch_lora_weights.safetensors``).
+
+    An existing file is replaced only with ``overwrite``.
 
     Raises:
         AdapterFileError: a layer diffusers' PEFT layers would run differently, or trained
@@ -77,7 +83,7 @@ def write_diffusers(file: AdapterFile, path: Path, *, dtype: torch.dtype | None 
         METADATA_KEY: json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()}, sort_keys=True),
         **export_header(file),
     }
-    return write_safetensors(path, require_finite(file.path, tensors), header)
+    return write_safetensors(path, require_finite(file.path, tensors), header, overwrite=overwrite)
 
 
 def _declared_alphas(path: Path, header: Mapping[str, str], names: set[str]) -> tuple[dict[str, float], bool]:
@@ -95,8 +101,7 @@ def _declared_alphas(path: Path, header: Mapping[str, str], names: set[str]) -> 
     if meta.get("use_dora") or meta.get("lora_bias"):
         raise file_error(path, "the adapter uses DoRA or LoRA biases, which visionlora does not reproduce")
     alpha, patterns = meta.get("lora_alpha", meta.get("r")), meta.get("alpha_pattern") or {}
-    if not isinstance(patterns, dict):
-        raise file_error(path, f"the {METADATA_KEY!r} header's alpha_pattern is not a mapping")
+    check_patterns(path, patterns, f"the {METADATA_KEY!r} header's alpha_pattern")
     alphas = {n: pattern_value(patterns, n, alpha) for n in names}
     return {n: a for n, a in alphas.items() if a is not None}, meta.get("use_rslora") is True
 
@@ -117,8 +122,8 @@ def read_diffusers(path: Path, raw: dict[str, torch.Tensor], header: Mapping[str
         name = key.removeprefix(f"{PREFIX}.") if prefixed else key
         if name.endswith((".lora_A.weight", ".lora_B.weight")):
             tensors[name] = tensor
-        elif name.endswith(".alpha") and tensor.numel() == 1:
-            alphas[name.removesuffix(".alpha")] = float(tensor.item())
+        elif name.endswith(".alpha"):
+            alphas[name.removesuffix(".alpha")] = scalar_alpha(path, key, tensor)
         else:
             bad.append(key)
     names = {k.rsplit(".lora_", 1)[0] for k in tensors}

@@ -24,9 +24,10 @@ from visionlora.io.adapter import (
 )
 from visionlora.io.convert import cast_tensors, require_finite
 from visionlora.io.diffusers_lora import LORA_WEIGHTS_FILE, read_diffusers, write_diffusers
-from visionlora.io.files import read_safetensors
+from visionlora.io.files import read_safetensors, refuse_existing
 from visionlora.io.kohya import PREFIX as KOHYA_PREFIX
 from visionlora.io.kohya import TEXT_PREFIXES, read_kohya, write_kohya
+from visionlora.io.peft import CONFIG_FILE as PEFT_CONFIG
 from visionlora.io.peft import WEIGHTS_FILE as PEFT_WEIGHTS
 from visionlora.io.peft import is_peft_folder, read_peft, write_peft
 
@@ -96,6 +97,7 @@ def export_adapter(
     format: AdapterFormat = "visionlora",
     adapter_name: str = "default",
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write an adapter (from a model, or from a file in any format) in ``format``; returns the path.
 
@@ -108,9 +110,11 @@ def export_adapter(
 
     Every export keeps the full visionlora record in its header, so reading it back with visionlora
     gives the same ranks, alphas, resolutions and config. ``dtype`` casts the written weights.
+    An existing file (or non-empty folder) at ``path`` is refused unless ``overwrite`` is set.
 
     Raises:
-        AdapterFileError: a layer or tensor ``format`` cannot hold exactly; the message names each.
+        AdapterFileError: a layer or tensor ``format`` cannot hold exactly (the message names each),
+            ``path`` exists and ``overwrite`` is off, or the write failed (the old output is intact).
 
     Example:
         >>> vl.export_adapter(model, "lora_peft", format="peft")
@@ -119,6 +123,10 @@ def export_adapter(
     if format not in FORMATS:
         raise ConfigError(f"format {format!r} is not one of {list(FORMATS)}")
     path = Path(path)
+    if format == "peft":
+        refuse_existing(path, overwrite, PEFT_CONFIG)
+    else:
+        refuse_existing(path / LORA_WEIGHTS_FILE if format == "diffusers" and path.is_dir() else path, overwrite)
     model_state: dict[str, torch.Tensor] | None = None
     if isinstance(model_or_file, nn.Module):
         record = adapter_record(model_or_file, path, adapter_name)
@@ -132,10 +140,10 @@ def export_adapter(
                 "with vl.load_adapter and export the model",
             )
     if format == "peft":
-        return write_peft(record, path, model_state=model_state, dtype=dtype)
+        return write_peft(record, path, model_state=model_state, dtype=dtype, overwrite=overwrite)
     if format == "diffusers":
-        return write_diffusers(record, path, dtype=dtype)
+        return write_diffusers(record, path, dtype=dtype, overwrite=overwrite)
     if format == "kohya":
-        return write_kohya(record, path, dtype=dtype)
+        return write_kohya(record, path, dtype=dtype, overwrite=overwrite)
     tensors = require_finite(record.path, cast_tensors(record.tensors, dtype))
-    return write_adapter(dataclasses.replace(record, path=path, tensors=tensors))
+    return write_adapter(dataclasses.replace(record, path=path, tensors=tensors), overwrite=overwrite)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from visionlora.inject import adaptable_kind, iter_modules
-from visionlora.io.adapter import META_KEY, AdapterFile, LayerSpec, file_error
+from visionlora.io.adapter import META_KEY, AdapterFile, LayerSpec, check_tensors, file_error
 from visionlora.io.convert import (
     KINDS_BY_NDIM,
     export_header,
@@ -34,6 +34,7 @@ from visionlora.io.convert import (
     most_common,
     require_exportable,
     require_finite,
+    scalar_alpha,
     unmappable,
 )
 from visionlora.io.files import write_safetensors
@@ -50,8 +51,10 @@ def flat_name(name: str) -> str:
     return name.replace(".", "_")
 
 
-def write_kohya(file: AdapterFile, path: Path, *, dtype: torch.dtype | None = None) -> Path:
+def write_kohya(file: AdapterFile, path: Path, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write ``file`` as a kohya LoRA (LoCon for convs) file with a true ``.alpha`` per module.
+
+    An existing file at ``path`` is replaced only with ``overwrite``.
 
     Raises:
         AdapterFileError: a layer kohya-style loaders would run differently, trained non-LoRA
@@ -79,7 +82,7 @@ def write_kohya(file: AdapterFile, path: Path, *, dtype: torch.dtype | None = No
         **({"ss_network_args": _conv_args(conv)} if conv else {}),
         **export_header(file),
     }
-    return write_safetensors(path, require_finite(file.path, tensors), header)
+    return write_safetensors(path, require_finite(file.path, tensors), header, overwrite=overwrite)
 
 
 def _conv_args(conv: list[LayerSpec]) -> str:
@@ -117,6 +120,8 @@ def read_kohya(path: Path, raw: dict[str, torch.Tensor], header: Mapping[str, st
             continue
         groups.setdefault(key[len(PREFIX) : -len(part)], {})[part] = tensor
     unmappable(path, bad, "LoRA layer", " (LoHa, LoKr, DoRA and full-weight diffs are not LoRA)")
+    # Checked under their kohya names, before a Tucker mid is folded into A and its dtype lost.
+    check_tensors(path, {k: v for k, v in raw.items() if not k.endswith(".alpha")})
     tensors: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     for base, parts in groups.items():
@@ -126,9 +131,7 @@ def read_kohya(path: Path, raw: dict[str, torch.Tensor], header: Mapping[str, st
         tensors[f"{base}.lora_A.weight"] = down if mid is None else _fold_mid(path, PREFIX + base, down, mid)
         tensors[f"{base}.lora_B.weight"] = up
         if ".alpha" in parts:
-            if parts[".alpha"].numel() != 1:
-                raise file_error(path, f"{PREFIX}{base}.alpha has shape {tuple(parts['.alpha'].shape)}, not a scalar")
-            alphas[base] = float(parts[".alpha"].double().item())
+            alphas[base] = scalar_alpha(path, f"{PREFIX}{base}.alpha", parts[".alpha"])
     file = foreign_record(path, "kohya", tensors, alphas)
     real = _kept_names(path, header)
     if real is None:

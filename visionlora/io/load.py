@@ -62,6 +62,8 @@ def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
                 problems.append(
                     f"{key}: shape {tuple(file.tensors[key].shape)} in the file, {shape} expected for rank {spec.rank}"
                 )
+            elif not _fits_dtype(file.tensors[key], base.weight.dtype):
+                problems.append(f"{key}: its values overflow the model's {base.weight.dtype} (Inf after the cast)")
         matches.append(Match(name, module, spec.kind, spec.rank, spec.alpha, spec.resolution))
     for keys, existing, what in (
         (file.extra, original_parameters(model), "parameter"),
@@ -73,10 +75,14 @@ def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
             elif existing[key].shape != file.tensors[key].shape:
                 found, wanted = tuple(file.tensors[key].shape), tuple(existing[key].shape)
                 problems.append(f"{key}: shape {found} in the file, {wanted} in the model")
-            elif existing[key].is_floating_point() != file.tensors[key].is_floating_point():
+            elif existing[key].is_floating_point() != file.tensors[key].is_floating_point() or (
+                not existing[key].is_floating_point() and existing[key].dtype != file.tensors[key].dtype
+            ):
                 problems.append(
                     f"{key}: dtype {file.tensors[key].dtype} in the file, {existing[key].dtype} in the model"
                 )
+            elif not _fits_dtype(file.tensors[key], existing[key].dtype):
+                problems.append(f"{key}: its values overflow the model's {existing[key].dtype} (Inf after the cast)")
     if file.format in _FORWARD_FORMATS:
         for m in matches:
             reason = geometry_of(m.module).foreign_problem()
@@ -89,6 +95,11 @@ def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise file_error(file.path, f"does not fit {type(model).__name__}:\n  " + "\n  ".join(problems[:20]) + more)
     return matches
+
+
+def _fits_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``tensor`` stays finite when copied into a ``dtype`` tensor (a float64 1e300 does not fit float32)."""
+    return not dtype.is_floating_point or bool(torch.isfinite(tensor.to(dtype)).all())
 
 
 def _sort_state(file: AdapterFile, model: nn.Module) -> AdapterFile:

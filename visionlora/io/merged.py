@@ -11,13 +11,15 @@ The result loads into the un-adapted architecture with no visionlora code:
 - given the pipeline folder the UNet came from, a copy of that pipeline with its ``unet/``
   replaced, which ``DiffusionPipeline.from_pretrained`` loads.
 
-Folders are assembled under a temporary name and swapped in whole; an existing folder is only
-replaced when it is an earlier output of the same kind.
+Files are written atomically, and folders are assembled under a temporary name and swapped in
+whole. An existing output is replaced only with ``overwrite=True``, and a folder only when it is an
+earlier output of the same kind.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,7 +30,7 @@ from torch import nn
 from visionlora._tree import from_diffusers, require_module
 from visionlora.errors import ConfigError, MergeError
 from visionlora.inject import lora_layers, original_state_dict
-from visionlora.io.files import atomic_folder, write_safetensors
+from visionlora.io.files import atomic_folder, refuse_existing, write_safetensors
 
 __all__ = ["export_merged", "merged_state_dict"]
 
@@ -68,6 +70,7 @@ def export_merged(
     pipeline: str | os.PathLike[str] | None = None,
     component: str = "unet",
     others: Mapping[str, nn.Module] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the adapted model as a plain checkpoint of its original architecture (see the module docstring).
 
@@ -76,6 +79,12 @@ def export_merged(
     model; ``others`` merges more components the same way (e.g. ``{"text_encoder": text_encoder}``
     for a text encoder with LoRA). Otherwise ``path`` is a ``.safetensors`` file. Files are written
     atomically and a folder appears complete or not at all. The models are not changed. Returns ``path``.
+
+    Raises:
+        MergeError: a merged weight would hold NaN/Inf (nothing is written).
+        AdapterFileError: ``path`` exists and ``overwrite`` is off (a folder: also unless it is an
+            earlier export of the same kind), or the write failed; the old output is then intact.
+        ConfigError: a component name is not a plain folder name, or the pipeline folder is unusable.
 
     Example:
         >>> vl.export_merged(model, "merged.safetensors", dtype=torch.float16)
@@ -86,27 +95,39 @@ def export_merged(
     if not _is_library_model(model):
         if pipeline is not None or others:
             raise ConfigError(f"pipeline= and others= are for diffusers models; {type(model).__name__} is one file")
-        return write_safetensors(path, merged_state_dict(model, dtype=dtype), {"format": "pt"})
+        refuse_existing(path, overwrite)
+        return write_safetensors(path, merged_state_dict(model, dtype=dtype), {"format": "pt"}, overwrite=overwrite)
     if pipeline is None:
         if others:
             raise ConfigError("others= needs pipeline= (the pipeline folder the components came from)")
-        with atomic_folder(path, "config.json") as staging:
+        with atomic_folder(path, "config.json", overwrite=overwrite) as staging:
             _write_model_folder(staging, model, dtype)
         return path
     source = Path(pipeline)
     parts = {component: model, **(others or {})}
+    for name in parts:
+        _check_component(name)
     missing = [name for name in parts if not (source / name).is_dir()]
     if not (source / "model_index.json").is_file() or missing:
         raise ConfigError(f"pipeline={source}: not a diffusers pipeline folder with subfolders {sorted(parts)}")
     here, there = path.resolve(), source.resolve()
     if here == there or here.is_relative_to(there) or there.is_relative_to(here):
         raise ConfigError(f"{path}: write the merged pipeline to a folder outside {source} (and not containing it)")
-    with atomic_folder(path, "model_index.json") as staging:
+    with atomic_folder(path, "model_index.json", overwrite=overwrite) as staging:
         # Copies, not links: diffusers rewrites configs in place, which would reach through a hard link.
         shutil.copytree(source, staging, dirs_exist_ok=True, ignore=_skip({source / name for name in parts}))
         for name, part in parts.items():
             _write_model_folder(staging / name, part, dtype)
     return path
+
+
+def _check_component(name: str) -> None:
+    """A pipeline component is one plain folder name, so nothing is written outside the output folder."""
+    if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name)):
+        raise ConfigError(
+            f"component {name!r}: a pipeline component is a plain folder name of letters, digits, '_', '-' "
+            "and '.', such as 'unet' or 'text_encoder' (no '/', '..' or absolute paths)"
+        )
 
 
 def _is_library_model(model: nn.Module) -> bool:

@@ -24,6 +24,7 @@ from visionlora.io.adapter import AdapterFile, file_error
 from visionlora.io.convert import (
     anchored,
     cast_tensors,
+    check_patterns,
     exact_regex,
     export_header,
     foreign_record,
@@ -41,6 +42,7 @@ __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "is_peft_folder", "read_peft", "write_
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+_MAX_CONFIG_BYTES = 4 * 1024 * 1024  # PEFT writes a few KB; rank_pattern for every layer of a UNet is ~100 KB
 # Config entries whose non-default values change what the adapter computes in ways visionlora cannot.
 _UNSUPPORTED = {
     "use_dora": False,
@@ -71,8 +73,9 @@ def write_peft(
     *,
     model_state: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``file`` as a PEFT adapter folder.
+    """Write ``file`` as a PEFT adapter folder (an existing one is replaced only with ``overwrite``).
 
     ``model_state`` is the model's :func:`~visionlora.inject.original_state_dict`: PEFT saves and
     expects every tensor of a ``modules_to_save`` module, so an adapter that trains or changes
@@ -151,7 +154,7 @@ def write_peft(
         **_UNSUPPORTED,
     }
     tensors = require_finite(file.path, cast_tensors(tensors, dtype))
-    with atomic_folder(folder, CONFIG_FILE) as staging:
+    with atomic_folder(folder, CONFIG_FILE, overwrite=overwrite) as staging:
         write_safetensors(staging / WEIGHTS_FILE, tensors, {"format": "pt", **export_header(file)})
         write_text(staging / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
@@ -176,6 +179,8 @@ def _check_config(path: Path, config: dict[str, Any]) -> None:
     bad = [f"{k}={config[k]!r}" for k, ok in checks.items() if k in config and not ok(config[k])]
     if bad:
         raise file_error(path, f"entries with values PEFT does not write: {', '.join(bad)}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        check_patterns(path, config.get(key) or {}, key)
 
 
 def read_peft(folder: Path) -> AdapterFile:
@@ -185,6 +190,9 @@ def read_peft(folder: Path) -> AdapterFile:
         AdapterFileError: not a LoRA adapter, a feature visionlora does not reproduce (DoRA,
             lora_bias, ...), a pickled ``adapter_model.bin``, or keys that cannot be mapped.
     """
+    size = (folder / CONFIG_FILE).stat().st_size
+    if size > _MAX_CONFIG_BYTES:
+        raise file_error(folder / CONFIG_FILE, f"is {size} bytes; an adapter config is at most {_MAX_CONFIG_BYTES}")
     try:
         config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:
@@ -220,10 +228,6 @@ def read_peft(folder: Path) -> AdapterFile:
     rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     names = {k.rsplit(".lora_", 1)[0] for k in tensors if k.endswith(".lora_A.weight")}
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    for name in sorted(names):
-        declared, found = pattern_value(rank_pattern, name, rank), tensors[f"{name}.lora_A.weight"].shape[0]
-        if declared != found:
-            raise file_error(weights, f"layer {name!r}: the config gives rank {declared}, the tensors rank {found}")
     file = foreign_record(
         weights,
         "peft",
@@ -235,4 +239,10 @@ def read_peft(folder: Path) -> AdapterFile:
         bias=str(config.get("bias", "none")),
         trainable=["re:.*" + re.escape(m) for m in config.get("modules_to_save") or []],
     )
+    for name, spec in sorted(file.layers.items()):  # shapes are checked by now: A's first dimension is the rank
+        declared = pattern_value(rank_pattern, name, rank)
+        if type(declared) is not int or declared != spec.rank:
+            raise file_error(
+                weights, f"layer {name!r}: the config gives rank {declared!r}, the tensors rank {spec.rank}"
+            )
     return kept_record(file, header)

@@ -58,7 +58,7 @@ def _diffusers(folder: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Modu
         raise ConfigError(f"diffusers:{folder}: no config.json here or in its unet/ subfolder")
     try:
         config = json.loads((root / "config.json").read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ConfigError(f"diffusers:{folder}: config.json is not readable JSON ({exc})") from None
     class_name = config.get("_class_name", "") if isinstance(config, dict) else ""
     cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
@@ -160,6 +160,18 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_weights(path: str, state: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> None:
+    """Refuse, by name, weights of the wrong kind of dtype or that hold NaN/Inf in the model's dtype."""
+    for key, value in state.items():
+        target = current.get(key)
+        if target is None:
+            continue  # load_state_dict(strict=True) names unknown and missing keys
+        if value.is_complex() or value.is_floating_point() != target.is_floating_point():
+            raise AdapterFileError(f"{path}: tensor {key!r} is {value.dtype}; the model's is {target.dtype}")
+        if target.is_floating_point() and not torch.isfinite(value.to(target.dtype)).all():
+            raise AdapterFileError(f"{path}: tensor {key!r} holds NaN or Inf (in the model's {target.dtype})")
+
+
 def load_base(spec: str, *, arch: str | None = None, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """The base model for a merge: a model spec with its pretrained weights, or ``arch`` + a weights file.
 
@@ -172,6 +184,7 @@ def load_base(spec: str, *, arch: str | None = None, kwargs: dict[str, Any] | No
             raise ConfigError(f"{spec!r} is a weights file: give the architecture too (e.g. --arch resnet50)")
         model = build_model(arch, kwargs=kwargs)
         state = read_state_dict(spec)
+        _check_weights(spec, state, model.state_dict())
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:

@@ -24,6 +24,7 @@ from visionlora.models.loading import build_model, load_base
 from visionlora.prefix import split_frozen_prefix
 from visionlora.train.data import EpochBatches, classifier_datasets, classifier_transforms, set_epoch
 from visionlora.train.loop import (
+    NonFiniteSteps,
     accumulation,
     cosine_with_warmup,
     make_accelerator,
@@ -160,6 +161,7 @@ def run_classifier(
     bar = start_run(accelerator, recipe, out_dir, total, step, progress)
     started = time.perf_counter() - elapsed
     trainable = [p for p in model.parameters() if p.requires_grad]
+    guard = NonFiniteSteps(train.max_nonfinite_steps, out_dir)
     last_val: dict[str, Any] | None = None
     images = 0
     while step < total:
@@ -176,9 +178,13 @@ def run_classifier(
             images += len(y) * accelerator.num_processes
             if not boundary:
                 continue
-            step_loss = optimizer_step(accelerator, optimizer, scheduler, trainable, train.max_grad_norm, group)
-            step += 1
+            step_loss = optimizer_step(
+                accelerator, optimizer, scheduler, trainable, train.max_grad_norm, group, guard, step + 1
+            )
             group = []
+            if step_loss is None:  # a NaN/Inf loss or gradient: skipped and not counted (see NonFiniteSteps)
+                continue
+            step += 1
             epoch_losses.append(step_loss)
             rate = images / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{rate:.1f}")
@@ -255,11 +261,13 @@ def _finish(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model.eval()
-        save_adapter(model, out_dir / "adapter.safetensors")
-        export_merged(model, out_dir / "merged.safetensors", dtype=_MERGED_DTYPES[recipe.output.merged_dtype])
+        # The run holds its folder (see train/lock.py), so it replaces its own earlier outputs.
+        save_adapter(model, out_dir / "adapter.safetensors", overwrite=True)
+        merged_dtype = _MERGED_DTYPES[recipe.output.merged_dtype]
+        export_merged(model, out_dir / "merged.safetensors", dtype=merged_dtype, overwrite=True)
         for fmt in recipe.output.export:
             name = f"adapter-{fmt}" + ("" if fmt == "peft" else ".safetensors")
-            export_adapter(model, out_dir / name, format=fmt)
+            export_adapter(model, out_dir / name, format=fmt, overwrite=True)
         if history:
             plot_curves(history, out_dir / "report" / "curves.png")
         plot_confusion(last_val["confusion"], classes, out_dir / "report" / "confusion.png")

@@ -27,6 +27,7 @@ from visionlora.io.files import write_text
 from visionlora.models.loading import example_input_for
 from visionlora.train.data import EpochBatches, mix_seed
 from visionlora.train.loop import (
+    NonFiniteSteps,
     accumulation,
     cosine_with_warmup,
     make_accelerator,
@@ -279,6 +280,7 @@ def run_diffusion(
     total = total_steps(train, steps_per_epoch)
     optimizer = torch.optim.AdamW(param_groups(trained, train))
     trainable = [p for p in trained.parameters() if p.requires_grad]
+    guard = NonFiniteSteps(train.max_nonfinite_steps, out_dir)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train.warmup_steps, total))
     if len(adapted) > 1:
         model, text_model, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
@@ -340,9 +342,13 @@ def run_diffusion(
             group.append(loss.detach())
             if not boundary:
                 continue
-            step_loss = optimizer_step(accelerator, optimizer, scheduler, trainable, train.max_grad_norm, group)
-            step += 1
+            step_loss = optimizer_step(
+                accelerator, optimizer, scheduler, trainable, train.max_grad_norm, group, guard, step + 1
+            )
             group = []
+            if step_loss is None:  # a NaN/Inf loss or gradient: skipped and not counted (see NonFiniteSteps)
+                continue
+            step += 1
             losses.append(step_loss)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             bar.update(1)
@@ -400,25 +406,27 @@ def _finish(
         unet = adapted[0]
         for part in adapted:
             part.eval()
-        save_adapter(unet, out_dir / "adapter.safetensors")
+        # The run holds its folder (see train/lock.py), so it replaces its own earlier outputs.
+        save_adapter(unet, out_dir / "adapter.safetensors", overwrite=True)
         others = {"text_encoder": adapted[1]} if len(adapted) > 1 else {}
         if others:
-            save_adapter(others["text_encoder"], out_dir / "adapter-text-encoder.safetensors")
+            save_adapter(others["text_encoder"], out_dir / "adapter-text-encoder.safetensors", overwrite=True)
         for fmt in recipe.output.export:  # the UNet's adapter (a text encoder's is in the visionlora file only)
             export_adapter(
                 unet,
                 out_dir / f"adapter-{fmt}" if fmt == "peft" else out_dir / f"adapter-{fmt}.safetensors",
                 format=fmt,
+                overwrite=True,
             )
         folder = Path(recipe.model.pipeline)
         dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
         merged_dtype = dtypes[recipe.output.merged_dtype]
         if folder.is_dir():
-            export_merged(unet, out_dir / "merged", pipeline=folder, dtype=merged_dtype, others=others)
+            export_merged(unet, out_dir / "merged", pipeline=folder, dtype=merged_dtype, others=others, overwrite=True)
         else:
-            export_merged(unet, out_dir / "merged-unet", dtype=merged_dtype)
+            export_merged(unet, out_dir / "merged-unet", dtype=merged_dtype, overwrite=True)
             for name, part in others.items():
-                export_merged(part, out_dir / f"merged-{name.replace('_', '-')}", dtype=merged_dtype)
+                export_merged(part, out_dir / f"merged-{name.replace('_', '-')}", dtype=merged_dtype, overwrite=True)
         _sample_grid(pipe, adapted, recipe, out_dir / "report" / "samples.png")
         if losses:
             plot_losses(losses, out_dir / "report" / "loss.png")

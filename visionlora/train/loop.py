@@ -1,24 +1,29 @@
-"""What every recipe runner shares: the accelerator, the LR schedule, checkpoint writing and resuming."""
+"""What every recipe runner shares: the accelerator, the LR schedule, the optimizer step with its
+NaN/Inf guard, checkpoint writing and resuming."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from visionlora.errors import ConfigError
+from visionlora.errors import ConfigError, TrainingError
 from visionlora.io.files import write_text
 from visionlora.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from visionlora.train.recipe import Train, dump_recipe
 
 __all__ = [
+    "NonFiniteSteps",
     "accumulation",
     "cosine_with_warmup",
+    "is_main_process",
     "make_accelerator",
     "optimizer_step",
     "param_groups",
@@ -27,6 +32,8 @@ __all__ = [
     "total_steps",
     "write_checkpoint",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def _mixed_precision(choice: str) -> str:
@@ -37,12 +44,24 @@ def _mixed_precision(choice: str) -> str:
     return "no"
 
 
+def _cpu_only() -> bool:
+    # Without cpu=True accelerate ignores torchrun's processes on a CPU machine.
+    return not torch.cuda.is_available()
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process of the (possibly multi-process) run, before any Accelerator exists."""
+    from accelerate import PartialState
+
+    return bool(PartialState(cpu=_cpu_only()).is_main_process)
+
+
 def make_accelerator(train: Train, out_dir: Path) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
     return Accelerator(
-        cpu=not torch.cuda.is_available(),  # without it accelerate ignores torchrun's processes on a CPU machine
+        cpu=_cpu_only(),
         mixed_precision=_mixed_precision(train.mixed_precision),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with=train.log_with,
@@ -100,6 +119,66 @@ def accumulation(index: int, batches: int, grad_accum: int) -> tuple[bool, int]:
     return index + 1 == end, end - start
 
 
+@dataclass
+class NonFiniteSteps:
+    """Optimizer steps skipped in a row because their loss or gradients held NaN/Inf.
+
+    A skipped step changes nothing: no optimizer update, no LR scheduler step, gradients zeroed.
+    It does not count as a step of the run either, so the run still makes its ``max_steps``
+    updates, and the step counter, the LR schedule and the checkpoint names stay in step (a
+    resumed run starts a new count). After ``limit`` in a row :meth:`skip` raises TrainingError;
+    every checkpoint written before holds weights of applied, finite steps only.
+    """
+
+    limit: int
+    """``train.max_nonfinite_steps``."""
+    out_dir: Path
+    """The run folder, whose newest checkpoint the error names."""
+    in_a_row: int = 0
+    since: int = 0
+    """The step at which the current run of skips began."""
+    skipped: int = 0
+    """Steps skipped in this process's run so far."""
+
+    def skip(self, step: int, what: str, log: bool) -> None:
+        """Record that ``step`` is skipped because ``what``; warn (if ``log``), and raise at the limit.
+
+        Raises:
+            TrainingError: the ``limit``-th skip in a row, naming the steps and the last good checkpoint.
+        """
+        if self.in_a_row == 0:
+            self.since = step
+        self.in_a_row += 1
+        self.skipped += 1
+        if log:
+            logger.warning(
+                "step %d: %s; nothing updated, the step is tried again on the next batch (%d in a row; stop at %d)",
+                step,
+                what,
+                self.in_a_row,
+                self.limit,
+            )
+        if self.in_a_row >= self.limit:
+            try:
+                kept = f"the last good checkpoint is at {latest_checkpoint(self.out_dir)}"
+            except ConfigError:
+                kept = f"no checkpoint was written under {self.out_dir / 'checkpoints'} (train.checkpoint_every)"
+            raise TrainingError(
+                f"{self.in_a_row} optimizer steps in a row had a NaN/Inf loss or gradients, since step "
+                f"{self.since} (last: {what}); the run stopped (train.max_nonfinite_steps={self.limit}) and "
+                f"{kept}. Lower train.lr, keep train.max_grad_norm set, or train in bf16/fp32 rather than fp16."
+            )
+
+    def applied(self) -> None:
+        """An update was applied: the run of skips is over."""
+        self.in_a_row = 0
+
+
+def _finite_grads(params: Sequence[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
 def optimizer_step(
     accelerator: Any,
     optimizer: Any,
@@ -107,15 +186,45 @@ def optimizer_step(
     params: Sequence[torch.Tensor],
     max_grad_norm: float | None,
     losses: list[torch.Tensor],
-) -> float:
-    """Clip, step, schedule and zero the gradients; return the group's loss averaged over processes."""
+    guard: NonFiniteSteps,
+    step: int,
+) -> float | None:
+    """Clip, step, schedule and zero the gradients of step ``step``; return the group's loss averaged
+    over processes, or None if the step was skipped for a NaN/Inf loss or gradient (see :class:`NonFiniteSteps`).
+
+    Every process takes the same decision: the loss is averaged over processes and the gradients
+    are already all-reduced. Under fp16 the grad scaler skips steps with overflowing gradients
+    itself and lowers its scale; those still count as steps (the scheduler waits), as they are
+    part of finding the scale, and count towards ``guard`` only once the scale is below 1.
+
+    Raises:
+        TrainingError: ``guard``'s limit of skips in a row is reached.
+    """
+    loss = float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item())
+    log = accelerator.is_main_process
+    if not math.isfinite(loss):  # checked before unscaling, so the grad scaler's state is untouched
+        optimizer.zero_grad(set_to_none=True)
+        guard.skip(step, f"the loss is {loss}", log)
+        return None
+    scaler = accelerator.scaler
     if max_grad_norm is not None:
-        accelerator.clip_grad_norm_(params, max_grad_norm)
+        norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))  # unscales first under fp16
+        finite = math.isfinite(norm)
+    else:
+        norm, finite = math.nan, scaler is not None or _finite_grads(params)
+    if scaler is None and not finite:
+        optimizer.zero_grad(set_to_none=True)
+        guard.skip(step, "the gradients hold NaN/Inf" + (f" (norm {norm})" if max_grad_norm else ""), log)
+        return None
     optimizer.step()
-    if not accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skipped a step with inf/NaN grads
-        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item())
+    if not accelerator.optimizer_step_was_skipped:
+        scheduler.step()
+        guard.applied()
+    elif scaler.get_scale() < 1.0:  # fp16: the scaler skipped, and a smaller scale is no longer the cure
+        guard.skip(step, f"the gradients overflow at grad-scaler scale {scaler.get_scale():g}", log)
+        return None
+    return loss
 
 
 def start_run(accelerator: Any, recipe: Any, out_dir: Path, total: int, step: int, progress: bool) -> Any:
@@ -135,11 +244,10 @@ def restore(
 ) -> dict[str, Any]:
     """Load the checkpoint ``resume`` names into model, optimizer, scheduler, grad scaler and RNG; return its state."""
     folder = _resume_folder(resume, out_dir)
-    state = load_checkpoint(folder, model=model, optimizer=optimizer.optimizer, rank=accelerator.process_index)
-    scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler") and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    return state
+    stateful = {"scheduler": scheduler, "scaler": accelerator.scaler}  # checked with the rest, before any change
+    return load_checkpoint(
+        folder, model=model, optimizer=optimizer.optimizer, rank=accelerator.process_index, stateful=stateful
+    )
 
 
 def write_checkpoint(

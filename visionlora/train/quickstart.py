@@ -151,10 +151,10 @@ def run_quickstart(out: str | Path, *, epochs: int = 6, seed: int = 0, echo: boo
 
     say("3. save, reload, merge, export ...")
     write_safetensors(out / "base.safetensors", base_state, {"format": "pt"})  # the digits 0-4 model
-    adapter = save_adapter(lora_model, out / "adapter.safetensors")
+    adapter = save_adapter(lora_model, out / "adapter.safetensors", overwrite=True)  # the demo's own folder
     fresh = load_adapter(_resnet(base_state), adapter).eval()
-    export_merged(fresh, out / "merged.safetensors")
-    export_adapter(fresh, out / "adapter-peft", format="peft")  # peft.PeftModel.from_pretrained loads it
+    export_merged(fresh, out / "merged.safetensors", overwrite=True)
+    export_adapter(fresh, out / "adapter-peft", format="peft", overwrite=True)  # PeftModel.from_pretrained loads it
     with torch.no_grad():
         expected = lora_model(xb_val)
         reload_err = float((fresh(xb_val) - expected).abs().max())

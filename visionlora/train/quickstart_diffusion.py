@@ -150,9 +150,9 @@ def run_quickstart_diffusion(
     losses = _fit(unet, style_data, style_steps, 2e-3, seed=1)
     style_seconds = time.perf_counter() - started
     styled_samples = _sample(unet, samples, seed=123)
-    save_adapter(unet, out / "adapter.safetensors")
-    export_adapter(unet, out / "adapter-kohya.safetensors", format="kohya")
-    export_merged(unet, out / "merged-unet")
+    save_adapter(unet, out / "adapter.safetensors", overwrite=True)  # the demo's own folder
+    export_adapter(unet, out / "adapter-kohya.safetensors", format="kohya", overwrite=True)
+    export_merged(unet, out / "merged-unet", overwrite=True)
     _grid(base_samples, styled_samples, out / "samples.png")
     result: dict[str, Any] = {
         "style_share_base": style_share(base_samples, base_data, style_data),

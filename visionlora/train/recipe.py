@@ -69,9 +69,10 @@ class ClassifierData:
     augment: bool = True
     """Random resized crops and horizontal flips for training (timm models: timm's own transforms)."""
     cache_features: bool = False
-    """Run the frozen layers before the first trainable block once per image (in eval mode), keep
-    their outputs in memory and train the rest on them. Needs ``augment: false``. Much faster when
-    LoRA sits in the last blocks; the memory is the prefix's output size times the number of images."""
+    """Run the frozen layers before the first trainable block once per image, keep their outputs in
+    memory and train the rest on them. Needs ``augment: false``. Those layers run in eval mode, after
+    their BatchNorm statistics are re-estimated on the training images (what an uncached run drifts
+    to). Much faster when LoRA sits in the last blocks; memory: the prefix's output size per image."""
 
 
 @dataclass
@@ -89,6 +90,8 @@ class Train:
     warmup_steps: int = 0
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
+    max_nonfinite_steps: int = 5
+    """Skip an optimizer step whose loss or gradients are NaN/Inf; stop the run after this many in a row."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """``auto``: bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU."""
     seed: int = 0
@@ -162,6 +165,7 @@ def _check_train(train: Train) -> None:
             "null or an integer >= 1",
         ),
         ("train.keep_checkpoints", t.keep_checkpoints >= 1, "an integer >= 1"),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps >= 1, "an integer >= 1"),
         ("train.seed", 0 <= t.seed < 2**32, "an integer from 0 to 2**32 - 1"),
     ]
     _raise_first({"train": train}, checks)
@@ -278,6 +282,9 @@ RECIPES: dict[str, type[ClassifierRecipe] | type[DiffusionRecipe]] = {
 """Recipe class by ``task``."""
 
 
+_MAX_RECIPE_BYTES = 1024 * 1024
+
+
 def _yaml() -> Any:
     try:
         import yaml
@@ -305,8 +312,10 @@ def _parse_yaml(text: str, where: str) -> Any:
     yaml = _yaml()
     try:
         return yaml.load(text, Loader=_loader())  # a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML ({exc})") from None
+    # PyYAML's constructors raise ValueError for dates such as 2001-13-45 and ints over 4300 digits,
+    # and its composer recurses once per nesting level.
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{where}: not valid YAML ({type(exc).__name__}: {str(exc)[:300]})") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -345,9 +354,13 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
     """
     path = Path(path)
     try:
+        if path.stat().st_size > _MAX_RECIPE_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes; a recipe is at most {_MAX_RECIPE_BYTES}")
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc})") from None
     data = _parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping with task, model, data, lora, train, output")
