@@ -41,6 +41,7 @@ __all__ = [
     "exact_regex",
     "export_header",
     "foreign_record",
+    "header_json",
     "kept_record",
     "layer_scale",
     "most_common",
@@ -243,6 +244,14 @@ def foreign_record(
     return AdapterFile(path, "default", config, layers, held, buffers, tensors, format_name)
 
 
+def header_json(path: Path, raw: str, key: str) -> Any:
+    """The JSON value of header entry ``key`` (text ``raw``); a file error naming the entry if it is not JSON."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise file_error(path, f"the {key!r} header entry is not JSON") from None
+
+
 def kept_record(file: AdapterFile, header: Mapping[str, str]) -> AdapterFile:
     """``file`` with the visionlora record an export kept in ``header`` restored, B unfolded where needed.
 
@@ -252,10 +261,7 @@ def kept_record(file: AdapterFile, header: Mapping[str, str]) -> AdapterFile:
     raw = header.get(META_KEY)
     if raw is None:
         return file
-    try:
-        meta = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise file_error(file.path, f"the '{META_KEY}' header entry is not JSON") from None
+    meta = header_json(file.path, raw, META_KEY)
     listed: list[str] = []
     for key in ("extra", "buffers"):
         names = meta.get(key) if isinstance(meta, dict) else None

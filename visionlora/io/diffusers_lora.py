@@ -24,6 +24,7 @@ from visionlora.io.convert import (
     exact_regex,
     export_header,
     foreign_record,
+    header_json,
     kept_record,
     layer_scale,
     most_common,
@@ -91,10 +92,7 @@ def _declared_alphas(path: Path, header: Mapping[str, str], names: set[str]) -> 
     raw = header.get(METADATA_KEY)
     if not raw:
         return {}, False
-    try:
-        meta = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise file_error(path, f"the {METADATA_KEY!r} header entry is not JSON") from None
+    meta = header_json(path, raw, METADATA_KEY)
     if not isinstance(meta, dict):
         raise file_error(path, f"the {METADATA_KEY!r} header entry is not a JSON object")
     meta = {k.removeprefix(f"{PREFIX}."): v for k, v in meta.items()}
