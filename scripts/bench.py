@@ -57,7 +57,7 @@ def train_step(
     model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]
 ) -> tuple[Step, Callable[[], torch.Tensor]]:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
 
     def forward() -> torch.Tensor:
         return loss_fn(model)

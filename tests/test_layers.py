@@ -156,6 +156,96 @@ def test_linear_fresh_unmerged_merged_reference_agree(bias, rslora):
     assert torch.equal(lin.weight, w0)
 
 
+def _two_adapter_linear(dtype: torch.dtype, bias: bool) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 7, bias=bias)).to(dtype)
+    vl.apply_lora(model, vl.LoraConfig(targets="0", rank=3, alpha=6))
+    vl.apply_lora(model, vl.LoraConfig(targets="0", rank=2, alpha=5, rslora=True), adapter_name="second")
+    randomize_lora(model)
+    vl.set_adapter(model, {"default": 0.7, "second": -1.3})
+    return model
+
+
+def _textbook_linear(layer: vl.LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """base(x) + Σ w · s · (x Aᵀ) Bᵀ, through autograd's own matmuls."""
+    y = F.linear(x, layer.base.weight, layer.base.bias)
+    for name, w in layer.active.items():
+        ad = layer.adapters[name]
+        y = y + w * ad.scale * ((x @ ad.lora_A.T) @ ad.lora_B.T)
+    return y
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("train_base", [True, False])
+def test_linear_fast_path_outputs_and_gradients_are_the_textbook_formulas(bias, train_base):
+    model = _two_adapter_linear(torch.float64, bias)
+    layer = model[0]
+    layer.base.requires_grad_(train_base)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    assert type(y.grad_fn).__name__ == "_LinearLoraBackward"  # the fast path ran
+    expected = _textbook_linear(layer, x)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
+    g = torch.randn_like(y)
+    ours = torch.autograd.grad(y, params, g)
+    theirs = torch.autograd.grad(expected, params, g)
+    names = ["x", *(n for n, p in model.named_parameters() if p.requires_grad)]
+    for name, a, b in zip(names, ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    # Double backward (a gradient penalty) goes through the backward's own ops.
+    assert torch.autograd.gradgradcheck(lambda x: model(x), (x,))
+
+
+def test_linear_fast_path_in_float32_matches_the_textbook_formula_to_rounding():
+    model = _two_adapter_linear(torch.float32, True)
+    x = torch.randn(4, 6, 12, requires_grad=True)
+    y = model(x)
+    expected = _textbook_linear(model[0], x)
+    assert_rel_close(y, expected)
+    g = torch.randn_like(y)
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(expected, params, g), strict=True):
+        assert_rel_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_linear_adds_the_branch_so_small_updates_show(dtype):
+    # W + s·B·A rounded to bf16/fp16 would lose a branch this small; the added branch keeps it.
+    model = nn.Sequential(nn.Linear(16, 16, bias=False)).to(dtype)
+    with torch.no_grad():  # large weights whose products cancel: base output 0
+        model[0].weight.copy_(64.0 * torch.tensor([1.0, -1.0]).repeat(16, 8))
+    vl.apply_lora(model, vl.LoraConfig(targets="0", rank=2, alpha=2))
+    with torch.no_grad():
+        model[0].adapters["default"].lora_A.fill_(0.01)
+        model[0].adapters["default"].lora_B.fill_(0.01)
+    x = torch.ones(2, 16, dtype=dtype)
+    y = model(x)
+    assert type(y.grad_fn).__name__ != "_LinearLoraBackward"
+    assert torch.equal(model[0].base(x), torch.zeros(2, 16, dtype=dtype))
+    torch.testing.assert_close(y.float(), torch.full((2, 16), 0.0032), rtol=0.01, atol=0)  # 16 · 0.01 · 0.01 · 2
+
+
+@pytest.mark.parametrize("case", ["dropout", "autocast", "weight_space"])
+def test_linear_falls_back_to_the_branch_form_where_the_fast_path_would_change_results(case):
+    model = _two_adapter_linear(torch.float32, True)
+    x = torch.randn(4, 12)
+    if case == "dropout":
+        model[0].adapters["second"].dropout = 0.5
+        model.train()
+        assert type(model(x).grad_fn).__name__ != "_LinearLoraBackward"
+        model.eval()  # dropout is off in eval: the fast path runs
+        assert type(model(x).grad_fn).__name__ == "_LinearLoraBackward"
+    elif case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert type(model(x).grad_fn).__name__ != "_LinearLoraBackward"
+    else:
+        model[0].weight_space = True
+        y = model(x)
+        assert type(y.grad_fn).__name__ != "_LinearLoraBackward"
+        assert_rel_close(y, _textbook_linear(model[0], x))
+
+
 def test_dropout_applies_to_the_branch_input_only_in_training():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16))
