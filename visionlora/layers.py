@@ -29,7 +29,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable, Mapping
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -407,14 +407,14 @@ class _LinearLora(torch.autograd.Function):
         return F.linear(x, _effective_weight(weight, scales, ab), bias)
 
     @staticmethod
-    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         x, weight, bias, scales, *ab = inputs
         ctx.save_for_backward(x, weight, *ab)
         ctx.scales = scales
         ctx.has_bias = bias is not None
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, *ab = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
