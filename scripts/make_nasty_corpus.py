@@ -357,9 +357,9 @@ def entries() -> dict[str, tuple[dict[str, bytes], str, str, str | None]]:
         r"the 'lora_adapter_metadata' header entry is not JSON",
     )
     add(
-        "diffusers-text-encoder",
-        _retensor(diffusers, lambda t: t.__setitem__("text_encoder.q.lora_A.weight", torch.zeros(2, 3))),
-        r"1 keys cannot be mapped onto a UNet: \['text_encoder.q.lora_A.weight'\]",
+        "diffusers-unknown-component",
+        _retensor(diffusers, lambda t: t.__setitem__("vae.q.lora_A.weight", torch.zeros(2, 3))),
+        r"1 keys cannot be mapped onto a pipeline component: \['vae.q.lora_A.weight'\]",
     )
     # kohya files.
     # regression: a kept record whose alpha lies put Inf into the model through the B rescale

@@ -15,7 +15,16 @@ from visionlora._tree import from_diffusers
 from visionlora.config import LoraConfig
 from visionlora.errors import ConfigError, VisionLoraError
 from visionlora.inject import apply_lora
-from visionlora.io import FORMATS, AdapterFile, export_adapter, export_merged, load_adapter, read_adapter
+from visionlora.io import (
+    COMPONENTS,
+    FORMATS,
+    AdapterFile,
+    export_adapter,
+    export_merged,
+    file_components,
+    load_adapter,
+    read_adapter,
+)
 from visionlora.models.heads import classifier_names, replace_head
 from visionlora.models.loading import SOURCES, build_model, example_input_for, load_base
 from visionlora.models.presets import PRESETS, fitting_presets
@@ -91,7 +100,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    file = read_adapter(args.file)
+    file = read_adapter(args.file, component=args.component)
+    held = file_components(args.file)
     rows = [("layer", "kind", "resolution", "rank", "alpha", "LoRA params")]
     total = 0
     for name, spec in file.layers.items():
@@ -101,7 +111,8 @@ def _inspect(args: argparse.Namespace) -> int:
         rows.append((name, spec.kind, resolution, str(spec.rank), f"{spec.alpha:g}", f"{count:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     names = " (kohya's flattened module names)" if file.flat_names else ""
-    print(f"{file.path}: {file.format} adapter {file.adapter_name!r}{names}")
+    part = f" ({file.component}; the file holds {', '.join(held)})" if len(held) > 1 else ""
+    print(f"{file.path}: {file.format} adapter {file.adapter_name!r}{part}{names}")
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows))
     extra = sum(file.tensors[k].numel() for k in file.extra)
     full = f"trained in full: {extra:,} ({len(file.extra)} tensors)"
@@ -114,8 +125,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else None
-    out = export_adapter(args.file, args.out, format=args.format, dtype=dtype, overwrite=args.overwrite)
-    print(f"wrote {out}: {args.file} as a {args.format} adapter")
+    out = export_adapter(
+        args.file, args.out, format=args.format, dtype=dtype, text_encoder=args.text_encoder, overwrite=args.overwrite
+    )
+    with_text = f" with the text encoder's {args.text_encoder}" if args.text_encoder else ""
+    print(f"wrote {out}: {args.file}{with_text} as a {args.format} adapter")
     return 0
 
 
@@ -209,6 +223,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Read FILE (checked, never unpickled) and describe the adapter it holds.",
     )
     inspect.add_argument("file", help="an adapter: visionlora, diffusers or kohya file, or a PEFT folder")
+    inspect.add_argument(
+        "--component",
+        choices=list(COMPONENTS),
+        help="the part of a diffusers/kohya pipeline file to show (default: the UNet's)",
+    )
     inspect.set_defaults(run=_inspect)
 
     export = commands.add_parser(
@@ -221,6 +240,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=list(FORMATS))
     export.add_argument("--out", required=True, help="the file to write (a folder for peft)")
     export.add_argument("--dtype", choices=list(_DTYPES), help="dtype of the written weights (default: as stored)")
+    export.add_argument(
+        "--text-encoder",
+        metavar="FILE",
+        help="a text encoder's adapter to put in the same diffusers/kohya file (a pipeline LoRA)",
+    )
     export.add_argument(
         "--overwrite", action="store_true", help="replace an existing --out (a folder only if it is an earlier export)"
     )

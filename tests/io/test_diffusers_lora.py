@@ -130,17 +130,22 @@ def test_trained_non_lora_tensors_are_refused_by_name(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_text_encoder_and_unknown_keys_are_listed(adapted, tmp_path):
+def test_other_components_and_unknown_keys_are_listed(adapted, tmp_path):
     unet, _, _ = adapted
     path = vl.export_adapter(unet, tmp_path / "lora.safetensors", format="diffusers")
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    extra = {"text_encoder.layers.0.q_proj.lora_A.weight": torch.zeros(2, 4)}
     from safetensors.torch import save_file
 
-    save_file(tensors | extra, str(tmp_path / "te.safetensors"))
-    with pytest.raises(vl.AdapterFileError, match=r"1 keys cannot be mapped onto a UNet: \['text_encoder.layers"):
-        vl.read_adapter(tmp_path / "te.safetensors")
+    save_file(tensors | {"vae.decoder.x.lora_A.weight": torch.zeros(2, 4)}, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(vl.AdapterFileError, match=r"1 keys cannot be mapped onto a pipeline component: \['vae.deco"):
+        vl.read_adapter(tmp_path / "vae.safetensors")
+    # A text encoder's keys are its own component's: the UNet reads past them, the text encoder reads them.
+    save_file(tensors | {"text_encoder.layers.0.q_proj.lora_A.weight": torch.zeros(2, 4)}, str(tmp_path / "te.st"))
+    ranks = {n: s.rank for n, s in vl.read_adapter(path).layers.items()}
+    assert {n: s.rank for n, s in vl.read_adapter(tmp_path / "te.st").layers.items()} == ranks
+    with pytest.raises(vl.AdapterFileError, match=r"layer 'layers.0.q_proj' has only one of its two LoRA matrices"):
+        vl.read_adapter(tmp_path / "te.st", component="text_encoder")
     save_file(tensors | {"unet.x.lora_magnitude_vector": torch.zeros(3)}, str(tmp_path / "dora.safetensors"))
     with pytest.raises(vl.AdapterFileError, match=r"cannot be mapped onto a LoRA layer: \['unet.x.lora_magnitude"):
         vl.read_adapter(tmp_path / "dora.safetensors")

@@ -136,7 +136,7 @@ def test_keys_that_cannot_be_mapped_are_listed(tmp_path):
     unet, _, _ = _adapted()
     tensors = _read(vl.export_adapter(unet, tmp_path / "k.safetensors", format="kohya"))
     cases = {
-        "te": ({"lora_te_text_model_encoder_layers_0_q_proj.lora_down.weight": torch.zeros(2, 4)}, "lora_te_text"),
+        "vae": ({"lora_vae_decoder_x.lora_down.weight": torch.zeros(2, 4)}, "lora_vae_decoder"),
         "loha": ({"lora_unet_x.hada_w1_a": torch.zeros(2, 4)}, "lora_unet_x.hada_w1_a"),
     }
     for name, (extra, listed) in cases.items():

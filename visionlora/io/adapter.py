@@ -130,6 +130,9 @@ class AdapterFile:
     """The format the file was read from: ``visionlora``, ``peft``, ``diffusers`` or ``kohya``."""
     flat_names: bool = False
     """Layer names are kohya's flattened ones (``layer4_0_conv1``) until mapped onto a model."""
+    component: str = "unet"
+    """The pipeline part a diffusers or kohya file holds this adapter for (``unet``, ``text_encoder``,
+    ``text_encoder_2``); ``unet`` also stands for the one model of any other file."""
 
 
 def save_adapter(

@@ -34,6 +34,7 @@ from visionlora.io.adapter import (
 from visionlora.layers import lora_scale
 
 __all__ = [
+    "COMPONENTS",
     "KINDS_BY_NDIM",
     "anchored",
     "cast_tensors",
@@ -42,6 +43,7 @@ __all__ = [
     "export_header",
     "foreign_record",
     "header_json",
+    "kept_key",
     "kept_record",
     "layer_scale",
     "most_common",
@@ -53,6 +55,8 @@ __all__ = [
 ]
 
 KINDS_BY_NDIM = {2: "Linear", 3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+"""The pipeline parts a diffusers or kohya LoRA file can hold; the first is the main model."""
 _SAME_SCALE = 1e-6  # relative: alphas stored as float32 round-trip within this
 
 
@@ -252,16 +256,22 @@ def header_json(path: Path, raw: str, key: str) -> Any:
         raise file_error(path, f"the {key!r} header entry is not JSON") from None
 
 
+def kept_key(component: str) -> str:
+    """The header entry keeping ``component``'s record: ``visionlora``, or ``visionlora.text_encoder`` and so on."""
+    return META_KEY if component == COMPONENTS[0] else f"{META_KEY}.{component}"
+
+
 def kept_record(file: AdapterFile, header: Mapping[str, str]) -> AdapterFile:
     """``file`` with the visionlora record an export kept in ``header`` restored, B unfolded where needed.
 
     Without a kept record ``file`` is returned as is. A record that disagrees with the tensors
     (other layers, other ranks) is an error rather than a silent mix of the two.
     """
-    raw = header.get(META_KEY)
+    key = kept_key(file.component)
+    raw = header.get(key)
     if raw is None:
         return file
-    meta = header_json(file.path, raw, META_KEY)
+    meta = header_json(file.path, raw, key)
     listed: list[str] = []
     for key in ("extra", "buffers"):
         names = meta.get(key) if isinstance(meta, dict) else None
@@ -287,9 +297,9 @@ def kept_record(file: AdapterFile, header: Mapping[str, str]) -> AdapterFile:
                     f"layer {name!r}: the kept visionlora record's scale differs from the file's by a factor "
                     f"of {ratio:g}, and B rescaled by it overflows {tensors[key].dtype}",
                 )
-    return dataclasses.replace(kept, tensors=tensors, format=file.format)
+    return dataclasses.replace(kept, tensors=tensors, format=file.format, component=file.component)
 
 
 def export_header(file: AdapterFile) -> dict[str, str]:
     """The header entry that keeps ``file``'s full record inside an exported file."""
-    return {META_KEY: record_metadata(file, EXPORT_FORMAT)}
+    return {kept_key(file.component): record_metadata(file, EXPORT_FORMAT)}

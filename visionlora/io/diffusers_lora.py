@@ -1,15 +1,21 @@
 """diffusers LoRA files: ``unet.<module>.lora_A.weight`` / ``unet.<module>.lora_B.weight``.
 
+A text encoder's LoRA sits in the same file under ``text_encoder.`` (``text_encoder_2.`` for
+SDXL's second), each with its own ``lora_adapter_metadata`` entries, as ``save_lora_weights``
+writes them.
+
 diffusers reads this format on two paths that disagree about alpha: ``pipeline.load_lora_weights``
 reads the ``lora_adapter_metadata`` header, while ``UNet2DConditionModel.load_lora_adapter(path)``
 without ``weight_name`` drops the header and takes alpha = rank (scale 1) for every module. The
 writer makes both paths agree by folding each module's whole scale into its B and declaring
 alpha = rank for every module in the header too; the original ranks, alphas and config stay in
-the ``visionlora`` header entry, so visionlora reads the file back unchanged.
+the ``visionlora`` header entry (``visionlora.text_encoder`` for the text encoder), so
+visionlora reads the file back unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +25,7 @@ import torch
 
 from visionlora.io.adapter import AdapterFile, file_error
 from visionlora.io.convert import (
+    COMPONENTS,
     anchored,
     check_patterns,
     exact_regex,
@@ -36,39 +43,52 @@ from visionlora.io.convert import (
 )
 from visionlora.io.files import write_safetensors
 
-__all__ = ["LORA_WEIGHTS_FILE", "METADATA_KEY", "PREFIX", "read_diffusers", "write_diffusers"]
+__all__ = ["LORA_WEIGHTS_FILE", "METADATA_KEY", "components_in", "read_diffusers", "write_diffusers"]
 
-PREFIX = "unet"
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # what load_lora_weights(folder) looks for
 METADATA_KEY = "lora_adapter_metadata"
 
 
 def write_diffusers(
-    file: AdapterFile, path: Path, *, dtype: torch.dtype | None = None, overwrite: bool = False
+    parts: Mapping[str, AdapterFile], path: Path, *, dtype: torch.dtype | None = None, overwrite: bool = False
 ) -> Path:
-    """Write ``file`` as a diffusers LoRA file (a folder gets ``pytorch_lora_weights.safetensors``).
+    """Write ``parts`` (component -> record) as one diffusers LoRA file (in a folder: its LORA_WEIGHTS_FILE).
 
-    An existing file is replaced only with ``overwrite``.
+    Each component's keys and ``lora_adapter_metadata`` entries carry its prefix (``unet.``,
+    ``text_encoder.``), as ``save_lora_weights`` writes them. An existing file is replaced only
+    with ``overwrite``.
 
     Raises:
         AdapterFileError: a layer diffusers' PEFT layers would run differently, or trained
             non-LoRA tensors (the format has no place for them); each is named.
     """
-    require_exportable(file, "diffusers", lora_only=True)
     if path.is_dir():
         path = path / LORA_WEIGHTS_FILE
     tensors: dict[str, torch.Tensor] = {}
-    for name in file.layers:
-        a, b = file.tensors[f"{name}.lora_A.weight"], file.tensors[f"{name}.lora_B.weight"]
-        out_dtype = dtype or b.dtype
-        tensors[f"{PREFIX}.{name}.lora_A.weight"] = a.to(out_dtype)
-        tensors[f"{PREFIX}.{name}.lora_B.weight"] = (b.double() * layer_scale(file, name)).to(out_dtype)
+    metadata: dict[str, Any] = {}
+    kept: dict[str, str] = {}
+    for component, file in parts.items():
+        require_exportable(file, "diffusers", lora_only=True)
+        for name in file.layers:
+            a, b = file.tensors[f"{name}.lora_A.weight"], file.tensors[f"{name}.lora_B.weight"]
+            out_dtype = dtype or b.dtype
+            tensors[f"{component}.{name}.lora_A.weight"] = a.to(out_dtype)
+            tensors[f"{component}.{name}.lora_B.weight"] = (b.double() * layer_scale(file, name)).to(out_dtype)
+        metadata.update({f"{component}.{k}": v for k, v in _peft_config(file).items()})
+        kept.update(export_header(file))
+    header = {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True), **kept}
+    first = next(iter(parts.values()))
+    return write_safetensors(path, require_finite(first.path, tensors), header, overwrite=overwrite)
+
+
+def _peft_config(file: AdapterFile) -> dict[str, Any]:
+    """The LoraConfig diffusers builds for one component: alpha = rank everywhere (the scale is in B)."""
     ranks = {n: s.rank for n, s in file.layers.items()}
     rank = most_common(ranks.values())
     pattern = {anchored(n): r for n, r in ranks.items() if r != rank}
-    config: dict[str, Any] = {
+    return {
         "r": rank,
-        "lora_alpha": rank,  # alpha = rank everywhere: the scale is folded into B
+        "lora_alpha": rank,
         "rank_pattern": pattern,
         "alpha_pattern": pattern,
         "target_modules": exact_regex(file.layers),
@@ -79,15 +99,19 @@ def write_diffusers(
         "lora_bias": False,
         "init_lora_weights": True,
     }
-    header = {
-        "format": "pt",
-        METADATA_KEY: json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()}, sort_keys=True),
-        **export_header(file),
-    }
-    return write_safetensors(path, require_finite(file.path, tensors), header, overwrite=overwrite)
 
 
-def _declared_alphas(path: Path, header: Mapping[str, str], names: set[str]) -> tuple[dict[str, float], bool]:
+def components_in(raw: Mapping[str, torch.Tensor]) -> list[str]:
+    """The components a diffusers file holds LoRA for, in :data:`COMPONENTS` order (unprefixed keys: the UNet)."""
+    found = {k.split(".", 1)[0] for k in raw}
+    if not found & set(COMPONENTS):
+        return [COMPONENTS[0]] if raw else []
+    return [c for c in COMPONENTS if c in found]
+
+
+def _declared_alphas(
+    path: Path, header: Mapping[str, str], names: set[str], component: str
+) -> tuple[dict[str, float], bool]:
     """Per-layer alphas (and rsLoRA) from diffusers' ``lora_adapter_metadata`` header; empty without one."""
     raw = header.get(METADATA_KEY)
     if not raw:
@@ -95,29 +119,39 @@ def _declared_alphas(path: Path, header: Mapping[str, str], names: set[str]) -> 
     meta = header_json(path, raw, METADATA_KEY)
     if not isinstance(meta, dict):
         raise file_error(path, f"the {METADATA_KEY!r} header entry is not a JSON object")
-    meta = {k.removeprefix(f"{PREFIX}."): v for k, v in meta.items()}
-    if meta.get("use_dora") or meta.get("lora_bias"):
+    own = {k.removeprefix(f"{component}."): v for k, v in meta.items() if k.startswith(f"{component}.")}
+    if not own and component == COMPONENTS[0] and not any(k.split(".", 1)[0] in COMPONENTS for k in meta):
+        own = meta  # written without prefixes: the UNet's
+    if own.get("use_dora") or own.get("lora_bias"):
         raise file_error(path, "the adapter uses DoRA or LoRA biases, which visionlora does not reproduce")
-    alpha, patterns = meta.get("lora_alpha", meta.get("r")), meta.get("alpha_pattern") or {}
+    alpha, patterns = own.get("lora_alpha", own.get("r")), own.get("alpha_pattern") or {}
     check_patterns(path, patterns, f"the {METADATA_KEY!r} header's alpha_pattern")
     alphas = {n: pattern_value(patterns, n, alpha) for n in names}
-    return {n: a for n, a in alphas.items() if a is not None}, meta.get("use_rslora") is True
+    return {n: a for n, a in alphas.items() if a is not None}, own.get("use_rslora") is True
 
 
-def read_diffusers(path: Path, raw: dict[str, torch.Tensor], header: Mapping[str, str]) -> AdapterFile:
-    """A diffusers (PEFT-keyed) LoRA file as a record: alphas from its header, else alpha = rank.
+def read_diffusers(
+    path: Path, raw: dict[str, torch.Tensor], header: Mapping[str, str], component: str = COMPONENTS[0]
+) -> AdapterFile:
+    """One component's LoRA from a diffusers (PEFT-keyed) file: alphas from its header, else alpha = rank.
 
     Raises:
-        AdapterFileError: text-encoder or other keys that cannot be mapped onto the UNet, listed.
+        AdapterFileError: the file holds nothing for ``component`` (the message says what it
+            holds), or keys that belong to no component or are not LoRA tensors, listed.
     """
-    prefixed = any(k.startswith(f"{PREFIX}.") for k in raw)
-    outside = [k for k in raw if prefixed and not k.startswith(f"{PREFIX}.")]
-    unmappable(path, outside, "UNet", " (text-encoder LoRA is not something visionlora adapts)")
+    held = components_in(raw)
+    prefixed = any(k.split(".", 1)[0] in COMPONENTS for k in raw)
+    outside = [k for k in raw if prefixed and k.split(".", 1)[0] not in COMPONENTS]
+    unmappable(path, outside, "pipeline component", f" (a diffusers LoRA file's keys start with one of {COMPONENTS})")
+    if component not in held:
+        raise file_error(path, f"holds no {component} LoRA; it holds LoRA for {held} (pass component=<one of those>)")
     tensors: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     bad = []
     for key, tensor in raw.items():
-        name = key.removeprefix(f"{PREFIX}.") if prefixed else key
+        if prefixed and not key.startswith(f"{component}."):
+            continue
+        name = key.removeprefix(f"{component}.") if prefixed else key
         if name.endswith((".lora_A.weight", ".lora_B.weight")):
             tensors[name] = tensor
         elif name.endswith(".alpha"):
@@ -127,6 +161,6 @@ def read_diffusers(path: Path, raw: dict[str, torch.Tensor], header: Mapping[str
     names = {k.rsplit(".lora_", 1)[0] for k in tensors}
     bad += [f"{n}.alpha" for n in alphas if n not in names]
     unmappable(path, bad, "LoRA layer", " (expected <module>.lora_A.weight / .lora_B.weight / .alpha)")
-    declared, rslora = _declared_alphas(path, header, names)
+    declared, rslora = _declared_alphas(path, header, names, component)
     file = foreign_record(path, "diffusers", tensors, {**declared, **alphas}, rslora=rslora)
-    return kept_record(file, header)
+    return kept_record(dataclasses.replace(file, component=component), header)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Literal
@@ -22,11 +23,12 @@ from visionlora.io.adapter import (
     read_native,
     write_adapter,
 )
-from visionlora.io.convert import cast_tensors, require_finite
+from visionlora.io.convert import COMPONENTS, cast_tensors, require_finite
 from visionlora.io.diffusers_lora import LORA_WEIGHTS_FILE, read_diffusers, write_diffusers
+from visionlora.io.diffusers_lora import components_in as diffusers_components
 from visionlora.io.files import read_safetensors, refuse_existing
-from visionlora.io.kohya import PREFIX as KOHYA_PREFIX
-from visionlora.io.kohya import TEXT_PREFIXES, read_kohya, write_kohya
+from visionlora.io.kohya import components_in as kohya_components
+from visionlora.io.kohya import is_kohya, read_kohya, write_kohya
 from visionlora.io.peft import CONFIG_FILE as PEFT_CONFIG
 from visionlora.io.peft import WEIGHTS_FILE as PEFT_WEIGHTS
 from visionlora.io.peft import is_peft_folder, read_peft, write_peft
@@ -35,6 +37,9 @@ __all__ = ["FORMATS", "AdapterFormat", "export_adapter", "read_adapter"]
 
 AdapterFormat = Literal["visionlora", "peft", "diffusers", "kohya"]
 FORMATS: tuple[str, ...] = ("visionlora", "peft", "diffusers", "kohya")
+_PIPELINE_FORMATS = ("diffusers", "kohya")  # one file for a pipeline's UNet and text encoders
+
+logger = logging.getLogger("visionlora")
 
 
 def _claims_native(header: dict[str, str]) -> bool:
@@ -49,25 +54,30 @@ def _claims_native(header: dict[str, str]) -> bool:
     return not (isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT)
 
 
-def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
+def read_adapter(path: str | os.PathLike[str], *, component: str | None = None) -> AdapterFile:
     """Read an adapter in any supported format; the record's ``format`` says which was found.
 
     ``path`` may be a visionlora file, a PEFT adapter folder (or its ``adapter_model.safetensors``),
     a diffusers LoRA file (or a folder with ``pytorch_lora_weights.safetensors``), or a kohya
-    LoRA/LoCon file. Nothing is unpickled.
+    LoRA/LoCon file. Nothing is unpickled. A diffusers or kohya file can hold a pipeline's UNet
+    and text encoder(s) together: ``component`` (``"unet"``, ``"text_encoder"``,
+    ``"text_encoder_2"``) picks one, the UNet by default.
 
     Raises:
-        AdapterFileError: naming the path and what was found instead of a known format.
+        AdapterFileError: naming the path and what was found instead of a known format, or the
+            components the file holds when it holds nothing for ``component``.
+        ConfigError: ``component`` is not one of the names above.
 
     Example:
         >>> vl.read_adapter("lora.safetensors").format
         'kohya'
+        >>> vl.read_adapter("lora.safetensors", component="text_encoder").layers
     """
+    if component is not None and component not in COMPONENTS:
+        raise ConfigError(f"component {component!r} is not one of {list(COMPONENTS)}")
     path = Path(path)
-    if is_peft_folder(path):
-        return read_peft(path)
-    if path.name == PEFT_WEIGHTS and is_peft_folder(path.parent):
-        return read_peft(path.parent)
+    if is_peft_folder(path) or (path.name == PEFT_WEIGHTS and is_peft_folder(path.parent)):
+        return _one_model(read_peft(path if path.is_dir() else path.parent), component)
     if path.is_dir():
         if not (path / LORA_WEIGHTS_FILE).is_file():
             raise file_error(
@@ -78,16 +88,42 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
         path = path / LORA_WEIGHTS_FILE
     tensors, header = read_safetensors(path)
     if _claims_native(header):
-        return read_native(path)
-    if tensors and all(k.startswith((KOHYA_PREFIX, *TEXT_PREFIXES)) for k in tensors):
-        return read_kohya(path, tensors, header)
+        return _one_model(read_native(path), component)
+    if is_kohya(tensors):
+        return read_kohya(path, tensors, header, component or COMPONENTS[0])
     if any(".lora_A." in k or ".lora_B." in k for k in tensors):
-        return read_diffusers(path, tensors, header)
+        return read_diffusers(path, tensors, header, component or COMPONENTS[0])
     keys = sorted(tensors)
     raise file_error(
         path,
         f"not an adapter in a format visionlora reads ({', '.join(FORMATS)}); first keys: {keys[:5]}",
     )
+
+
+def _one_model(file: AdapterFile, component: str | None) -> AdapterFile:
+    """A single-model file's record; asking it for a text encoder is an error."""
+    if component not in (None, COMPONENTS[0]):
+        raise file_error(
+            file.path,
+            f"is a {file.format} adapter of one model; component={component!r} picks a part of a diffusers or "
+            "kohya pipeline LoRA file (load this file onto the text encoder without component=)",
+        )
+    return file
+
+
+def file_components(path: str | os.PathLike[str]) -> list[str]:
+    """The pipeline components an adapter file holds LoRA for: ``["unet"]`` for single-model formats."""
+    path = Path(path)
+    if path.is_dir() and (path / LORA_WEIGHTS_FILE).is_file() and not is_peft_folder(path):
+        path = path / LORA_WEIGHTS_FILE
+    if path.is_dir() or path.name == PEFT_WEIGHTS:
+        return [COMPONENTS[0]]
+    tensors, header = read_safetensors(path)
+    if _claims_native(header):
+        return [COMPONENTS[0]]
+    if is_kohya(tensors):
+        return kohya_components(tensors)
+    return diffusers_components(tensors)
 
 
 def export_adapter(
@@ -97,6 +133,7 @@ def export_adapter(
     format: AdapterFormat = "visionlora",
     adapter_name: str = "default",
     dtype: torch.dtype | None = None,
+    text_encoder: nn.Module | str | os.PathLike[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write an adapter (from a model, or from a file in any format) in ``format``; returns the path.
@@ -108,6 +145,12 @@ def export_adapter(
     - ``kohya``: ``lora_unet_*`` down/up/alpha keys (LoCon for convs) for A1111 and ComfyUI.
     - ``visionlora``: the native file (e.g. to convert a kohya file or change dtype).
 
+    ``text_encoder`` (a model with LoRA, or its adapter file) puts a pipeline's text-encoder
+    adapter in the same ``diffusers`` or ``kohya`` file (``text_encoder.*`` / ``lora_te_*`` keys),
+    which ``pipeline.load_lora_weights`` and kohya's consumers apply to the text encoder; a file
+    given as ``model_or_file`` that already holds one keeps it. The ``peft`` and ``visionlora``
+    formats hold one model: export a text encoder to a path of its own.
+
     Every export keeps the full visionlora record in its header, so reading it back with visionlora
     gives the same ranks, alphas, resolutions and config. ``dtype`` casts the written weights.
     An existing file (or non-empty folder) at ``path`` is refused unless ``overwrite`` is set.
@@ -115,13 +158,20 @@ def export_adapter(
     Raises:
         AdapterFileError: a layer or tensor ``format`` cannot hold exactly (the message names each),
             ``path`` exists and ``overwrite`` is off, or the write failed (the old output is intact).
+        ConfigError: ``text_encoder`` with a one-model format.
 
     Example:
         >>> vl.export_adapter(model, "lora_peft", format="peft")
         >>> vl.export_adapter("adapter.safetensors", "style.safetensors", format="kohya", dtype=torch.float16)
+        >>> vl.export_adapter(pipe.unet, "style.safetensors", format="kohya", text_encoder=pipe.text_encoder)
     """
     if format not in FORMATS:
         raise ConfigError(f"format {format!r} is not one of {list(FORMATS)}")
+    if text_encoder is not None and format not in _PIPELINE_FORMATS:
+        raise ConfigError(
+            f"text_encoder=: the {format} format holds one model's adapter; export the text encoder to a path "
+            f"of its own, or use format={_PIPELINE_FORMATS[0]!r} or {_PIPELINE_FORMATS[1]!r} for one pipeline file"
+        )
     path = Path(path)
     if format == "peft":
         refuse_existing(path, overwrite, PEFT_CONFIG)
@@ -129,21 +179,38 @@ def export_adapter(
         refuse_existing(path / LORA_WEIGHTS_FILE if format == "diffusers" and path.is_dir() else path, overwrite)
     model_state: dict[str, torch.Tensor] | None = None
     if isinstance(model_or_file, nn.Module):
-        record = adapter_record(model_or_file, path, adapter_name)
+        parts = {COMPONENTS[0]: adapter_record(model_or_file, path, adapter_name)}
         model_state = original_state_dict(model_or_file)
     else:
-        record = read_adapter(model_or_file)
-        if record.flat_names:
+        parts = {c: read_adapter(model_or_file, component=c) for c in file_components(model_or_file)}
+    if text_encoder is not None:
+        if isinstance(text_encoder, nn.Module):
+            record = adapter_record(text_encoder, path, adapter_name)
+        else:
+            record = read_adapter(text_encoder)
+        parts["text_encoder"] = dataclasses.replace(record, component="text_encoder")
+    for part in parts.values():
+        if part.flat_names:
             raise file_error(
-                record.path,
+                part.path,
                 "is a kohya file whose module names are flattened (down_blocks_0_...); load it onto its model "
                 "with vl.load_adapter and export the model",
             )
+    if format == "diffusers":
+        return write_diffusers(parts, path, dtype=dtype, overwrite=overwrite)
+    if format == "kohya":
+        return write_kohya(parts, path, dtype=dtype, overwrite=overwrite)
+    record = parts.pop(COMPONENTS[0] if COMPONENTS[0] in parts else next(iter(parts)))
+    if parts:
+        logger.warning(
+            "%s: its %s LoRA is not written to %s (the %s format holds one model); read it with "
+            "vl.read_adapter(..., component=...) and export it to a path of its own",
+            record.path,
+            " and ".join(parts),
+            path,
+            format,
+        )
     if format == "peft":
         return write_peft(record, path, model_state=model_state, dtype=dtype, overwrite=overwrite)
-    if format == "diffusers":
-        return write_diffusers(record, path, dtype=dtype, overwrite=overwrite)
-    if format == "kohya":
-        return write_kohya(record, path, dtype=dtype, overwrite=overwrite)
     tensors = require_finite(record.path, cast_tensors(record.tensors, dtype))
     return write_adapter(dataclasses.replace(record, path=path, tensors=tensors), overwrite=overwrite)

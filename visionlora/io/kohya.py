@@ -1,22 +1,26 @@
 """kohya LoRA / LoCon files, as A1111, ComfyUI and diffusers' kohya converter read them.
 
-Per adapted module ``lora_unet_<module name with . replaced by _>``:
+Per adapted module ``lora_unet_<module name with . replaced by _>`` (a text encoder's:
+``lora_te_text_model_<name>``, ``lora_te2_`` for SDXL's second):
 
 - ``.lora_down.weight``: A (a conv's keeps the kernel: ``[r, in, kh, kw]``);
 - ``.lora_up.weight``: B (``[out, r]``, or ``[out, r, 1, 1]`` for a conv);
 - ``.alpha``: a scalar tensor; the branch is scaled by alpha / r.
 
-Every module gets its own true ``.alpha`` (the only form every consumer reads). On import,
+Every UNet module gets its own true ``.alpha`` (the only form every consumer reads). A text
+encoder's modules share one alpha, any difference folded into B, because diffusers' kohya
+converter keeps only one alpha for a text encoder's attention. On import,
 LyCORIS' Tucker form (``.lora_mid.weight``: down is 1x1, the kernel sits in mid) is read exactly by
 folding mid into A, since up·(mid∘down) = up·A with A = mid∘down. Module names are flattened
 with ``_``, so mapping them back needs the model (:func:`resolve_names`) unless the file keeps
-visionlora's own record.
+visionlora's own record (``visionlora``; ``visionlora.text_encoder`` for the text encoder).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,11 +28,13 @@ import torch
 from torch import nn
 
 from visionlora.inject import adaptable_kind, iter_modules
-from visionlora.io.adapter import META_KEY, AdapterFile, LayerSpec, check_tensors, file_error
+from visionlora.io.adapter import AdapterFile, LayerSpec, check_tensors, file_error
 from visionlora.io.convert import (
     KINDS_BY_NDIM,
     export_header,
     foreign_record,
+    header_json,
+    kept_key,
     kept_record,
     layer_scale,
     most_common,
@@ -39,11 +45,26 @@ from visionlora.io.convert import (
 )
 from visionlora.io.files import write_safetensors
 
-__all__ = ["PREFIX", "TEXT_PREFIXES", "flat_name", "read_kohya", "resolve_names", "write_kohya"]
+__all__ = [
+    "PREFIXES",
+    "components_in",
+    "flat_name",
+    "is_kohya",
+    "kohya_name",
+    "read_kohya",
+    "resolve_names",
+    "write_kohya",
+]
 
-PREFIX = "lora_unet_"
-TEXT_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
+PREFIXES: dict[str, tuple[str, ...]] = {
+    "unet": ("lora_unet_",),
+    "text_encoder": ("lora_te_", "lora_te1_"),  # SD 1.x/2.x, and SDXL's first text encoder
+    "text_encoder_2": ("lora_te2_",),
+}
+"""Key prefixes per component; the first is the one written."""
+logger = logging.getLogger("visionlora")
 _PARTS = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha")
+_TEXT_MODEL = "text_model."
 
 
 def flat_name(name: str) -> str:
@@ -51,38 +72,98 @@ def flat_name(name: str) -> str:
     return name.replace(".", "_")
 
 
-def write_kohya(file: AdapterFile, path: Path, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
-    """Write ``file`` as a kohya LoRA (LoCon for convs) file with a true ``.alpha`` per module.
+def kohya_name(component: str, name: str) -> str:
+    """The flattened name kohya's consumers expect for module ``name`` of ``component`` (no prefix).
 
-    An existing file at ``path`` is replaced only with ``overwrite``.
+    Text encoders are named as CLIPTextModel's ``text_model.`` submodule, which recent transformers
+    versions no longer have (``encoder.layers.0...``): the prefix is added where it is missing.
+    """
+    if component != "unet" and not name.startswith(_TEXT_MODEL):
+        name = _TEXT_MODEL + name
+    return flat_name(name)
+
+
+def _component_of(key: str) -> tuple[str, str] | None:
+    """(component, prefix) of a kohya key, or None when no component's prefix starts it."""
+    for component, prefixes in PREFIXES.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                return component, prefix
+    return None
+
+
+def is_kohya(raw: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a file's keys are kohya's: some start with a component prefix, none is PEFT-style (``.lora_A.``)."""
+    return any(_component_of(k) is not None for k in raw) and not any(".lora_A." in k or ".lora_B." in k for k in raw)
+
+
+def components_in(raw: Mapping[str, torch.Tensor]) -> list[str]:
+    """The components a kohya file holds LoRA for, in :data:`PREFIXES` order."""
+    found = {c[0] for c in map(_component_of, raw) if c is not None}
+    return [c for c in PREFIXES if c in found]
+
+
+def write_kohya(
+    parts: Mapping[str, AdapterFile], path: Path, *, dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
+    """Write ``parts`` (component -> record) as one kohya LoRA (LoCon for convs) file with a true ``.alpha`` per module.
+
+    The UNet's modules become ``lora_unet_<name>``, a text encoder's ``lora_te_text_model_<name>``
+    (``lora_te2_`` for a second one). An existing file at ``path`` is replaced only with ``overwrite``.
 
     Raises:
         AdapterFileError: a layer kohya-style loaders would run differently, trained non-LoRA
             tensors, or two module names that flatten to the same kohya name; each is named.
     """
-    require_exportable(file, "kohya", lora_only=True)
     by_flat: dict[str, str] = {}
     tensors: dict[str, torch.Tensor] = {}
-    for name, spec in file.layers.items():
-        key = PREFIX + flat_name(name)
-        if key in by_flat:
-            raise file_error(file.path, f"modules {by_flat[key]!r} and {name!r} both flatten to kohya name {key!r}")
-        by_flat[key] = name
-        a, b = file.tensors[f"{name}.lora_A.weight"], file.tensors[f"{name}.lora_B.weight"]
-        tensors[f"{key}.lora_down.weight"] = a if dtype is None else a.to(dtype)
-        tensors[f"{key}.lora_up.weight"] = b if dtype is None else b.to(dtype)
-        # alpha / r must give the layer's scale; float32 so any alpha survives (fp16 would round it).
-        tensors[f"{key}.alpha"] = torch.tensor(layer_scale(file, name) * spec.rank, dtype=torch.float32)
-    linear = [s for s in file.layers.values() if s.kind == "Linear"] or list(file.layers.values())
-    conv = [s for s in file.layers.values() if s.kind != "Linear"]
+    kept: dict[str, str] = {}
+    for component, file in parts.items():
+        require_exportable(file, "kohya", lora_only=True)
+        # diffusers' kohya converter collapses a text encoder's per-module alphas into one: give them
+        # one alpha and fold each module's remaining scale into its B (the kept record unfolds it).
+        shared = most_common(s.alpha for s in file.layers.values()) if component != "unet" else None
+        for name, spec in file.layers.items():
+            key = PREFIXES[component][0] + kohya_name(component, name)
+            if key in by_flat:
+                raise file_error(file.path, f"modules {by_flat[key]!r} and {name!r} both flatten to kohya name {key!r}")
+            by_flat[key] = name
+            a, b = file.tensors[f"{name}.lora_A.weight"], file.tensors[f"{name}.lora_B.weight"]
+            scale = layer_scale(file, name)
+            alpha = scale * spec.rank if shared is None else shared
+            if abs(alpha / spec.rank / scale - 1) > 1e-12:
+                b = (b.double() * (scale * spec.rank / alpha)).to(b.dtype)
+            tensors[f"{key}.lora_down.weight"] = a if dtype is None else a.to(dtype)
+            tensors[f"{key}.lora_up.weight"] = b if dtype is None else b.to(dtype)
+            # alpha / r gives the layer's scale; float32 so any alpha survives (fp16 would round it).
+            tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        kept.update(export_header(file))
+        _warn_attention_without_out_proj(component, file)
+    specs = [s for file in parts.values() for s in file.layers.values()]
+    linear = [s for s in specs if s.kind == "Linear"] or specs
+    conv = [s for s in specs if s.kind != "Linear"]
     header = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(most_common(s.rank for s in linear)),
         "ss_network_alpha": str(most_common(s.alpha for s in linear)),
         **({"ss_network_args": _conv_args(conv)} if conv else {}),
-        **export_header(file),
+        **kept,
     }
-    return write_safetensors(path, require_finite(file.path, tensors), header, overwrite=overwrite)
+    first = next(iter(parts.values()))
+    return write_safetensors(path, require_finite(first.path, tensors), header, overwrite=overwrite)
+
+
+def _warn_attention_without_out_proj(component: str, file: AdapterFile) -> None:
+    """diffusers' kohya converter misreads text-encoder q/k/v LoRA unless out_proj has LoRA too: say so."""
+    attention = [n for n in file.layers if n.endswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
+    if component != "unet" and attention and not any(n.endswith("self_attn.out_proj") for n in file.layers):
+        logger.warning(
+            "%s: the %s adapter has q/k/v_proj LoRA but none on out_proj; A1111 and ComfyUI read this kohya file "
+            "whole, but diffusers' load_lora_weights cannot convert those keys without out_proj's (it refuses the "
+            "file, or drops them next to MLP LoRA). For diffusers, export format='diffusers' or adapt out_proj too",
+            file.path,
+            component,
+        )
 
 
 def _conv_args(conv: list[LayerSpec]) -> str:
@@ -102,53 +183,63 @@ def _fold_mid(path: Path, base: str, down: torch.Tensor, mid: torch.Tensor) -> t
     return folded.to(down.dtype)
 
 
-def read_kohya(path: Path, raw: dict[str, torch.Tensor], header: Mapping[str, str]) -> AdapterFile:
-    """A kohya LoRA/LoCon file as a record; names stay flattened unless the file keeps visionlora's record.
+def read_kohya(
+    path: Path, raw: dict[str, torch.Tensor], header: Mapping[str, str], component: str = "unet"
+) -> AdapterFile:
+    """One component's LoRA from a kohya LoRA/LoCon file, names flattened unless the file keeps visionlora's record.
 
     Raises:
-        AdapterFileError: text-encoder keys, LoHa/LoKr/DoRA/full-diff keys or anything else that
-            is not a LoRA down/up(/mid)/alpha of a UNet module, listed.
+        AdapterFileError: the file holds nothing for ``component`` (the message says what it
+            holds), or LoHa/LoKr/DoRA/full-diff keys or anything else that is not a LoRA
+            down/up(/mid)/alpha of a component's module, listed.
     """
-    text = [k for k in raw if k.startswith(TEXT_PREFIXES)]
-    unmappable(path, text, "UNet", " (text-encoder LoRA is not something visionlora adapts)")
     groups: dict[str, dict[str, torch.Tensor]] = {}
     bad = []
     for key, tensor in raw.items():
         part = next((p for p in _PARTS if key.endswith(p)), None)
-        if part is None or not key.startswith(PREFIX):
+        owner = _component_of(key)
+        if part is None or owner is None:
             bad.append(key)
-            continue
-        groups.setdefault(key[len(PREFIX) : -len(part)], {})[part] = tensor
+        elif owner[0] == component:
+            groups.setdefault(key[len(owner[1]) : -len(part)], {})[part] = tensor
     unmappable(path, bad, "LoRA layer", " (LoHa, LoKr, DoRA and full-weight diffs are not LoRA)")
+    if not groups:
+        held = components_in(raw)
+        raise file_error(path, f"holds no {component} LoRA; it holds LoRA for {held} (pass component=<one of those>)")
+    prefix = PREFIXES[component][0]
     # Checked under their kohya names, before a Tucker mid is folded into A and its dtype lost.
-    check_tensors(path, {k: v for k, v in raw.items() if not k.endswith(".alpha")})
+    check_tensors(path, {k: v for k, v in raw.items() if not k.endswith(".alpha") and _owned(k, component)})
     tensors: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     for base, parts in groups.items():
         down, up, mid = parts.get(".lora_down.weight"), parts.get(".lora_up.weight"), parts.get(".lora_mid.weight")
         if down is None or up is None:
-            raise file_error(path, f"{PREFIX}{base}: needs both lora_down and lora_up, has {sorted(parts)}")
-        tensors[f"{base}.lora_A.weight"] = down if mid is None else _fold_mid(path, PREFIX + base, down, mid)
+            raise file_error(path, f"{prefix}{base}: needs both lora_down and lora_up, has {sorted(parts)}")
+        tensors[f"{base}.lora_A.weight"] = down if mid is None else _fold_mid(path, prefix + base, down, mid)
         tensors[f"{base}.lora_B.weight"] = up
         if ".alpha" in parts:
-            alphas[base] = scalar_alpha(path, f"{PREFIX}{base}.alpha", parts[".alpha"])
-    file = foreign_record(path, "kohya", tensors, alphas)
-    real = _kept_names(path, header)
+            alphas[base] = scalar_alpha(path, f"{prefix}{base}.alpha", parts[".alpha"])
+    file = dataclasses.replace(foreign_record(path, "kohya", tensors, alphas), component=component)
+    real = _kept_names(path, header, component)
     if real is None:
         return dataclasses.replace(file, flat_names=True)
-    return kept_record(_rename(file, {flat_name(n): n for n in real}), header)
+    return kept_record(_rename(file, {kohya_name(component, n): n for n in real}), header)
 
 
-def _kept_names(path: Path, header: Mapping[str, str]) -> list[str] | None:
-    raw = header.get(META_KEY)
+def _owned(key: str, component: str) -> bool:
+    owner = _component_of(key)
+    return owner is not None and owner[0] == component
+
+
+def _kept_names(path: Path, header: Mapping[str, str], component: str) -> list[str] | None:
+    key = kept_key(component)
+    raw = header.get(key)
     if raw is None:
         return None
-    try:
-        layers = json.loads(raw).get("layers")
-    except (ValueError, RecursionError, AttributeError):
-        raise file_error(path, "the 'visionlora' header entry is not a JSON object") from None
+    layers = header_json(path, raw, key)
+    layers = layers.get("layers") if isinstance(layers, dict) else None
     if not isinstance(layers, dict):
-        raise file_error(path, "the 'visionlora' header entry has no 'layers' mapping")
+        raise file_error(path, f"the {key!r} header entry has no 'layers' mapping")
     return list(layers)
 
 
@@ -180,14 +271,16 @@ def resolve_names(file: AdapterFile, model: nn.Module) -> AdapterFile:
     """
     if not file.flat_names:
         return file
+    prefix = PREFIXES[file.component][0]
     modules = dict(iter_modules(model))
     candidates: dict[str, list[str]] = {}
     for name, module in modules.items():
         if adaptable_kind(name, module, modules) is not None:
-            candidates.setdefault(flat_name(name), []).append(name)
-    unknown = sorted(PREFIX + n for n in file.layers if n not in candidates)
+            for flat in {flat_name(name), kohya_name(file.component, name)}:
+                candidates.setdefault(flat, []).append(name)
+    unknown = sorted(prefix + n for n in file.layers if n not in candidates)
     unmappable(file.path, unknown, type(model).__name__, " (no module of that kohya name)")
-    twice = sorted(f"{PREFIX}{n} -> {candidates[n]}" for n in file.layers if len(candidates[n]) > 1)
+    twice = sorted(f"{prefix}{n} -> {candidates[n]}" for n in file.layers if len(candidates[n]) > 1)
     if twice:
         raise file_error(file.path, f"kohya names match more than one module: {twice[:10]}")
     renamed = _rename(file, {n: candidates[n][0] for n in file.layers})

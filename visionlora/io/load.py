@@ -115,7 +115,9 @@ def _leave_empty(a: torch.Tensor, rank: int, generator: torch.Generator | None =
     """An init that draws nothing, so loading leaves the caller's random stream untouched."""
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str | None = None) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str | None = None, component: str | None = None
+) -> nn.Module:
     """Add the adapter stored in ``path`` to ``model`` (in place) and make it the active one.
 
     Every key, shape, dtype and value is checked before anything changes: on any error the model
@@ -127,6 +129,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name
             a kohya LoRA/LoCon file. The format is detected; it is logged (logger ``visionlora``,
             INFO) and kept in :func:`visionlora.read_adapter`'s ``format``.
         adapter_name: Name to load under; defaults to the name stored in the file.
+        component: For a diffusers or kohya file holding a whole pipeline's LoRA, the part to
+            load: ``"unet"`` (the default) or ``"text_encoder"`` (``"text_encoder_2"``).
 
     Raises:
         AdapterFileError: the file is invalid, holds keys that cannot be mapped, or does not fit the
@@ -134,10 +138,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, adapter_name
 
     Example:
         >>> vl.load_adapter(torchvision.models.resnet50(), "adapter.safetensors")
+        >>> vl.load_adapter(pipe.text_encoder, "style.safetensors", component="text_encoder")
     """
     if adapter_name is not None:
         check_adapter_name(adapter_name)
-    file = _sort_state(resolve_names(read_adapter(path), model), model)
+    file = _sort_state(resolve_names(read_adapter(path, component=component), model), model)
     logger.info("%s: read as a %s adapter with %d LoRA layers", file.path, file.format, len(file.layers))
     name = adapter_name or file.adapter_name
     require_unmerged(model, "load an adapter")
