@@ -148,3 +148,43 @@ def test_a_pipeline_folder_gets_its_unet_replaced_and_loads_as_a_pipeline(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out", "pipe", "pipe-vocab"]  # no staging left
     with pytest.raises(vl.ConfigError, match="not a diffusers pipeline folder"):
         vl.export_merged(unet, tmp_path / "x", pipeline=source / "unet")
+
+
+def test_a_single_file_checkpoint_of_the_whole_pipeline_loads_in_from_single_file(tmp_path):
+    # The original (LDM) layout A1111 and ComfyUI load; diffusers' from_single_file reads it back here.
+    diffusers = pytest.importorskip("diffusers")
+    from tests.conftest import tiny_pipeline, tiny_unet, unet_input
+
+    source = tiny_pipeline(tmp_path / "pipe", tiny_unet())
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(source))
+    vl.apply_lora(pipe.unet, vl.LoraConfig(targets="preset:unet-attention", rank=4, alpha=2))
+    vl.apply_lora(pipe.text_encoder, vl.LoraConfig(targets=["*.q_proj", "*.out_proj"], rank=2, alpha=3))
+    randomize_lora(pipe.unet, std=0.05)
+    randomize_lora(pipe.text_encoder, seed=1, std=0.2)
+    path = vl.export_merged(
+        pipe.unet, tmp_path / "styled.safetensors", pipeline=source, others={"text_encoder": pipe.text_encoder}
+    )
+    with safe_open(str(path), "pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}  # noqa: SIM118
+    assert prefixes == {"model", "first_stage_model", "cond_stage_model"}
+    configs = tmp_path / "configs"  # from_single_file needs only configs and the tokenizer beside the file
+    import shutil
+
+    shutil.copytree(source, configs, ignore=shutil.ignore_patterns("*.safetensors"))
+    loaded = diffusers.StableDiffusionPipeline.from_single_file(str(path), config=str(configs), local_files_only=True)
+    ids = torch.tensor([[0, 2, 4, 1]])
+    with torch.no_grad():
+        assert_rel_close(loaded.unet(**unet_input()).sample, pipe.unet(**unet_input()).sample)
+        assert_rel_close(loaded.text_encoder(ids)[0], pipe.text_encoder(ids)[0])
+    base_vae = diffusers.AutoencoderKL.from_pretrained(source / "vae").state_dict()
+    assert all(torch.equal(loaded.vae.state_dict()[k], v) for k, v in base_vae.items())
+    # The loaded pipeline's own objects work too (a single-file base), and fp16 casts every tensor.
+    half = vl.export_merged(pipe.unet, tmp_path / "half.safetensors", pipeline=pipe, dtype=torch.float16)
+    with safe_open(str(half), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
+    with pytest.raises(vl.ConfigError, match=r"a Stable Diffusion checkpoint holds 'unet', 'vae' and 'text_encoder'"):
+        vl.export_merged(pipe.unet, tmp_path / "x.safetensors", pipeline=pipe, others={"image_encoder": pipe.vae})
+    sd2 = diffusers.UNet2DConditionModel(**{**dict(pipe.unet.config), "cross_attention_dim": 1024})
+    with pytest.raises(vl.ConfigError, match=r"SD 2\.x's 1024-wide cross-attention"):
+        vl.export_merged(sd2, tmp_path / "x.safetensors", pipeline=pipe)
+    assert not (tmp_path / "x.safetensors").exists()

@@ -226,6 +226,17 @@ def test_text_encoder_lora_trains_is_saved_merged_into_the_pipeline_and_resumes(
         expected = adapted.eval()(ids)[0]
         assert torch.allclose(merged(ids)[0], expected, rtol=1e-5, atol=1e-6)
         assert (expected - base(ids)[0]).abs().max() > 0
+    # The diffusers and kohya exports carry the text encoder's adapter beside the UNet's.
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(style / "pipe"))
+    pipe.load_lora_weights(str(out / "adapter-diffusers.safetensors"))
+    kohya = vl.load_adapter(
+        transformers.CLIPTextModel.from_pretrained(style / "pipe" / "text_encoder"),
+        out / "adapter-kohya.safetensors",
+        component="text_encoder",
+    )
+    with torch.no_grad():
+        assert torch.allclose(pipe.text_encoder(ids)[0], expected, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(kohya.eval()(ids)[0], expected, rtol=1e-5, atol=1e-6)
     # Resume: both adapters come back bit for bit.
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoints" / "step-000004", resumed / "checkpoints" / "step-000004")
@@ -236,10 +247,8 @@ def test_text_encoder_lora_trains_is_saved_merged_into_the_pipeline_and_resumes(
 
 
 def test_a_single_file_checkpoint_base_trains_the_adapter_of_its_pipeline_folder(style, tmp_path):
-    from tests.ldm import save_single_file
-
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(style / "pipe"))
-    checkpoint = save_single_file(pipe, tmp_path / "sd-tiny.safetensors")  # the original (LDM) key layout
+    checkpoint = vl.export_merged(pipe.unet, tmp_path / "sd-tiny.safetensors", pipeline=pipe)  # original layout
     configs = tmp_path / "configs"  # what from_single_file needs beside the file: configs and tokenizer only
     shutil.copytree(style / "pipe", configs, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     recipe = _recipe(style, max_steps=2)
@@ -250,10 +259,16 @@ def test_a_single_file_checkpoint_base_trains_the_adapter_of_its_pipeline_folder
     a = load_file(tmp_path / "folder" / "adapter.safetensors")
     b = load_file(tmp_path / "single" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    merged = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "single" / "merged-unet")
-    expected = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "folder" / "merged" / "unet")
-    with torch.no_grad():
-        assert torch.equal(merged(**unet_input()).sample, expected(**unet_input()).sample)
+    # The merged checkpoint is one file in the base's layout, and holds what the folder run's merged pipeline holds.
+    merged = diffusers.StableDiffusionPipeline.from_single_file(
+        str(tmp_path / "single" / "merged.safetensors"), config=str(configs), local_files_only=True
+    )
+    expected = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "folder" / "merged"))
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(merged, name).state_dict(), getattr(expected, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    query = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert not torch.equal(merged.unet.state_dict()[query], pipe.unet.state_dict()[query])  # the adapter is in
 
     single.model.config = None
     with pytest.raises(vl.ConfigError, match=r"model\.config: a single-file checkpoint needs a local pipeline folder"):

@@ -1,19 +1,21 @@
-"""Write a diffusers StableDiffusionPipeline as one original-layout (LDM) ``.safetensors`` checkpoint.
+"""Stable Diffusion 1.x pipelines as one original-layout (LDM) checkpoint, the file A1111 and ComfyUI load.
 
-Tests use it to make the single-file checkpoints that users download (SD 1.x layout: ``model.diffusion_model.*``,
-``first_stage_model.*``, ``cond_stage_model.transformer.*``) from tiny pipelines built here. The
-renames invert diffusers' own single-file converters, and :func:`to_ldm` checks itself by running
-those converters on its output.
+Keys: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE) and
+``cond_stage_model.transformer.text_model.*`` (CLIP text encoder). The renames invert diffusers'
+own single-file converters, and every export is checked by running those converters on it: the
+UNet and VAE must come back tensor for tensor, or nothing is written.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+
+from visionlora.errors import ConfigError
+
+__all__ = ["ldm_state_dict"]
 
 _RESNET = [
     ("norm1", "in_layers.0"),
@@ -38,7 +40,7 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.
     """A diffusers UNet2DConditionModel state dict in the original layout (without its prefix)."""
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
-    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    top: dict[str, str] = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]  # type: ignore[index]
     per = config["layers_per_block"] + 1
     with_attention = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)}
     out = {}
@@ -66,7 +68,7 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.
             b = int(m[1])
             out[f"output_blocks.{b * per + per - 1}.{2 if b in with_attention else 1}.conv.{m[2]}"] = value
         else:
-            raise KeyError(f"no original-layout name for UNet key {key}")
+            raise KeyError(f"no original-layout name for UNet key {key!r}")
     return out
 
 
@@ -74,7 +76,7 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.T
     """A diffusers AutoencoderKL state dict in the original layout (without its prefix)."""
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
-    top = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    top: dict[str, str] = DIFFUSERS_TO_LDM_MAPPING["vae"]  # type: ignore[assignment]
     ups = len(config["up_block_types"])
     out = {}
     for key, value in state.items():
@@ -95,30 +97,45 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.T
             conv = value[..., None, None] if value.dim() == 2 else value  # original: 1x1 convs
             out[f"{m[1]}.mid.attn_1.{_renamed(m[2], _VAE_ATTENTION)}"] = conv
         else:
-            raise KeyError(f"no original-layout name for VAE key {key}")
+            raise KeyError(f"no original-layout name for VAE key {key!r}")
     return out
 
 
-def to_ldm(pipe: Any) -> dict[str, torch.Tensor]:
-    """The pipeline's UNet, VAE and CLIP text encoder as one original-layout state dict.
+def ldm_state_dict(
+    unet: dict[str, torch.Tensor],
+    vae: dict[str, torch.Tensor],
+    text_encoder: dict[str, torch.Tensor],
+    unet_config: Any,
+    vae_config: Any,
+) -> dict[str, torch.Tensor]:
+    """Diffusers-layout UNet, VAE and CLIP text-encoder state dicts as one original-layout state dict.
 
-    Raises AssertionError if diffusers' own converters do not give the pipeline's weights back.
+    Raises:
+        ConfigError: an SD 2.x pipeline (OpenCLIP text encoder, another layout), or a layout that
+            diffusers' own single-file converters would not read back tensor for tensor.
     """
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    unet, vae = pipe.unet.state_dict(), pipe.vae.state_dict()
-    out = {f"model.diffusion_model.{k}": v for k, v in unet_to_ldm(unet, pipe.unet.config).items()}
-    out |= {f"first_stage_model.{k}": v for k, v in vae_to_ldm(vae, pipe.vae.config).items()}
-    for k, v in pipe.text_encoder.state_dict().items():  # transformers 5 drops the text_model. prefix
+    if unet_config["cross_attention_dim"] == 1024:
+        raise ConfigError(
+            "single-file export writes Stable Diffusion 1.x checkpoints; this UNet has SD 2.x's 1024-wide "
+            "cross-attention (an OpenCLIP text encoder): write the merged pipeline folder instead"
+        )
+    try:
+        out = {f"model.diffusion_model.{k}": v for k, v in unet_to_ldm(unet, unet_config).items()}
+        out |= {f"first_stage_model.{k}": v for k, v in vae_to_ldm(vae, vae_config).items()}
+    except KeyError as exc:
+        raise ConfigError(f"single-file export: {exc.args[0]} (not a Stable Diffusion 1.x layout)") from None
+    for k, v in text_encoder.items():  # transformers 5 drops CLIPTextModel's text_model. prefix
         out[f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}"] = v
-    converted = (convert_ldm_unet_checkpoint(out, pipe.unet.config), convert_ldm_vae_checkpoint(out, pipe.vae.config))
-    for mine, theirs in zip((unet, vae), converted, strict=True):
-        assert mine.keys() == theirs.keys(), sorted(mine.keys() ^ theirs.keys())[:5]
-        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    converted = (convert_ldm_unet_checkpoint(out, unet_config), convert_ldm_vae_checkpoint(out, vae_config))
+    for part, mine, theirs in zip(("UNet", "VAE"), (unet, vae), converted, strict=True):
+        if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
+            differ = (
+                sorted(mine.keys() ^ theirs.keys())[:5] or [k for k in mine if not torch.equal(mine[k], theirs[k])][:5]
+            )
+            raise ConfigError(
+                f"single-file export: diffusers' converter does not read the {part} back unchanged ({differ}); "
+                "write the merged pipeline folder instead"
+            )
     return out
-
-
-def save_single_file(pipe: Any, path: Path) -> Path:
-    """Write :func:`to_ldm` of ``pipe`` to ``path``."""
-    save_file({k: v.contiguous() for k, v in to_ldm(pipe).items()}, str(path))
-    return path

@@ -9,7 +9,10 @@ The result loads into the un-adapted architecture with no visionlora code:
 - a diffusers model (UNet): a model folder (``config.json`` and
   ``diffusion_pytorch_model.safetensors``) that ``from_pretrained`` loads;
 - given the pipeline folder the UNet came from, a copy of that pipeline with its ``unet/``
-  replaced, which ``DiffusionPipeline.from_pretrained`` loads.
+  replaced, which ``DiffusionPipeline.from_pretrained`` loads;
+- given that pipeline (folder or loaded) and a ``.safetensors`` path, the whole Stable Diffusion
+  1.x pipeline as one original-layout checkpoint, which A1111, ComfyUI and diffusers'
+  ``from_single_file`` load.
 
 Files are written atomically, and folders are assembled under a temporary name and swapped in
 whole. An existing output is replaced only with ``overwrite=True``, and a folder only when it is an
@@ -23,6 +26,7 @@ import re
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +35,7 @@ from visionlora._tree import from_diffusers, require_module
 from visionlora.errors import ConfigError, MergeError
 from visionlora.inject import lora_layers, original_state_dict
 from visionlora.io.files import atomic_folder, refuse_existing, write_safetensors
+from visionlora.io.ldm import ldm_state_dict
 
 __all__ = ["export_merged", "merged_state_dict"]
 
@@ -67,7 +72,7 @@ def export_merged(
     path: str | os.PathLike[str],
     *,
     dtype: torch.dtype | None = None,
-    pipeline: str | os.PathLike[str] | None = None,
+    pipeline: str | os.PathLike[str] | Any = None,
     component: str = "unet",
     others: Mapping[str, nn.Module] | None = None,
     overwrite: bool = False,
@@ -77,7 +82,9 @@ def export_merged(
     For a diffusers model ``path`` is a model folder, or with ``pipeline`` (the pipeline folder the
     model was loaded from) a whole pipeline folder whose ``component`` subfolder holds the merged
     model; ``others`` merges more components the same way (e.g. ``{"text_encoder": text_encoder}``
-    for a text encoder with LoRA). Otherwise ``path`` is a ``.safetensors`` file. Files are written
+    for a text encoder with LoRA). A ``path`` ending in ``.safetensors`` with ``pipeline`` (its
+    folder, or the loaded pipeline, e.g. from a single-file checkpoint) gets one original-layout
+    SD 1.x checkpoint of the whole pipeline instead. Otherwise ``path`` is a ``.safetensors`` file. Files are written
     atomically and a folder appears complete or not at all. The models are not changed. Returns ``path``.
 
     Raises:
@@ -90,6 +97,7 @@ def export_merged(
         >>> vl.export_merged(model, "merged.safetensors", dtype=torch.float16)
         >>> torchvision.models.resnet50().load_state_dict(safetensors.torch.load_file("merged.safetensors"))
         >>> vl.export_merged(unet, "styled-pipeline", pipeline="sd15-pipeline")
+        >>> vl.export_merged(pipe.unet, "styled.safetensors", pipeline=pipe, others={"text_encoder": pipe.text_encoder})
     """
     path = Path(path)
     if not _is_library_model(model):
@@ -103,6 +111,10 @@ def export_merged(
         with atomic_folder(path, "config.json", overwrite=overwrite) as staging:
             _write_model_folder(staging, model, dtype)
         return path
+    if path.suffix == ".safetensors":
+        return _write_single_file(path, model, pipeline, component, others or {}, dtype, overwrite)
+    if not isinstance(pipeline, str | os.PathLike):
+        raise ConfigError("pipeline=: a merged pipeline folder is copied from the pipeline's folder; give its path")
     source = Path(pipeline)
     parts = {component: model, **(others or {})}
     for name in parts:
@@ -119,6 +131,45 @@ def export_merged(
         for name, part in parts.items():
             _write_model_folder(staging / name, part, dtype)
     return path
+
+
+def _write_single_file(
+    path: Path,
+    model: nn.Module,
+    pipeline: Any,
+    component: str,
+    others: Mapping[str, nn.Module],
+    dtype: torch.dtype | None,
+    overwrite: bool,
+) -> Path:
+    """The whole SD 1.x pipeline, merged, as one original-layout checkpoint (see :mod:`visionlora.io.ldm`)."""
+    parts = {component: model, **others}
+    unknown = sorted(set(parts) - {"unet", "vae", "text_encoder"})
+    if component != "unet" or unknown:
+        raise ConfigError(
+            f"single-file export: components {sorted(parts)}; a Stable Diffusion checkpoint holds 'unet', 'vae' and "
+            "'text_encoder'"
+        )
+    refuse_existing(path, overwrite)
+    if isinstance(pipeline, str | os.PathLike):
+        import diffusers
+
+        if not (Path(pipeline) / "model_index.json").is_file():
+            raise ConfigError(f"pipeline={pipeline}: not a diffusers pipeline folder (no model_index.json)")
+        pipeline = diffusers.DiffusionPipeline.from_pretrained(str(pipeline), safety_checker=None)
+    missing = [
+        n for n in ("vae", "text_encoder") if n not in parts and not isinstance(getattr(pipeline, n, None), nn.Module)
+    ]
+    if missing:
+        raise ConfigError(f"pipeline=: {type(pipeline).__name__} has no {missing}; give a Stable Diffusion pipeline")
+    states = {
+        n: merged_state_dict(parts.get(n) or getattr(pipeline, n), dtype=dtype) for n in ("unet", "vae", "text_encoder")
+    }
+    vae = parts.get("vae") or pipeline.vae
+    tensors = ldm_state_dict(states["unet"], states["vae"], states["text_encoder"], model.config, vae.config)
+    return write_safetensors(
+        path, {k: v.contiguous() for k, v in tensors.items()}, {"format": "pt"}, overwrite=overwrite
+    )
 
 
 def _check_component(name: str) -> None:

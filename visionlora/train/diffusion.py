@@ -411,22 +411,26 @@ def _finish(
         others = {"text_encoder": adapted[1]} if len(adapted) > 1 else {}
         if others:
             save_adapter(others["text_encoder"], out_dir / "adapter-text-encoder.safetensors", overwrite=True)
-        for fmt in recipe.output.export:  # the UNet's adapter (a text encoder's is in the visionlora file only)
-            export_adapter(
-                unet,
-                out_dir / f"adapter-{fmt}" if fmt == "peft" else out_dir / f"adapter-{fmt}.safetensors",
-                format=fmt,
-                overwrite=True,
-            )
+        text = others.get("text_encoder")
+        for fmt in recipe.output.export:
+            if fmt in ("peft", "visionlora"):  # one model per folder or file
+                suffix = "" if fmt == "peft" else ".safetensors"
+                export_adapter(unet, out_dir / f"adapter-{fmt}{suffix}", format=fmt, overwrite=True)
+                if text is not None:
+                    export_adapter(text, out_dir / f"adapter-{fmt}-text-encoder{suffix}", format=fmt, overwrite=True)
+            else:  # diffusers and kohya files hold the whole pipeline's LoRA
+                export_adapter(
+                    unet, out_dir / f"adapter-{fmt}.safetensors", format=fmt, text_encoder=text, overwrite=True
+                )
         folder = Path(recipe.model.pipeline)
         dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
         merged_dtype = dtypes[recipe.output.merged_dtype]
         if folder.is_dir():
             export_merged(unet, out_dir / "merged", pipeline=folder, dtype=merged_dtype, others=others, overwrite=True)
-        else:
-            export_merged(unet, out_dir / "merged-unet", dtype=merged_dtype, overwrite=True)
-            for name, part in others.items():
-                export_merged(part, out_dir / f"merged-{name.replace('_', '-')}", dtype=merged_dtype, overwrite=True)
+        else:  # a single-file base gives a single-file checkpoint in the same layout
+            export_merged(
+                unet, out_dir / "merged.safetensors", pipeline=pipe, dtype=merged_dtype, others=others, overwrite=True
+            )
         _sample_grid(pipe, adapted, recipe, out_dir / "report" / "samples.png")
         if losses:
             plot_losses(losses, out_dir / "report" / "loss.png")
