@@ -123,6 +123,12 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out (a folder only if it is an earlier export)"
+    )
+
+
 def _export(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else None
     out = export_adapter(
@@ -212,9 +218,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the .safetensors file to write; a folder for a diffusers model (a whole pipeline for a pipeline base)",
     )
     merge.add_argument("--dtype", choices=list(_DTYPES), help="dtype of the written weights (default: the base's)")
-    merge.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --out (a folder only if it is an earlier export)"
-    )
+    _add_overwrite(merge)
     merge.set_defaults(run=_merge)
 
     inspect = commands.add_parser(
@@ -245,9 +249,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a text encoder's adapter to put in the same diffusers/kohya file (a pipeline LoRA)",
     )
-    export.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --out (a folder only if it is an earlier export)"
-    )
+    _add_overwrite(export)
     export.set_defaults(run=_export)
 
     train = commands.add_parser(
