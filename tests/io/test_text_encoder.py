@@ -125,6 +125,9 @@ def test_wrong_components_are_refused_by_name(pipeline, tmp_path):
     # The text encoder's own visionlora file goes into a pipeline file too.
     path = vl.export_adapter(unet, tmp_path / "d.safetensors", format="diffusers", text_encoder=native)
     assert vl.read_adapter(path, component="text_encoder").layers == vl.read_adapter(native).layers
+    # So does a pipeline file's text-encoder part (not its UNet part).
+    again = vl.export_adapter(unet_only, tmp_path / "k2.safetensors", format="kohya", text_encoder=path)
+    assert vl.read_adapter(again, component="text_encoder").layers == vl.read_adapter(native).layers
 
 
 def test_kohya_export_warns_where_diffusers_would_drop_text_encoder_attention(pipeline, tmp_path, caplog):

@@ -186,8 +186,9 @@ def export_adapter(
     if text_encoder is not None:
         if isinstance(text_encoder, nn.Module):
             record = adapter_record(text_encoder, path, adapter_name)
-        else:
-            record = read_adapter(text_encoder)
+        else:  # a pipeline file's text-encoder part, or a one-model file's whole adapter
+            held = file_components(text_encoder)
+            record = read_adapter(text_encoder, component="text_encoder" if "text_encoder" in held else None)
         parts["text_encoder"] = dataclasses.replace(record, component="text_encoder")
     for part in parts.values():
         if part.flat_names:
