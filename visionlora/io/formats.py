@@ -75,9 +75,24 @@ def read_adapter(path: str | os.PathLike[str], *, component: str | None = None) 
     """
     if component is not None and component not in COMPONENTS:
         raise ConfigError(f"component {component!r} is not one of {list(COMPONENTS)}")
+    return _read(_open(path), component)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Opened:
+    """An adapter path with its format detected and, for single files, its tensors and header read once."""
+
+    path: Path
+    format: str
+    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    header: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _open(path: str | os.PathLike[str]) -> _Opened:
+    """Which format ``path`` holds (see :func:`read_adapter`); a file error naming what was found otherwise."""
     path = Path(path)
     if is_peft_folder(path) or (path.name == PEFT_WEIGHTS and is_peft_folder(path.parent)):
-        return _one_model(read_peft(path if path.is_dir() else path.parent), component)
+        return _Opened(path if path.is_dir() else path.parent, "peft")
     if path.is_dir():
         if not (path / LORA_WEIGHTS_FILE).is_file():
             raise file_error(
@@ -88,11 +103,11 @@ def read_adapter(path: str | os.PathLike[str], *, component: str | None = None) 
         path = path / LORA_WEIGHTS_FILE
     tensors, header = read_safetensors(path)
     if _claims_native(header):
-        return _one_model(read_native(path), component)
+        return _Opened(path, "visionlora")
     if is_kohya(tensors):
-        return read_kohya(path, tensors, header, component or COMPONENTS[0])
+        return _Opened(path, "kohya", tensors, header)
     if any(".lora_A." in k or ".lora_B." in k for k in tensors):
-        return read_diffusers(path, tensors, header, component or COMPONENTS[0])
+        return _Opened(path, "diffusers", tensors, header)
     keys = sorted(tensors)
     raise file_error(
         path,
@@ -100,8 +115,22 @@ def read_adapter(path: str | os.PathLike[str], *, component: str | None = None) 
     )
 
 
-def _one_model(file: AdapterFile, component: str | None) -> AdapterFile:
-    """A single-model file's record; asking it for a text encoder is an error."""
+def _components(opened: _Opened) -> list[str]:
+    """The pipeline components an opened file holds LoRA for: ``["unet"]`` for single-model formats."""
+    if opened.format == "kohya":
+        return kohya_components(opened.tensors)
+    if opened.format == "diffusers":
+        return diffusers_components(opened.tensors)
+    return [COMPONENTS[0]]
+
+
+def _read(opened: _Opened, component: str | None) -> AdapterFile:
+    """The record of ``component`` (default: the UNet, or the one model) in an opened file."""
+    if opened.format == "kohya":
+        return read_kohya(opened.path, opened.tensors, opened.header, component or COMPONENTS[0])
+    if opened.format == "diffusers":
+        return read_diffusers(opened.path, opened.tensors, opened.header, component or COMPONENTS[0])
+    file = read_peft(opened.path) if opened.format == "peft" else read_native(opened.path)
     if component not in (None, COMPONENTS[0]):
         raise file_error(
             file.path,
@@ -112,18 +141,12 @@ def _one_model(file: AdapterFile, component: str | None) -> AdapterFile:
 
 
 def file_components(path: str | os.PathLike[str]) -> list[str]:
-    """The pipeline components an adapter file holds LoRA for: ``["unet"]`` for single-model formats."""
-    path = Path(path)
-    if path.is_dir() and (path / LORA_WEIGHTS_FILE).is_file() and not is_peft_folder(path):
-        path = path / LORA_WEIGHTS_FILE
-    if path.is_dir() or path.name == PEFT_WEIGHTS:
-        return [COMPONENTS[0]]
-    tensors, header = read_safetensors(path)
-    if _claims_native(header):
-        return [COMPONENTS[0]]
-    if is_kohya(tensors):
-        return kohya_components(tensors)
-    return diffusers_components(tensors)
+    """The pipeline components an adapter file holds LoRA for: ``["unet"]`` for single-model formats.
+
+    Raises:
+        AdapterFileError: as :func:`read_adapter`, for a path that holds no adapter.
+    """
+    return _components(_open(path))
 
 
 def export_adapter(
@@ -182,13 +205,14 @@ def export_adapter(
         parts = {COMPONENTS[0]: adapter_record(model_or_file, path, adapter_name)}
         model_state = original_state_dict(model_or_file)
     else:
-        parts = {c: read_adapter(model_or_file, component=c) for c in file_components(model_or_file)}
+        opened = _open(model_or_file)
+        parts = {c: _read(opened, c) for c in _components(opened)}
     if text_encoder is not None:
         if isinstance(text_encoder, nn.Module):
             record = adapter_record(text_encoder, path, adapter_name)
         else:  # a pipeline file's text-encoder part, or a one-model file's whole adapter
-            held = file_components(text_encoder)
-            record = read_adapter(text_encoder, component="text_encoder" if "text_encoder" in held else None)
+            opened = _open(text_encoder)
+            record = _read(opened, "text_encoder" if "text_encoder" in _components(opened) else None)
         parts["text_encoder"] = dataclasses.replace(record, component="text_encoder")
     for part in parts.values():
         if part.flat_names:

@@ -157,16 +157,14 @@ def _write_single_file(
         if not (Path(pipeline) / "model_index.json").is_file():
             raise ConfigError(f"pipeline={pipeline}: not a diffusers pipeline folder (no model_index.json)")
         pipeline = diffusers.DiffusionPipeline.from_pretrained(str(pipeline), safety_checker=None)
-    missing = [
-        n for n in ("vae", "text_encoder") if n not in parts and not isinstance(getattr(pipeline, n, None), nn.Module)
-    ]
+    modules: dict[str, Any] = {
+        n: parts[n] if n in parts else getattr(pipeline, n, None) for n in ("unet", "vae", "text_encoder")
+    }
+    missing = [n for n, module in modules.items() if not isinstance(module, nn.Module)]
     if missing:
         raise ConfigError(f"pipeline=: {type(pipeline).__name__} has no {missing}; give a Stable Diffusion pipeline")
-    states = {
-        n: merged_state_dict(parts.get(n) or getattr(pipeline, n), dtype=dtype) for n in ("unet", "vae", "text_encoder")
-    }
-    vae = parts.get("vae") or pipeline.vae
-    tensors = ldm_state_dict(states["unet"], states["vae"], states["text_encoder"], model.config, vae.config)
+    states = {n: merged_state_dict(module, dtype=dtype) for n, module in modules.items()}
+    tensors = ldm_state_dict(states["unet"], states["vae"], states["text_encoder"], model.config, modules["vae"].config)
     return write_safetensors(
         path, {k: v.contiguous() for k, v in tensors.items()}, {"format": "pt"}, overwrite=overwrite
     )
