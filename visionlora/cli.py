@@ -141,10 +141,13 @@ def _export(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from visionlora.train import load_recipe, run_recipe
+    from visionlora.train.loop import is_main_process
 
     recipe = load_recipe(args.recipe, args.set or [])
     resume = args.resume
     metrics = run_recipe(recipe, output=args.output, resume=resume, overwrite=args.overwrite)
+    if not is_main_process():  # under accelerate launch, one summary for the run
+        return 0
     out = args.output or recipe.output.dir
     if "val_accuracy" in metrics:
         summary_line = (

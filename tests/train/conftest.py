@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,15 @@ def digit_folder(root: Path, digits: tuple[int, ...] = (0, 1, 2), per_class: int
         Image.fromarray(pixels).resize((16, 16)).save(folder / f"{counts[label]:03d}.png")
         counts[label] += 1
     return root
+
+
+def torchrun(processes: int) -> list[str]:
+    """The start of a command line running ``processes`` CPU processes under torchrun on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    return [*run, "--nproc_per_node", str(processes), "--master_port", str(port)]
 
 
 def tiny_recipe(data: Path, **train: object) -> dict:

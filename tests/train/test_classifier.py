@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import torchvision
 from safetensors.torch import load_file
 
 import visionlora as vl
-from tests.train.conftest import tiny_recipe
+from tests.train.conftest import tiny_recipe, torchrun
 from visionlora.cli import main
 from visionlora.train import dump_recipe, load_recipe, run_recipe
 from visionlora.train.checkpoint import checkpoint_dirs
@@ -145,27 +144,12 @@ def test_every_shipped_classifier_recipe_runs(path, digits_root, tmp_path):
     assert metrics["steps"] == 1 and (tmp_path / "run" / "merged.safetensors").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_two_processes_give_the_adapter_of_one_with_the_same_global_batch(digits_root, tmp_path):
     path = Path(__file__).parents[2] / "recipes" / "classifier-tiny.yaml"
     sets = ["--set", f"data.root={digits_root}", "--set", "train.max_steps=3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = [sys.executable, "-m", "visionlora", "train", str(path), *sets, "--output", str(tmp_path / "one")]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-    ]
-    two = [*torchrun, "-m", "visionlora", "train", str(path), *sets, "--output", str(tmp_path / "two")]
+    two = [*torchrun(2), "-m", "visionlora", "train", str(path), *sets, "--output", str(tmp_path / "two")]
     for argv in (one, two):
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]

@@ -31,6 +31,7 @@ from torch import nn
 from visionlora.config import is_finite_number
 from visionlora.errors import AdapterFileError, ConfigError, TrainingError
 from visionlora.io.files import read_safetensors, swap_folder, write_safetensors, write_text
+from visionlora.train.sharding import full_tensor, like_param, trained_tensors
 
 __all__ = ["checkpoint_dirs", "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "save_checkpoint"]
 
@@ -84,12 +85,6 @@ def _remove(folder: Path) -> None:
     except OSError:
         return
     shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = model.state_dict(keep_vars=True)
-    params = {id(p) for p in model.parameters()}
-    return {k: v.detach() for k, v in state.items() if (id(v) not in params) or getattr(v, "requires_grad", False)}
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -185,13 +180,14 @@ def _same_structure(found: Any, expected: Any) -> bool:
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The optimizer's tensors, whole (gathered when sharded: every process calls), and its JSON header."""
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value
+                tensors[f"{index}.{key}"] = full_tensor(value)
             else:
                 scalars.setdefault(str(index), {})[key] = value
     return tensors, {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
@@ -217,7 +213,7 @@ def _optimizer_state_dict(
             raise AdapterFileError(f"{where}: tensor {key!r} {tuple(value.shape)} is no state of this run's parameters")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise AdapterFileError(f"{where}: tensor {key!r} holds NaN or Inf")
-        state.setdefault(i, {})[name] = value
+        state.setdefault(i, {})[name] = like_param(value, params[i])
     scalars = _json_entry(where, header, "scalars")
     if not isinstance(scalars, dict):
         raise AdapterFileError(f"{where}: header entry 'scalars' is not a JSON object")
@@ -252,7 +248,8 @@ def save_checkpoint(
     Raises:
         TrainingError: a trained tensor holds NaN/Inf (nothing is written; every process raises).
     """
-    trainable = _trainable_state(model)
+    trainable = {k: full_tensor(v) for k, v in trained_tensors(model).items()}
+    opt_tensors, opt_header = _optimizer_state(optimizer)
     bad = [k for k, v in trainable.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         kept = checkpoint_dirs(root)
@@ -272,7 +269,6 @@ def save_checkpoint(
     wait()
     if rank == 0:
         write_safetensors(tmp / "trainable.safetensors", trainable, {"format": "pt"})
-        opt_tensors, opt_header = _optimizer_state(optimizer)
         write_safetensors(tmp / "optimizer.safetensors", opt_tensors, opt_header)
         write_text(tmp / "state.json", json.dumps({**state, "world_size": world_size}, indent=1))
         old = root / f".old-step-{step:06d}"
@@ -309,7 +305,7 @@ def load_checkpoint(
     rng = read_safetensors(rng_file) if rng_file.is_file() else None
     current = model.state_dict()
     bad = sorted(k for k, v in trainable.items() if k not in current or current[k].shape != v.shape)
-    missing = sorted(k for k in _trainable_state(model) if k not in trainable)
+    missing = sorted(k for k in trained_tensors(model) if k not in trainable)
     if bad or missing:
         raise AdapterFileError(
             f"{folder}: does not fit this run's model: unknown or reshaped {bad[:10]}, missing {missing[:10]}"
@@ -338,7 +334,7 @@ def load_checkpoint(
     for key, obj in objects.items():
         if state[key] is not None:
             obj.load_state_dict(state[key])
-    model.load_state_dict(trainable, strict=False)
+    model.load_state_dict({k: like_param(v, current[k]) for k, v in trainable.items()}, strict=False)
     return state
 
 

@@ -37,6 +37,7 @@ from visionlora.train.loop import (
 )
 from visionlora.train.recipe import ClassifierData, ClassifierModel, ClassifierRecipe
 from visionlora.train.report import confusion_matrix, macro_f1, plot_confusion, plot_curves
+from visionlora.train.sharding import check_fsdp, keep_whole, whole_model
 
 __all__ = ["build_classifier", "run_classifier"]
 
@@ -151,6 +152,8 @@ def run_classifier(
     steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
     total = total_steps(train, steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train.warmup_steps, total))
+    check_fsdp(accelerator, model)
+    kept = keep_whole(accelerator, network)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
     step, epoch, start_batch, history, elapsed, epoch_losses = 0, 0, 0, [], 0.0, []
@@ -225,7 +228,7 @@ def run_classifier(
     if last_val is None:  # resumed from a checkpoint taken after the last step
         last_val = _validate(model, val_loader, accelerator, len(classes))
     seconds = time.perf_counter() - started
-    metrics = _finish(accelerator, recipe, out_dir, network, history, last_val, classes, seconds, step)
+    metrics = _finish(accelerator, recipe, out_dir, network, kept, history, last_val, classes, seconds, step)
     if train.log_with:
         accelerator.end_training()
     return metrics
@@ -236,6 +239,7 @@ def _finish(
     recipe: ClassifierRecipe,
     out_dir: Path,
     model: nn.Module,
+    kept: nn.Module | None,
     history: list[dict[str, Any]],
     last_val: dict[str, Any],
     classes: list[str],
@@ -258,6 +262,7 @@ def _finish(
         "history": history,
         "confusion": last_val["confusion"].tolist(),
     }
+    model = whole_model(model, kept)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model.eval()

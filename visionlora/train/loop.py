@@ -18,6 +18,7 @@ from visionlora.errors import ConfigError, TrainingError
 from visionlora.io.files import write_text
 from visionlora.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from visionlora.train.recipe import Train, dump_recipe
+from visionlora.train.sharding import full_tensor, is_fsdp, local_tensor
 
 __all__ = [
     "NonFiniteSteps",
@@ -174,9 +175,14 @@ class NonFiniteSteps:
         self.in_a_row = 0
 
 
-def _finite_grads(params: Sequence[torch.Tensor]) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+def _finite_grads(accelerator: Any, params: Sequence[torch.Tensor]) -> bool:
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+    finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    if not is_fsdp(accelerator):
+        return finite
+    # Each process holds a part of every gradient: all must agree.
+    count = accelerator.reduce(torch.tensor([float(finite)], device=accelerator.device), reduction="sum")
+    return bool(count.item() == accelerator.num_processes)
 
 
 def optimizer_step(
@@ -208,10 +214,10 @@ def optimizer_step(
         return None
     scaler = accelerator.scaler
     if max_grad_norm is not None:
-        norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))  # unscales first under fp16
+        norm = float(full_tensor(accelerator.clip_grad_norm_(params, max_grad_norm)))  # unscales first under fp16
         finite = math.isfinite(norm)
     else:
-        norm, finite = math.nan, scaler is not None or _finite_grads(params)
+        norm, finite = math.nan, scaler is not None or _finite_grads(accelerator, params)
     if scaler is None and not finite:
         optimizer.zero_grad(set_to_none=True)
         guard.skip(step, "the gradients hold NaN/Inf" + (f" (norm {norm})" if max_grad_norm else ""), log)

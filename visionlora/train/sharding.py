@@ -1,0 +1,147 @@
+"""Recipes under FSDP (``accelerate launch`` with FSDP version 2): what changes when parameters are sharded.
+
+With FSDP2 every parameter (and its gradient and optimizer state) becomes a DTensor holding
+1/N of it on each of N processes. The runners keep files whole: a checkpoint holds full
+tensors, gathered by every process and written by the first; a resumed run shards them again
+the way the live parameters are sharded; the final adapter and merged checkpoint are written
+from the whole model, gathered once at the end.
+
+A LoRA layer must stay inside one FSDP unit: its fast path reads the base weight and A, B
+together, so a wrap policy that would shard the base layer or an adapter on its own is refused
+before anything is sharded (:func:`check_fsdp`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from visionlora.errors import ConfigError
+from visionlora.layers import LoraLayer
+
+__all__ = [
+    "check_fsdp",
+    "full_tensor",
+    "is_fsdp",
+    "keep_whole",
+    "like_param",
+    "local_tensor",
+    "trained_tensors",
+    "whole_model",
+]
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed support, or older than DTensor's public module
+        return None
+    return DTensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every process if ``tensor`` is sharded (every process must call),
+    else ``tensor`` itself."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(tensor, dtensor):
+        return tensor.full_tensor()
+    return tensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``tensor`` (all of it when it is not sharded)."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(tensor, dtensor):
+        return tensor.to_local()
+    return tensor
+
+
+def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor ``value`` sharded the way ``param`` is (``value`` itself when ``param`` is not sharded)."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(param, dtensor) or value.shape != param.shape:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    # Every process read the same whole tensor: each keeps its part, nothing is sent.
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def is_fsdp(accelerator: Any) -> bool:
+    """Whether ``accelerator`` shards models with FSDP."""
+    from accelerate.utils import DistributedType
+
+    return bool(accelerator.distributed_type == DistributedType.FSDP)
+
+
+def check_fsdp(accelerator: Any, model: nn.Module) -> None:
+    """Refuse an FSDP set-up that cannot train ``model``'s LoRA layers, before anything is sharded.
+
+    Raises:
+        ConfigError: FSDP version 1, or a wrap policy that would shard a module inside a LoRA layer.
+    """
+    if not is_fsdp(accelerator):
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ConfigError(
+            f"FSDP version {plugin.fsdp_version}: visionlora trains under FSDP version 2 only (frozen and "
+            "trained parameters side by side need per-parameter sharding); set fsdp_version: 2 in the accelerate "
+            "config or pass --fsdp_version 2 to accelerate launch"
+        )
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    plugin.set_auto_wrap_policy(model)  # what accelerate's prepare does first (a no-op when done already)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    if policy is None:
+        return
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        inner = [(f"{name}.{sub}", m) for sub, m in module.named_modules() if sub and policy(m)]
+        if inner:
+            largest = max(sum(p.numel() for p in m.parameters()) for _, m in module.named_modules() if _)
+            raise ConfigError(
+                f"FSDP wrap policy: it would shard {inner[0][0]} ({type(inner[0][1]).__name__}) on its own, inside "
+                f"the LoRA layer {name}; a LoRA layer must stay in one FSDP unit. Wrap whole blocks "
+                "(fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP with fsdp_transformer_layer_cls_to_wrap naming the "
+                f"block class) or set fsdp_min_num_params to {largest} or more"
+            )
+
+
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes in ``model``: every parameter that trains and every persistent buffer
+    (state-dict names; sharded tensors stay sharded)."""
+    state = model.state_dict(keep_vars=True)
+    params = {id(p) for p in model.parameters()}
+    return {k: v.detach() for k, v in state.items() if (id(v) not in params) or getattr(v, "requires_grad", False)}
+
+
+def keep_whole(accelerator: Any, model: nn.Module) -> nn.Module | None:
+    """Under FSDP, a copy of ``model`` on the main process, taken before it is sharded (None elsewhere).
+
+    The run's results are written from it at the end (:func:`whole_model`): FSDP frees a
+    parameter's whole tensor again whenever the model is used, so the sharded model itself cannot
+    be written. It costs one model's size in CPU memory on the main process.
+    """
+    if not is_fsdp(accelerator) or not accelerator.is_main_process:
+        return None
+    return copy.deepcopy(model).cpu()
+
+
+def whole_model(model: nn.Module, kept: nn.Module | None) -> nn.Module:
+    """The trained model, whole: ``model`` itself, or under FSDP ``kept`` (from :func:`keep_whole`) with
+    ``model``'s trained tensors gathered into it. Every process must call this; under FSDP only the
+    main process gets a model (the others get ``model``, still sharded)."""
+    dtensor = _dtensor_type()
+    state = trained_tensors(model)
+    if dtensor is None or not any(isinstance(v, dtensor) for v in model.parameters()):
+        return model
+    whole = {k: full_tensor(v).cpu() for k, v in state.items()}  # a collective: in the same order everywhere
+    if kept is None:
+        return model
+    kept.load_state_dict(whole, strict=False)
+    return kept
