@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionlora.errors import ConfigError
+from visionlora.errors import ConfigError, TrainingError
 from visionlora.layers import LoraLayer
 
 __all__ = [
@@ -42,32 +42,34 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
+def _sharded(tensor: torch.Tensor) -> Any:
+    """``tensor`` as a DTensor if it is one, else None."""
+    dtensor = _dtensor_type()
+    return tensor if dtensor is not None and isinstance(tensor, dtensor) else None
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor: gathered from every process if ``tensor`` is sharded (every process must call),
     else ``tensor`` itself."""
-    dtensor = _dtensor_type()
-    if dtensor is not None and isinstance(tensor, dtensor):
-        return tensor.full_tensor()
-    return tensor
+    sharded = _sharded(tensor)
+    return tensor if sharded is None else sharded.full_tensor()
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of ``tensor`` (all of it when it is not sharded)."""
-    dtensor = _dtensor_type()
-    if dtensor is not None and isinstance(tensor, dtensor):
-        return tensor.to_local()
-    return tensor
+    sharded = _sharded(tensor)
+    return tensor if sharded is None else sharded.to_local()
 
 
 def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A whole tensor ``value`` sharded the way ``param`` is (``value`` itself when ``param`` is not sharded)."""
-    dtensor = _dtensor_type()
-    if dtensor is None or not isinstance(param, dtensor) or value.shape != param.shape:
+    sharded = _sharded(param)
+    if sharded is None or value.shape != param.shape:
         return value
     from torch.distributed.tensor import distribute_tensor
 
     # Every process read the same whole tensor: each keeps its part, nothing is sent.
-    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return distribute_tensor(value.to(param.device), sharded.device_mesh, sharded.placements, src_data_rank=None)
 
 
 def is_fsdp(accelerator: Any) -> bool:
@@ -136,12 +138,13 @@ def whole_model(model: nn.Module, kept: nn.Module | None) -> nn.Module:
     """The trained model, whole: ``model`` itself, or under FSDP ``kept`` (from :func:`keep_whole`) with
     ``model``'s trained tensors gathered into it. Every process must call this; under FSDP only the
     main process gets a model (the others get ``model``, still sharded)."""
-    dtensor = _dtensor_type()
-    state = trained_tensors(model)
-    if dtensor is None or not any(isinstance(v, dtensor) for v in model.parameters()):
+    if not any(_sharded(p) is not None for p in model.parameters()):
         return model
+    state = trained_tensors(model)
     whole = {k: full_tensor(v).cpu() for k, v in state.items()}  # a collective: in the same order everywhere
     if kept is None:
         return model
-    kept.load_state_dict(whole, strict=False)
+    unexpected = kept.load_state_dict(whole, strict=False).unexpected_keys
+    if unexpected:  # the kept copy is the model before sharding: the same names, or a bug
+        raise TrainingError(f"the sharded model's tensors {unexpected[:5]} have no place in the kept whole copy")
     return kept
