@@ -14,10 +14,11 @@ import sys
 
 
 def main() -> None:
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     import visionlora.train.classifier as classifier
+    import visionlora.train.diffusion as diffusion
     import visionlora.train.loop as loop
 
     made = loop.make_accelerator
@@ -32,9 +33,11 @@ def main() -> None:
         state = AcceleratorState()
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, **policy)
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate's own set-up does
+        assert accelerator.distributed_type == DistributedType.FSDP
         return accelerator
 
-    classifier.make_accelerator = make_fsdp_accelerator
+    classifier.make_accelerator = diffusion.make_accelerator = make_fsdp_accelerator
     from visionlora.cli import main as cli
 
     sys.exit(cli(sys.argv[1:]))

@@ -168,41 +168,79 @@ def test_trainable_modules_train_in_the_style_recipe_and_the_cli_summarises(styl
     assert (after - before).abs().max() > 0
 
 
-def test_two_processes_train_the_adapter_of_one(style, tmp_path):
+def test_two_processes_ddp_and_fsdp_train_the_adapter_of_one(style, tmp_path):
     import json
     import os
-    import socket
     import subprocess
     import sys
 
+    from tests.train.conftest import torchrun
     from visionlora.train import dump_recipe
 
-    path = tmp_path / "r.yaml"
+    path, sampled = tmp_path / "r.yaml", tmp_path / "sampled.yaml"
     recipe = _recipe(style, max_steps=3)
     recipe.data.batch_size = 4
     recipe.validation.prompts = []
     path.write_text(dump_recipe(recipe))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    for argv in (
-        [sys.executable, "-m", "visionlora", "train", str(path), "--output", str(tmp_path / "one")],
-        [*torchrun, "-m", "visionlora", "train", str(path), "--output", str(tmp_path / "two")],
-    ):
+    recipe.validation.prompts, recipe.validation.every = ["a cat"], 2  # under FSDP every process samples
+    sampled.write_text(dump_recipe(recipe))
+    from pathlib import Path
+
+    repo = str(Path(__file__).parents[2])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VISIONLORA_TEST_FSDP_WRAP": "BasicTransformerBlock"}
+    env["PYTHONPATH"] = os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])
+    launcher = str(Path(__file__).with_name("fsdp_cpu.py"))
+    runs = {
+        "one": [sys.executable, "-m", "visionlora", "train", str(path)],
+        "ddp": [*torchrun(2), "-m", "visionlora", "train", str(path)],
+        "fsdp": [*torchrun(2), launcher, "train", str(sampled)],
+    }
+    for name, argv in runs.items():
+        argv = [*argv, "--output", str(tmp_path / name)]
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["processes"] == 2
+        assert done.returncode == 0, done.stderr[-3000:]
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["processes"] == (1 if name == "one" else 2)
+        assert metrics["distributed"] == {"one": "NO", "ddp": "MULTI_CPU", "fsdp": "FSDP"}[name]
     # Same global batch, noise and timesteps; only float sums run in another order. Adam turns that into
     # ~1e-3 relative differences in near-zero LoRA entries, so compare what the adapters do to the outputs.
     unet = diffusers.UNet2DConditionModel.from_pretrained(style / "pipe" / "unet").eval()
     one = vl.load_adapter(copy.deepcopy(unet), tmp_path / "one" / "adapter.safetensors")
-    two = vl.load_adapter(copy.deepcopy(unet), tmp_path / "two" / "adapter.safetensors")
     with torch.no_grad():
-        base, a, b = (m(**unet_input()).sample for m in (unet, one, two))
-    print("relative difference of the adapters' effect", float((a - b).abs().max() / (a - base).abs().max()))
-    assert (a - b).abs().max() <= 1e-3 * (a - base).abs().max()
+        base, a = unet(**unet_input()).sample, one(**unet_input()).sample
+        for name in ("ddp", "fsdp"):
+            b = vl.load_adapter(copy.deepcopy(unet), tmp_path / name / "adapter.safetensors")(**unet_input()).sample
+            relative = float((a - b).abs().max() / (a - base).abs().max())
+            print(name, "relative difference of the adapters' effect", relative)
+            assert (a - b).abs().max() <= 1e-3 * (a - base).abs().max(), name
+            merged = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / name / "merged" / "unet").eval()
+            assert (merged(**unet_input()).sample - b).abs().max() <= 1e-4 * b.abs().max(), name
+    for png in ("samples-step000002.png", "samples.png"):
+        assert (tmp_path / "fsdp" / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_text_encoder_lora_under_fsdp_is_refused_by_name_before_training(style, tmp_path, monkeypatch):
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    import visionlora.train.diffusion as diffusion
+
+    made = diffusion.make_accelerator
+
+    class FSDPAccelerator:  # what accelerate launch --use_fsdp --fsdp_version 2 gives on GPUs
+        def __init__(self, *args: object) -> None:
+            self.real = made(*args)
+            self.distributed_type = DistributedType.FSDP
+            self.state = type("State", (), {"fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=2)})()
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(diffusion, "make_accelerator", FSDPAccelerator)
+    recipe = _recipe(style, max_steps=1)
+    recipe.text_encoder_lora = vl.LoraConfig(targets=["*.self_attn.q_proj"], rank=2)
+    with pytest.raises(vl.ConfigError, match=r"text_encoder_lora: not trained under FSDP yet.*DDP"):
+        run_recipe(recipe, output=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_text_encoder_lora_trains_is_saved_merged_into_the_pipeline_and_resumes(style, tmp_path):

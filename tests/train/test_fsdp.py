@@ -50,7 +50,8 @@ def test_two_fsdp_processes_train_resume_and_write_what_one_process_does(digits_
     for argv, out in (([sys.executable, "-m", "visionlora"], tmp_path / "one"), (fsdp, tmp_path / "two")):
         done = _train(argv, out, *sets)
         assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["processes"] == 2
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["distributed"] == "FSDP"
     one, two = tmp_path / "one", tmp_path / "two"
     # Documented tolerance: 1e-4 of each tensor's largest value, as for DDP.
     _close(load_file(one / "adapter.safetensors"), load_file(two / "adapter.safetensors"), 1e-4)

@@ -258,6 +258,7 @@ def _finish(
         "trainable_percent": 100.0 * trainable / total,
         "seconds": seconds,
         "processes": accelerator.num_processes,
+        "distributed": str(accelerator.distributed_type.value),  # NO, MULTI_GPU, MULTI_CPU, FSDP, ...
         "classes": classes,
         "history": history,
         "confusion": last_val["confusion"].tolist(),

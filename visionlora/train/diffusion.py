@@ -40,6 +40,7 @@ from visionlora.train.loop import (
 )
 from visionlora.train.recipe import DiffusionModel, DiffusionRecipe
 from visionlora.train.report import plot_losses
+from visionlora.train.sharding import check_fsdp, is_fsdp, keep_whole, whole_model
 
 __all__ = ["load_pipeline", "min_snr_weights", "noise_target", "run_diffusion", "style_items"]
 
@@ -193,8 +194,10 @@ def _flips(seed: int, epoch: int, indices: list[int], random_flip: bool) -> list
     ]
 
 
-def _sample_grid(pipe: Any, adapted: list[nn.Module], recipe: DiffusionRecipe, path: Path) -> Path | None:
-    """Base | adapted samples from the same seeds, one row per prompt, saved as a PNG."""
+def _sample_grid(
+    pipe: Any, adapted: list[nn.Module], recipe: DiffusionRecipe, path: Path, write: bool = True
+) -> Path | None:
+    """Base | adapted samples from the same seeds, one row per prompt, saved as a PNG (if ``write``)."""
     from PIL import Image
 
     val = recipe.validation
@@ -221,6 +224,8 @@ def _sample_grid(pipe: Any, adapted: list[nn.Module], recipe: DiffusionRecipe, p
             rows.append(row)
     for part in adapted:
         enable_adapters(part)
+    if not write:
+        return None
     size = rows[0][0].size
     grid = Image.new("RGB", (size[0] * 2, size[1] * len(rows)))
     for r, row in enumerate(rows):
@@ -278,6 +283,13 @@ def run_diffusion(
     per_epoch = len(batches)
     steps_per_epoch = math.ceil(per_epoch / train.grad_accum)
     total = total_steps(train, steps_per_epoch)
+    check_fsdp(accelerator, unet)
+    if is_fsdp(accelerator) and len(adapted) > 1:
+        raise ConfigError(
+            "text_encoder_lora: not trained under FSDP yet (accelerate's FSDP2 shards one model per run); "
+            "train it under DDP (accelerate launch without --use_fsdp) or leave text_encoder_lora out"
+        )
+    kept = keep_whole(accelerator, unet)
     optimizer = torch.optim.AdamW(param_groups(trained, train))
     trainable = [p for p in trained.parameters() if p.requires_grad]
     guard = NonFiniteSteps(train.max_nonfinite_steps, out_dir)
@@ -301,6 +313,8 @@ def run_diffusion(
     started = time.perf_counter() - elapsed
     alphas_cumprod = noise_scheduler.alphas_cumprod
     rank = accelerator.process_index
+    # A sharded UNet runs on every process at once; otherwise the main process samples alone.
+    samples_here = accelerator.is_main_process or is_fsdp(accelerator)
     while step < total:
         batches.set_position(epoch, start_batch)
         model.train()
@@ -354,8 +368,9 @@ def run_diffusion(
             bar.update(1)
             if train.log_with:
                 accelerator.log({"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=step)
-            if recipe.validation.every and step % recipe.validation.every == 0 and accelerator.is_main_process:
-                _sample_grid(pipe, adapted, recipe, out_dir / "report" / f"samples-step{step:06d}.png")
+            if recipe.validation.every and step % recipe.validation.every == 0 and samples_here:
+                path = out_dir / "report" / f"samples-step{step:06d}.png"
+                _sample_grid(pipe, adapted, recipe, path, write=accelerator.is_main_process)
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < total:
                 write_checkpoint(
                     accelerator,
@@ -377,6 +392,9 @@ def run_diffusion(
         epoch += 1
     bar.close()
     seconds = time.perf_counter() - started
+    if is_fsdp(accelerator):  # sampled while sharded, on every process; then gathered whole
+        _sample_grid(pipe, adapted, recipe, out_dir / "report" / "samples.png", write=accelerator.is_main_process)
+        adapted = [whole_model(unet, kept)]
     return _finish(accelerator, recipe, pipe, adapted, out_dir, losses, seconds, step, len(items))
 
 
@@ -399,6 +417,7 @@ def _finish(
         "loss_last": sum(losses[-window:]) / window if losses else None,
         "seconds": seconds,
         "processes": accelerator.num_processes,
+        "distributed": str(accelerator.distributed_type.value),  # NO, MULTI_GPU, MULTI_CPU, FSDP, ...
         "losses": losses,
     }
     accelerator.wait_for_everyone()
@@ -431,7 +450,8 @@ def _finish(
             export_merged(
                 unet, out_dir / "merged.safetensors", pipeline=pipe, dtype=merged_dtype, others=others, overwrite=True
             )
-        _sample_grid(pipe, adapted, recipe, out_dir / "report" / "samples.png")
+        if not is_fsdp(accelerator):
+            _sample_grid(pipe, adapted, recipe, out_dir / "report" / "samples.png")
         if losses:
             plot_losses(losses, out_dir / "report" / "loss.png")
         write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
