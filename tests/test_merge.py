@@ -207,3 +207,17 @@ def test_merge_and_unload_gives_original_classes_and_same_outputs():
     assert list(plain.state_dict()) == list(base.state_dict())
     assert "_visionlora_configs" not in plain.__dict__
     assert base.load_state_dict(plain.state_dict(), strict=True)
+
+
+def test_the_merge_finiteness_check_is_exact_even_when_the_sum_overflows():
+    from visionlora.layers import all_finite
+
+    big = torch.full((4,), 3e38)  # every element finite, their float32 sum is not
+    assert all_finite(big) and all_finite(torch.zeros(3, dtype=torch.int64))
+    assert all_finite(torch.full((1000,), 60000.0, dtype=torch.float16))  # summed in float32, not fp16
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            t = torch.ones(5, dtype=dtype)
+            t[3] = bad
+            assert not all_finite(t), (bad, dtype)
+    assert not all_finite(torch.tensor([float("inf"), float("-inf")]))  # their sum is NaN

@@ -121,6 +121,17 @@ def conv_delta(a: Tensor, b: Tensor, scale: float, groups: int) -> Tensor:
     return (torch.matmul(b_groups, a_groups) * scale).reshape(out, *a.shape[1:])
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite.
+
+    One reduction: a NaN or Inf anywhere makes the float32 sum non-finite. Only a sum that
+    overflows although every element is finite needs the element-wise check.
+    """
+    if not t.is_floating_point():
+        return True
+    return math.isfinite(t.sum(dtype=torch.float32).item()) or bool(torch.isfinite(t).all())
+
+
 ConvGroups = Literal["per_group", "shared"]
 """Layout of a grouped conv's adapter: one rank-r pair per group, or one shared factorisation."""
 
@@ -316,13 +327,21 @@ class LoraLayer(nn.Module, abc.ABC):
             MergeError: if the result holds NaN or Inf (fp16 overflow included).
         """
         weight = self.base.weight
-        new = (weight.detach().float() + self.delta_weight(torch.float32)).to(weight.dtype)
-        if not torch.isfinite(new).all():
+        new = weight.detach().float()
+        for name, w in self.active.items():
+            adapter = self.adapter(name)
+            new = self._add_delta(new, adapter.lora_A.float(), adapter.lora_B.float(), w * adapter.scale)
+        new = new.to(weight.dtype)
+        if not all_finite(new):
             raise MergeError(
                 f"merging into {type(self.base).__name__} weight {tuple(weight.shape)} ({weight.dtype}) "
                 "gives NaN/Inf; the weights were left untouched"
             )
         return new
+
+    def _add_delta(self, weight: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+        """weight + ΔW of one adapter, as a new tensor (``weight`` is left as it is)."""
+        return weight + self._delta(a, b, scale)
 
     def commit_merge(self, new_weight: Tensor) -> None:
         """Write a weight from :meth:`merged_weight`, keeping the original for :meth:`unmerge`."""
@@ -473,6 +492,9 @@ class LoraLinear(LoraLayer):
 
     def _delta(self, a: Tensor, b: Tensor, scale: float) -> Tensor:
         return linear_delta(a, b, scale)
+
+    def _add_delta(self, weight: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+        return torch.addmm(weight, b, a, alpha=scale)  # W + scale · B @ A in one kernel
 
     def _branch(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         return F.linear(F.linear(x, a), b)
