@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -219,30 +220,34 @@ def inference_table(
     return interleaved({n: runner(m) for n, m in models.items()}, args.repeats, args.per_round, args.device)
 
 
-def unet_io_table(ours: nn.Module, theirs: nn.Module) -> dict[str, float]:
+def unet_io_table(ours: nn.Module, theirs: nn.Module, repeats: int) -> dict[str, float]:
+    """Median seconds of merging and unmerging every adapter of the UNet (both tools), and of saving
+    and loading ours; rounds interleaved."""
     import peft
 
-    out: dict[str, float] = {}
+    layers = [m for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, action: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = action()
+        times.setdefault(name, []).append(time.perf_counter() - start)
+        return result
+
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        vl.merge(ours)
-        out["visionlora merge"] = time.perf_counter() - t
-        vl.unmerge(ours)
-        t = time.perf_counter()
-        for module in theirs.modules():
-            if isinstance(module, peft.tuners.lora.LoraLayer):
-                module.merge()
-        out["peft merge"] = time.perf_counter() - t
-        t = time.perf_counter()
-        path = vl.save_adapter(ours, Path(tmp) / "a.safetensors")
-        out["visionlora save"] = time.perf_counter() - t
         fresh = copy.deepcopy(ours)
         for name in vl.list_adapters(fresh):
             vl.delete_adapter(fresh, name)
-        t = time.perf_counter()
-        vl.load_adapter(fresh, path, adapter_name="loaded")
-        out["visionlora load"] = time.perf_counter() - t
-    return out
+        for i in range(repeats + 1):  # the first round warms up
+            timed("visionlora merge", lambda: vl.merge(ours))
+            timed("visionlora unmerge (exact)", lambda: vl.unmerge(ours))
+            timed("peft merge", lambda: [layer.merge() for layer in layers])
+            timed("peft unmerge (subtracts)", lambda: [layer.unmerge() for layer in layers])
+            path = Path(tmp) / f"a{i}.safetensors"
+            timed("visionlora save", functools.partial(vl.save_adapter, ours, path))
+            timed("visionlora load", functools.partial(vl.load_adapter, fresh, path, adapter_name=f"loaded{i}"))
+            vl.delete_adapter(fresh, f"loaded{i}")
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
 
 
 def quality_table(seeds: list[int], epochs: int) -> dict[str, dict[str, float]]:
@@ -418,10 +423,10 @@ def main() -> None:
         _print_training("UNet2DConditionModel, LoRA r=4 on attention", report["unet_training"], "peft (add_adapter)")
         floor = report["unet_training"]["floor"]["step_s"]
         print(f"\nvisionlora / floor: {report['unet_training']['visionlora']['step_s'] / floor:.3f}")
-        report["unet_io"] = unet_io_table(models["visionlora"], models["peft (add_adapter)"])
-        print("\n| UNet adapter | seconds |\n| --- | --- |")
+        report["unet_io"] = unet_io_table(models["visionlora"], models["peft (add_adapter)"], args.repeats)
+        print("\n| UNet adapter (56 layers) | ms |\n| --- | --- |")
         for name, s in report["unet_io"].items():
-            print(f"| {name} | {s:.4f} |")
+            print(f"| {name} | {s * 1e3:.2f} |")
     if "encode" in args.only:
         models, _, _ = unet_contenders(args.device)
         report["encode"] = enc = encode_table(models, args)

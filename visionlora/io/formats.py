@@ -33,11 +33,12 @@ from visionlora.io.peft import CONFIG_FILE as PEFT_CONFIG
 from visionlora.io.peft import WEIGHTS_FILE as PEFT_WEIGHTS
 from visionlora.io.peft import is_peft_folder, read_peft, write_peft
 
-__all__ = ["FORMATS", "AdapterFormat", "export_adapter", "read_adapter"]
+__all__ = ["FORMATS", "PIPELINE_FORMATS", "AdapterFormat", "export_adapter", "read_adapter"]
 
 AdapterFormat = Literal["visionlora", "peft", "diffusers", "kohya"]
 FORMATS: tuple[str, ...] = ("visionlora", "peft", "diffusers", "kohya")
-_PIPELINE_FORMATS = ("diffusers", "kohya")  # one file for a pipeline's UNet and text encoders
+PIPELINE_FORMATS: tuple[str, ...] = ("diffusers", "kohya")
+"""Formats whose one file holds a pipeline's UNet and text encoders, LoRA weights only (no other modules)."""
 
 logger = logging.getLogger("visionlora")
 
@@ -190,10 +191,10 @@ def export_adapter(
     """
     if format not in FORMATS:
         raise ConfigError(f"format {format!r} is not one of {list(FORMATS)}")
-    if text_encoder is not None and format not in _PIPELINE_FORMATS:
+    if text_encoder is not None and format not in PIPELINE_FORMATS:
         raise ConfigError(
             f"text_encoder=: the {format} format holds one model's adapter; export the text encoder to a path "
-            f"of its own, or use format={_PIPELINE_FORMATS[0]!r} or {_PIPELINE_FORMATS[1]!r} for one pipeline file"
+            f"of its own, or use format={PIPELINE_FORMATS[0]!r} or {PIPELINE_FORMATS[1]!r} for one pipeline file"
         )
     path = Path(path)
     if format == "peft":

@@ -22,7 +22,7 @@ from torch import nn
 from visionlora.adapters import disable_adapters, enable_adapters
 from visionlora.errors import ConfigError
 from visionlora.inject import apply_lora
-from visionlora.io import export_adapter, export_merged, save_adapter
+from visionlora.io import PIPELINE_FORMATS, export_adapter, export_merged, save_adapter
 from visionlora.io.files import write_text
 from visionlora.models.loading import example_input_for
 from visionlora.train.data import EpochBatches, mix_seed
@@ -432,7 +432,7 @@ def _finish(
             save_adapter(others["text_encoder"], out_dir / "adapter-text-encoder.safetensors", overwrite=True)
         text = others.get("text_encoder")
         for fmt in recipe.output.export:
-            if fmt in ("peft", "visionlora"):  # one model per folder or file
+            if fmt not in PIPELINE_FORMATS:  # one model per folder or file
                 suffix = "" if fmt == "peft" else ".safetensors"
                 export_adapter(unet, out_dir / f"adapter-{fmt}{suffix}", format=fmt, overwrite=True)
                 if text is not None:

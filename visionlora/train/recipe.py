@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from visionlora.config import LoraConfig, config_from_dict, config_to_dict, is_finite_number
 from visionlora.errors import ConfigError
+from visionlora.io.formats import PIPELINE_FORMATS
 
 __all__ = [
     "RECIPES",
@@ -137,7 +138,7 @@ class ClassifierRecipe:
             ),
             (
                 "output.export",
-                not {"diffusers", "kohya"} & set(self.output.export),
+                not set(PIPELINE_FORMATS) & set(self.output.export),
                 "formats that can hold the new head: visionlora, peft (diffusers and kohya hold LoRA weights only)",
             ),
         ]
@@ -264,7 +265,7 @@ class DiffusionRecipe:
             (
                 "output.export",
                 not (
-                    {"diffusers", "kohya"} & set(self.output.export)
+                    set(PIPELINE_FORMATS) & set(self.output.export)
                     and (self.lora.trainable or self.lora.bias != "none")
                 ),
                 "formats that can hold lora.trainable modules and biases: visionlora, peft",
