@@ -51,6 +51,7 @@ __all__ = [
     "adapter_record",
     "check_tensors",
     "geometry_of",
+    "native_record",
     "read_native",
     "save_adapter",
     "write_adapter",
@@ -275,8 +276,12 @@ def read_native(path: str | os.PathLike[str]) -> AdapterFile:
         AdapterFileError: naming the file and what is wrong with it.
     """
     path = Path(path)
-    tensors, metadata = read_safetensors(path)
-    raw = metadata.get(META_KEY)
+    return native_record(path, *read_safetensors(path))
+
+
+def native_record(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> AdapterFile:
+    """The checked record of a visionlora file whose tensors and header are already read (see :func:`read_native`)."""
+    raw = header.get(META_KEY)
     if raw is None:
         raise file_error(path, f"no '{META_KEY}' metadata; this is not a visionlora adapter file")
     file = parse_record(path, raw, tensors, FORMAT)

@@ -20,7 +20,7 @@ from visionlora.io.adapter import (
     AdapterFile,
     adapter_record,
     file_error,
-    read_native,
+    native_record,
     write_adapter,
 )
 from visionlora.io.convert import COMPONENTS, cast_tensors, require_finite
@@ -104,7 +104,7 @@ def _open(path: str | os.PathLike[str]) -> _Opened:
         path = path / LORA_WEIGHTS_FILE
     tensors, header = read_safetensors(path)
     if _claims_native(header):
-        return _Opened(path, "visionlora")
+        return _Opened(path, "visionlora", tensors, header)
     if is_kohya(tensors):
         return _Opened(path, "kohya", tensors, header)
     if any(".lora_A." in k or ".lora_B." in k for k in tensors):
@@ -131,7 +131,10 @@ def _read(opened: _Opened, component: str | None) -> AdapterFile:
         return read_kohya(opened.path, opened.tensors, opened.header, component or COMPONENTS[0])
     if opened.format == "diffusers":
         return read_diffusers(opened.path, opened.tensors, opened.header, component or COMPONENTS[0])
-    file = read_peft(opened.path) if opened.format == "peft" else read_native(opened.path)
+    if opened.format == "peft":
+        file = read_peft(opened.path)
+    else:
+        file = native_record(opened.path, opened.tensors, opened.header)
     if component not in (None, COMPONENTS[0]):
         raise file_error(
             file.path,
