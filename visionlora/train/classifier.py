@@ -26,7 +26,9 @@ from visionlora.train.data import EpochBatches, classifier_datasets, classifier_
 from visionlora.train.loop import (
     NonFiniteSteps,
     accumulation,
+    checkpoint_due,
     cosine_with_warmup,
+    log_step,
     make_accelerator,
     optimizer_step,
     param_groups,
@@ -190,11 +192,8 @@ def run_classifier(
             step += 1
             epoch_losses.append(step_loss)
             rate = images / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{rate:.1f}")
-            bar.update(1)
-            if train.log_with:
-                accelerator.log({"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=step)
-            if train.checkpoint_every and step % train.checkpoint_every == 0 and step < total:
+            log_step(accelerator, bar, scheduler, train, step, step_loss, img_s=f"{rate:.1f}")
+            if checkpoint_due(train, step, total):
                 write_checkpoint(
                     accelerator,
                     out_dir,

@@ -29,7 +29,9 @@ from visionlora.train.data import EpochBatches, mix_seed
 from visionlora.train.loop import (
     NonFiniteSteps,
     accumulation,
+    checkpoint_due,
     cosine_with_warmup,
+    log_step,
     make_accelerator,
     optimizer_step,
     param_groups,
@@ -364,14 +366,11 @@ def run_diffusion(
                 continue
             step += 1
             losses.append(step_loss)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-            bar.update(1)
-            if train.log_with:
-                accelerator.log({"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=step)
+            log_step(accelerator, bar, scheduler, train, step, step_loss)
             if recipe.validation.every and step % recipe.validation.every == 0 and samples_here:
                 path = out_dir / "report" / f"samples-step{step:06d}.png"
                 _sample_grid(pipe, adapted, recipe, path, write=accelerator.is_main_process)
-            if train.checkpoint_every and step % train.checkpoint_every == 0 and step < total:
+            if checkpoint_due(train, step, total):
                 write_checkpoint(
                     accelerator,
                     out_dir,

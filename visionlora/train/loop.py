@@ -23,8 +23,10 @@ from visionlora.train.sharding import full_tensor, is_fsdp, local_tensor
 __all__ = [
     "NonFiniteSteps",
     "accumulation",
+    "checkpoint_due",
     "cosine_with_warmup",
     "is_main_process",
+    "log_step",
     "make_accelerator",
     "optimizer_step",
     "param_groups",
@@ -231,6 +233,20 @@ def optimizer_step(
         guard.skip(step, f"the gradients overflow at grad-scaler scale {scaler.get_scale():g}", log)
         return None
     return loss
+
+
+def log_step(accelerator: Any, bar: Any, scheduler: Any, train: Train, step: int, loss: float, **shown: str) -> None:
+    """Show optimizer step ``step``'s loss (and ``shown``) on the progress bar, and log it to the trackers."""
+    bar.set_postfix(loss=f"{loss:.4f}", **shown)
+    bar.update(1)
+    if train.log_with:
+        accelerator.log({"train_loss": loss, "lr": scheduler.get_last_lr()[0]}, step=step)
+
+
+def checkpoint_due(train: Train, step: int, total: int) -> bool:
+    """Whether a checkpoint follows step ``step`` of ``total`` (the end of the run writes its results instead)."""
+    every = train.checkpoint_every
+    return every is not None and every > 0 and step % every == 0 and step < total
 
 
 def start_run(accelerator: Any, recipe: Any, out_dir: Path, total: int, step: int, progress: bool) -> Any:
