@@ -3,6 +3,8 @@
 accelerate turns FSDP on for GPU processes only; torch's FSDP2 itself runs on CPU. This
 launcher (run under torchrun by the tests) sets the FSDP state an ``accelerate launch
 --use_fsdp --fsdp_version 2`` would on GPUs, so the recipes' FSDP path runs here unchanged.
+The plugin is put in after the Accelerator is made, so accelerate's FSDP mixed-precision set-up
+and grad scaler are not exercised here (CPU runs are fp32 anyway).
 Environment: VISIONLORA_TEST_FSDP_WRAP names the block class to wrap (transformer-based
 policy), or ``size:<min_num_params>`` for the size-based policy.
 """

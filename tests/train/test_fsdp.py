@@ -45,7 +45,8 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tolerance: fl
 
 
 def test_two_fsdp_processes_train_resume_and_write_what_one_process_does(digits_root, tmp_path):
-    sets = (f"data.root={digits_root}", "train.max_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=3")
+    # max_grad_norm: clipped at every step, so the processes must agree on the whole gradient's norm.
+    sets = (f"data.root={digits_root}", "train.max_steps=3", "train.max_grad_norm=1e-3", "train.checkpoint_every=1")
     fsdp = [*torchrun(2), str(LAUNCHER)]
     for argv, out in (([sys.executable, "-m", "visionlora"], tmp_path / "one"), (fsdp, tmp_path / "two")):
         done = _train(argv, out, *sets)
@@ -64,7 +65,7 @@ def test_two_fsdp_processes_train_resume_and_write_what_one_process_does(digits_
     # Resumed under FSDP from step 1, the run ends where the uninterrupted one did.
     resumed = tmp_path / "resumed"
     shutil.copytree(two / step, resumed / step)
-    done = _train([*torchrun(2), str(LAUNCHER)], resumed, *sets[:2], resume=True)
+    done = _train([*torchrun(2), str(LAUNCHER)], resumed, *sets[:3], resume=True)
     assert done.returncode == 0, done.stderr[-3000:]
     _close(load_file(two / "adapter.safetensors"), load_file(resumed / "adapter.safetensors"), 1e-6)
 
@@ -100,3 +101,37 @@ def test_fsdp_checks_name_what_to_change():
         check_fsdp(_fsdp_accelerator(**by_size, min_num_params=543), _small_model())
     check_fsdp(_fsdp_accelerator(**by_size, min_num_params=544), _small_model())
     check_fsdp(SimpleNamespace(distributed_type="MULTI_CPU"), _small_model())  # not FSDP: nothing to check
+
+
+def test_clipping_under_fsdp_unscales_once_and_clips_the_trained_parameters_only():
+    from accelerate.utils import DistributedType
+
+    from visionlora.train.loop import NonFiniteSteps, optimizer_step
+
+    class Accelerator:  # accelerate's clip_grad_norm_ under FSDP, given a subset of the model, unscales twice
+        distributed_type = DistributedType.FSDP
+        is_main_process, scaler, optimizer_step_was_skipped, unscaled = True, None, False, 0
+
+        def reduce(self, tensor, reduction):
+            return tensor
+
+        def unscale_gradients(self):
+            self.unscaled += 1
+
+        def clip_grad_norm_(self, params, max_norm):
+            raise AssertionError("accelerate's clip_grad_norm_ must not be used under FSDP")
+
+    model = _small_model()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    model(torch.randn(4, 16)).pow(2).sum().backward()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in trained])
+    optimizer = torch.optim.SGD(trained, lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    before = [p.detach().clone() for p in trained]
+    accelerator = Accelerator()
+    loss = optimizer_step(
+        accelerator, optimizer, scheduler, trained, 1e-3, [torch.tensor(1.0)], NonFiniteSteps(5, Path(".")), 1
+    )
+    assert loss == 1.0 and accelerator.unscaled == 1 and norm > 1e-3
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(trained, before, strict=True)))
+    assert torch.isclose(moved, torch.tensor(1e-3), rtol=1e-3)  # one SGD step of the clipped gradient

@@ -293,7 +293,6 @@ def run_diffusion(
         )
     kept = keep_whole(accelerator, unet)
     optimizer = torch.optim.AdamW(param_groups(trained, train))
-    trainable = [p for p in trained.parameters() if p.requires_grad]
     guard = NonFiniteSteps(train.max_nonfinite_steps, out_dir)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train.warmup_steps, total))
     if len(adapted) > 1:
@@ -301,6 +300,8 @@ def run_diffusion(
     else:
         model, optimizer = accelerator.prepare(unet, optimizer)
         text_model = None
+    # After prepare: FSDP puts new (sharded) parameters in the modules, which are the ones that get gradients.
+    trainable = [p for p in trained.parameters() if p.requires_grad]
     step, epoch, start_batch, losses, elapsed = 0, 0, 0, [], 0.0
     if resume is not None:
         state = restore(resume, out_dir, accelerator, trained, optimizer, scheduler)

@@ -187,6 +187,16 @@ def _finite_grads(accelerator: Any, params: Sequence[torch.Tensor]) -> bool:
     return bool(count.item() == accelerator.num_processes)
 
 
+def _clip(accelerator: Any, params: Sequence[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
+    """Unscale (fp16) and clip the gradients of ``params`` to ``max_grad_norm``; return their total norm."""
+    if is_fsdp(accelerator):
+        # accelerate's clip_grad_norm_ under FSDP expects every parameter of the model; given the trained
+        # ones only, it unscales twice, which the fp16 grad scaler refuses. torch's clip sees DTensors whole.
+        accelerator.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    return accelerator.clip_grad_norm_(params, max_grad_norm)  # unscales first under fp16
+
+
 def optimizer_step(
     accelerator: Any,
     optimizer: Any,
@@ -216,7 +226,7 @@ def optimizer_step(
         return None
     scaler = accelerator.scaler
     if max_grad_norm is not None:
-        norm = float(full_tensor(accelerator.clip_grad_norm_(params, max_grad_norm)))  # unscales first under fp16
+        norm = float(full_tensor(_clip(accelerator, params, max_grad_norm)))
         finite = math.isfinite(norm)
     else:
         norm, finite = math.nan, scaler is not None or _finite_grads(accelerator, params)
