@@ -222,8 +222,9 @@ def config_from_dict(cls: type[C], data: Mapping[str, Any], path: str = "") -> C
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{where}: unknown key{hint} Valid keys: {', '.join(names)}")
         hint_type = hints[key]
-        if dataclasses.is_dataclass(hint_type):
-            kwargs[key] = config_from_dict(hint_type, value, where)  # type: ignore[arg-type]
+        nested = _nested_dataclass(hint_type)
+        if nested is not None and value is not None:
+            kwargs[key] = config_from_dict(nested, value, where)
         else:
             value = _int_keys_from_json(value, hint_type)
             _check_type(value, hint_type, where)
@@ -236,6 +237,17 @@ def config_from_dict(cls: type[C], data: Mapping[str, Any], path: str = "") -> C
     if missing:
         raise ConfigError(f"{path or cls.__name__}: missing required key(s) {', '.join(missing)}")
     return cls(**kwargs)
+
+
+def _nested_dataclass(tp: Any) -> Any:
+    """The dataclass a field of type ``tp`` holds (``C`` or ``C | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        classes = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(classes) == 1 and dataclasses.is_dataclass(classes[0]):
+            return classes[0]
+    return None
 
 
 def _int_keys_from_json(value: Any, tp: Any) -> Any:

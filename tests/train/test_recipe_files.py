@@ -32,3 +32,23 @@ def test_malformed_recipe_files_are_refused_in_one_short_message(tmp_path, text,
     with pytest.raises(vl.ConfigError, match=message) as info:
         load_recipe(path)
     assert len(str(info.value)) < 1000  # a 9**8-element alias bomb is not repeated back
+
+
+def test_an_optional_section_reads_as_its_dataclass_or_null_and_round_trips(tmp_path):
+    from visionlora.train import dump_recipe
+
+    text = (
+        "task: diffusion-style\nmodel: {pipeline: /models/sd15}\ndata: {root: /data/style}\n"
+        "lora: {targets: ['preset:unet-attention']}\n"
+    )
+    path = tmp_path / "r.yaml"
+    path.write_text(text + "text_encoder_lora: {targets: ['*.q_proj'], rank: 2}\n")
+    recipe = load_recipe(path)
+    assert recipe.text_encoder_lora == vl.LoraConfig(targets=["*.q_proj"], rank=2)
+    path.write_text(dump_recipe(recipe))
+    assert load_recipe(path) == recipe
+    path.write_text(text + "text_encoder_lora: null\n")
+    assert load_recipe(path).text_encoder_lora is None
+    path.write_text(text + "text_encoder_lora: {targets: ['*.q_proj'], rnak: 2}\n")
+    with pytest.raises(vl.ConfigError, match=r"text_encoder_lora\.rnak: unknown key; did you mean 'rank'\?"):
+        load_recipe(path)

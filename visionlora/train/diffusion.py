@@ -286,20 +286,27 @@ def run_diffusion(
     steps_per_epoch = math.ceil(per_epoch / train.grad_accum)
     total = total_steps(train, steps_per_epoch)
     check_fsdp(accelerator, unet)
-    if is_fsdp(accelerator) and len(adapted) > 1:
-        raise ConfigError(
-            "text_encoder_lora: not trained under FSDP yet (accelerate's FSDP2 shards one model per run); "
-            "train it under DDP (accelerate launch without --use_fsdp) or leave text_encoder_lora out"
-        )
     kept = keep_whole(accelerator, unet)
-    optimizer = torch.optim.AdamW(param_groups(trained, train))
     guard = NonFiniteSteps(train.max_nonfinite_steps, out_dir)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train.warmup_steps, total))
-    if len(adapted) > 1:
+    averaged: list[torch.Tensor] = []  # gradients no wrapper syncs, averaged over processes at each step
+    if len(adapted) > 1 and is_fsdp(accelerator):
+        # accelerate's FSDP2 shards one model per prepare, with an optimizer over that model only. The
+        # UNet is sharded; the text encoder (small) stays whole on every process, its adapter's groups
+        # join the optimizer afterwards and its gradients are averaged by hand, as DDP would.
+        optimizer = torch.optim.AdamW(param_groups(unet, train))
+        model, optimizer = accelerator.prepare(unet, optimizer)
+        for text_group in param_groups(text_encoder, train):
+            optimizer.optimizer.add_param_group(text_group)
+        text_model = text_encoder
+        averaged = [p for p in text_encoder.parameters() if p.requires_grad]
+    elif len(adapted) > 1:
+        optimizer = torch.optim.AdamW(param_groups(trained, train))
         model, text_model, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
+        optimizer = torch.optim.AdamW(param_groups(unet, train))
         model, optimizer = accelerator.prepare(unet, optimizer)
         text_model = None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, cosine_with_warmup(train.warmup_steps, total))
     # After prepare: FSDP puts new (sharded) parameters in the modules, which are the ones that get gradients.
     trainable = [p for p in trained.parameters() if p.requires_grad]
     step, epoch, start_batch, losses, elapsed = 0, 0, 0, [], 0.0
@@ -360,7 +367,7 @@ def run_diffusion(
             if not boundary:
                 continue
             step_loss = optimizer_step(
-                accelerator, optimizer, scheduler, trainable, train.max_grad_norm, group, guard, step + 1
+                accelerator, optimizer, scheduler, trainable, train.max_grad_norm, group, guard, step + 1, averaged
             )
             group = []
             if step_loss is None:  # a NaN/Inf loss or gradient: skipped and not counted (see NonFiniteSteps)
@@ -394,7 +401,7 @@ def run_diffusion(
     seconds = time.perf_counter() - started
     if is_fsdp(accelerator):  # sampled while sharded, on every process; then gathered whole
         _sample_grid(pipe, adapted, recipe, out_dir / "report" / "samples.png", write=accelerator.is_main_process)
-        adapted = [whole_model(unet, kept)]
+        adapted = [whole_model(unet, kept), *adapted[1:]]
     return _finish(accelerator, recipe, pipe, adapted, out_dir, losses, seconds, step, len(items))
 
 

@@ -18,7 +18,7 @@ from visionlora.errors import ConfigError, TrainingError
 from visionlora.io.files import write_text
 from visionlora.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from visionlora.train.recipe import Train, dump_recipe
-from visionlora.train.sharding import full_tensor, is_fsdp, local_tensor
+from visionlora.train.sharding import clip_grad_norm, full_tensor, is_fsdp, local_tensor
 
 __all__ = [
     "NonFiniteSteps",
@@ -191,9 +191,9 @@ def _clip(accelerator: Any, params: Sequence[torch.Tensor], max_grad_norm: float
     """Unscale (fp16) and clip the gradients of ``params`` to ``max_grad_norm``; return their total norm."""
     if is_fsdp(accelerator):
         # accelerate's clip_grad_norm_ under FSDP expects every parameter of the model; given the trained
-        # ones only, it unscales twice, which the fp16 grad scaler refuses. torch's clip sees DTensors whole.
+        # ones only, it unscales twice, which the fp16 grad scaler refuses.
         accelerator.unscale_gradients()
-        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        return clip_grad_norm(params, max_grad_norm)
     return accelerator.clip_grad_norm_(params, max_grad_norm)  # unscales first under fp16
 
 
@@ -206,19 +206,24 @@ def optimizer_step(
     losses: list[torch.Tensor],
     guard: NonFiniteSteps,
     step: int,
+    averaged: Sequence[torch.Tensor] = (),
 ) -> float | None:
     """Clip, step, schedule and zero the gradients of step ``step``; return the group's loss averaged
     over processes, or None if the step was skipped for a NaN/Inf loss or gradient (see :class:`NonFiniteSteps`).
 
     Every process takes the same decision: the loss is averaged over processes and the gradients
-    are already all-reduced. Under fp16 the grad scaler skips steps with overflowing gradients
-    itself and lowers its scale; those still count as steps (the scheduler waits), as they are
-    part of finding the scale, and count towards ``guard`` only once the scale is below 1.
+    are already all-reduced (those of ``averaged``, parameters no wrapper syncs, are averaged here
+    first). Under fp16 the grad scaler skips steps with overflowing gradients itself and lowers its
+    scale; those still count as steps (the scheduler waits), as they are part of finding the scale,
+    and count towards ``guard`` only once the scale is below 1.
 
     Raises:
         TrainingError: ``guard``'s limit of skips in a row is reached.
     """
     loss = float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item())
+    for param in averaged:  # parameters of a model no wrapper syncs (see the style runner under FSDP)
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        param.grad = accelerator.reduce(grad, reduction="mean")
     log = accelerator.is_main_process
     if not math.isfinite(loss):  # checked before unscaling, so the grad scaler's state is untouched
         optimizer.zero_grad(set_to_none=True)

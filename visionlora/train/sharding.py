@@ -14,6 +14,7 @@ before anything is sharded (:func:`check_fsdp`).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from visionlora.layers import LoraLayer
 
 __all__ = [
     "check_fsdp",
+    "clip_grad_norm",
     "full_tensor",
     "is_fsdp",
     "keep_whole",
@@ -70,6 +72,33 @@ def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
     # Every process read the same whole tensor: each keeps its part, nothing is sent.
     return distribute_tensor(value.to(param.device), sharded.device_mesh, sharded.placements, src_data_rank=None)
+
+
+def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of ``params``, sharded or whole, so that together they have norm at most
+    ``max_norm`` (torch's rule: factor max_norm / (norm + 1e-6), at most 1); return their norm before.
+
+    Sharded gradients count once over all processes; whole ones are the same on every process
+    (already averaged). Every process must call this.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    parts = [local_tensor(g).float().pow(2).sum() for g in grads if _sharded(g) is not None]
+    squares = torch.stack(parts).sum() if parts else torch.zeros((), device=grads[0].device)
+    if parts:  # each process holds a part of these
+        import torch.distributed as dist
+
+        dist.all_reduce(squares)
+    for g in grads:
+        if _sharded(g) is None:
+            squares = squares + g.float().pow(2).sum().to(squares.device)
+    norm = squares.sqrt()
+    factor = min(1.0, max_norm / (float(norm) + 1e-6))
+    if factor < 1.0:
+        for g in grads:
+            g.mul_(factor)
+    return norm
 
 
 def is_fsdp(accelerator: Any) -> bool:
