@@ -338,14 +338,16 @@ def add_adapters(
 
 
 def _original_named(model: nn.Module, named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    prefixes = [n + "." for n, _ in lora_layers(model)]
+    layers = {n for n, _ in lora_layers(model)}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in named:
-        prefix = next((p for p in prefixes if name.startswith(p)), None)
-        if prefix is None:
+        parts = name.split(".")
+        # The LoRA layer the tensor sits in, if any (shortest first: a layer's own modules are not layers).
+        owner = next((i for i in range(1, len(parts)) if ".".join(parts[:i]) in layers), None)
+        if owner is None:
             out[name] = tensor
-        elif name.startswith(prefix + "base."):
-            out[prefix + name[len(prefix) + len("base.") :]] = tensor
+        elif parts[owner] == "base":
+            out[".".join(parts[:owner] + parts[owner + 1 :])] = tensor
     return out
 
 
