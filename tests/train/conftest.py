@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -30,12 +29,9 @@ def digit_folder(root: Path, digits: tuple[int, ...] = (0, 1, 2), per_class: int
 
 
 def torchrun(processes: int) -> list[str]:
-    """The start of a command line running ``processes`` CPU processes under torchrun on a free port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    run = [sys.executable, "-m", "torch.distributed.run"]
-    return [*run, "--nproc_per_node", str(processes), "--master_port", str(port)]
+    """The start of a command line running ``processes`` CPU processes under torchrun (``--standalone``:
+    torchrun picks a free port itself, so runs in a row or side by side do not race for one)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
 
 
 def tiny_recipe(data: Path, **train: object) -> dict:
