@@ -232,8 +232,9 @@ def test_text_encoder_lora_under_fsdp_trains_what_one_process_does(style, tmp_pa
     from visionlora.train import dump_recipe
 
     path = tmp_path / "r.yaml"
-    recipe = _recipe(style, max_steps=3, max_grad_norm=1e-3)
-    recipe.data.batch_size, recipe.validation.prompts = 4, []
+    # 3 batches of 2 per epoch, accumulated in groups of 2 and 1: gradients stay local between steps.
+    recipe = _recipe(style, max_steps=3, max_grad_norm=1e-3, grad_accum=2)
+    recipe.data.batch_size, recipe.validation.prompts = 2, []
     recipe.text_encoder_lora = vl.LoraConfig(targets=["*.self_attn.q_proj", "*.self_attn.v_proj"], rank=2, alpha=4)
     path.write_text(dump_recipe(recipe))
     _launch(tmp_path, {"one": ("one", path), "fsdp": ("fsdp", path)})

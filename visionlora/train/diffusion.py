@@ -307,6 +307,8 @@ def run_diffusion(
         model, optimizer = accelerator.prepare(unet, optimizer)
         text_model = None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, cosine_with_warmup(train.warmup_steps, total))
+    # What accelerate wrapped and syncs (a text encoder whose gradients are averaged by hand is not).
+    wrapped = [m for m in (model, text_model) if m is not None and not (averaged and m is text_encoder)]
     # After prepare: FSDP puts new (sharded) parameters in the modules, which are the ones that get gradients.
     trainable = [p for p in trained.parameters() if p.requires_grad]
     step, epoch, start_batch, losses, elapsed = 0, 0, 0, [], 0.0
@@ -349,9 +351,8 @@ def run_diffusion(
             boundary, group_size = accumulation(index, per_epoch, train.grad_accum)
             with contextlib.ExitStack() as syncing:
                 if not boundary:
-                    for part in (model, text_model):
-                        if part is not None:
-                            syncing.enter_context(accelerator.no_sync(part))
+                    for part in wrapped:
+                        syncing.enter_context(accelerator.no_sync(part))
                 if text_model is not None:
                     text = text_model(enc.ids.to(device))[0]
                 else:

@@ -4,7 +4,8 @@ With FSDP2 every parameter (and its gradient and optimizer state) becomes a DTen
 1/N of it on each of N processes. The runners keep files whole: a checkpoint holds full
 tensors, gathered by every process and written by the first; a resumed run shards them again
 the way the live parameters are sharded; the final adapter and merged checkpoint are written
-from the whole model, gathered once at the end.
+from a whole copy of the model that the main process keeps, with the trained tensors gathered
+into it at the end.
 
 A LoRA layer must stay inside one FSDP unit: its fast path reads the base weight and A, B
 together, so a wrap policy that would shard the base layer or an adapter on its own is refused
@@ -134,7 +135,7 @@ def check_fsdp(accelerator: Any, model: nn.Module) -> None:
             continue
         inner = [(f"{name}.{sub}", m) for sub, m in module.named_modules() if sub and policy(m)]
         if inner:
-            largest = max(sum(p.numel() for p in m.parameters()) for _, m in module.named_modules() if _)
+            largest = max(sum(p.numel() for p in m.parameters()) for sub, m in module.named_modules() if sub)
             raise ConfigError(
                 f"FSDP wrap policy: it would shard {inner[0][0]} ({type(inner[0][1]).__name__}) on its own, inside "
                 f"the LoRA layer {name}; a LoRA layer must stay in one FSDP unit. Wrap whole blocks "
