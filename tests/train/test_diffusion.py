@@ -169,7 +169,7 @@ def test_trainable_modules_train_in_the_style_recipe_and_the_cli_summarises(styl
     assert (after - before).abs().max() > 0
 
 
-def _launch(tmp_path: Path, runs: dict[str, tuple[str, Path]]) -> None:
+def _launch(tmp_path: Path, runs: dict[str, tuple[str, Path]], *extra: str) -> None:
     """Train each recipe file as named: ``one`` process, 2 under ``ddp``, 2 under ``fsdp`` (CPU, see fsdp_cpu.py)."""
     import json
     import os
@@ -186,7 +186,7 @@ def _launch(tmp_path: Path, runs: dict[str, tuple[str, Path]]) -> None:
         "fsdp": [*torchrun(2), str(Path(__file__).with_name("fsdp_cpu.py"))],
     }
     for name, (how, recipe) in runs.items():
-        argv = [*start[how], "train", str(recipe), "--output", str(tmp_path / name)]
+        argv = [*start[how], "train", str(recipe), "--output", str(tmp_path / name), *extra]
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
@@ -233,24 +233,56 @@ def test_text_encoder_lora_under_fsdp_trains_what_one_process_does(style, tmp_pa
 
     path = tmp_path / "r.yaml"
     # 3 batches of 2 per epoch, accumulated in groups of 2 and 1: gradients stay local between steps.
-    recipe = _recipe(style, max_steps=3, max_grad_norm=1e-3, grad_accum=2)
+    recipe = _recipe(style, max_steps=3, max_grad_norm=1e-3, grad_accum=2, checkpoint_every=1, keep_checkpoints=3)
     recipe.data.batch_size, recipe.validation.prompts = 2, []
     recipe.text_encoder_lora = vl.LoraConfig(targets=["*.self_attn.q_proj", "*.self_attn.v_proj"], rank=2, alpha=4)
     path.write_text(dump_recipe(recipe))
     _launch(tmp_path, {"one": ("one", path), "fsdp": ("fsdp", path)})
+    # A one-process checkpoint resumes under FSDP (same optimizer groups, whole tensors).
+    step = Path("checkpoints") / "step-000001"
+    shutil.copytree(tmp_path / "one" / step, tmp_path / "resumed" / step)
+    resumed = tmp_path / "resumed.yaml"
+    resumed.write_text(path.read_text())
+    _launch(tmp_path, {"resumed": ("fsdp", resumed)}, "--resume", "latest")
     unet = diffusers.UNet2DConditionModel.from_pretrained(style / "pipe" / "unet").eval()
     text = transformers.CLIPTextModel.from_pretrained(style / "pipe" / "text_encoder").eval()
     ids = torch.tensor([[0, 5, 9, 1]])
     with torch.no_grad():
-        unets = [vl.load_adapter(copy.deepcopy(unet), tmp_path / r / "adapter.safetensors") for r in ("one", "fsdp")]
-        _same_effect(unet(**unet_input()).sample, *(u(**unet_input()).sample for u in unets), "unet")
-        texts = [
-            vl.load_adapter(copy.deepcopy(text), tmp_path / r / "adapter-text-encoder.safetensors").eval()
-            for r in ("one", "fsdp")
-        ]
-        _same_effect(text(ids)[0], *(t(ids)[0] for t in texts), "text encoder")
-        merged = transformers.CLIPTextModel.from_pretrained(tmp_path / "fsdp" / "merged" / "text_encoder").eval()
-        assert torch.allclose(merged(ids)[0], texts[1](ids)[0], rtol=1e-5, atol=1e-6)
+        for run in ("fsdp", "resumed"):
+            unets = [vl.load_adapter(copy.deepcopy(unet), tmp_path / r / "adapter.safetensors") for r in ("one", run)]
+            _same_effect(unet(**unet_input()).sample, *(u(**unet_input()).sample for u in unets), f"{run} unet")
+            texts = [
+                vl.load_adapter(copy.deepcopy(text), tmp_path / r / "adapter-text-encoder.safetensors").eval()
+                for r in ("one", run)
+            ]
+            _same_effect(text(ids)[0], *(t(ids)[0] for t in texts), f"{run} text encoder")
+            merged = transformers.CLIPTextModel.from_pretrained(tmp_path / run / "merged" / "text_encoder").eval()
+            assert torch.allclose(merged(ids)[0], texts[1](ids)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_text_encoder_lora_under_fsdp_in_fp16_is_refused_by_name_before_training(style, tmp_path, monkeypatch):
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    import visionlora.train.diffusion as diffusion
+
+    made = diffusion.make_accelerator
+
+    class FSDPAccelerator:  # what accelerate launch --use_fsdp --fsdp_version 2 --mixed_precision fp16 gives
+        distributed_type, mixed_precision = DistributedType.FSDP, "fp16"
+
+        def __init__(self, *args: object) -> None:
+            self.real = made(*args)
+            self.state = type("State", (), {"fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=2)})()
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(diffusion, "make_accelerator", FSDPAccelerator)
+    recipe = _recipe(style, max_steps=1)
+    recipe.text_encoder_lora = vl.LoraConfig(targets=["*.self_attn.q_proj"], rank=2)
+    with pytest.raises(vl.ConfigError, match=r"fp16 .* cannot train text_encoder_lora under FSDP; use bf16"):
+        run_recipe(recipe, output=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_text_encoder_lora_trains_is_saved_merged_into_the_pipeline_and_resumes(style, tmp_path):

@@ -290,6 +290,9 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore model tensors, optimizer and this process's RNG from ``folder``; return its ``state.json``.
 
+    A process the checkpoint has no RNG state for (it was written by fewer processes) takes the
+    first process's.
+
     ``stateful`` maps ``state.json`` keys to objects with ``state_dict``/``load_state_dict`` (the
     LR scheduler, the grad scaler) restored from them; a key stored as null is skipped. Everything
     is read and checked before anything changes: on any error the model, optimizer, RNG and those
@@ -302,6 +305,8 @@ def load_checkpoint(
     trainable, _ = read_safetensors(folder / "trainable.safetensors")
     opt_tensors, opt_header = read_safetensors(folder / "optimizer.safetensors")
     rng_file = folder / f"rng-{rank}.safetensors"
+    if not rng_file.is_file():  # a run resumed on more processes than wrote it: they start where the first was
+        rng_file = folder / "rng-0.safetensors"
     rng = read_safetensors(rng_file) if rng_file.is_file() else None
     current = model.state_dict()
     bad = sorted(k for k, v in trainable.items() if k not in current or current[k].shape != v.shape)

@@ -293,14 +293,20 @@ def run_diffusion(
         # accelerate's FSDP2 shards one model per prepare, with an optimizer over that model only. The
         # UNet is sharded; the text encoder (small) stays whole on every process, its adapter's groups
         # join the optimizer afterwards and its gradients are averaged by hand, as DDP would.
+        if accelerator.mixed_precision == "fp16":  # the grad scaler cannot unscale sharded and whole at once
+            raise ConfigError(
+                "train.mixed_precision: fp16 (or auto on a GPU without bf16) cannot train text_encoder_lora under "
+                "FSDP; use bf16 or no, train under DDP (accelerate launch without --use_fsdp), or leave "
+                "text_encoder_lora out"
+            )
         optimizer = torch.optim.AdamW(param_groups(unet, train))
         model, optimizer = accelerator.prepare(unet, optimizer)
         for text_group in param_groups(text_encoder, train):
             optimizer.optimizer.add_param_group(text_group)
         text_model = text_encoder
         averaged = [p for p in text_encoder.parameters() if p.requires_grad]
-    elif len(adapted) > 1:
-        optimizer = torch.optim.AdamW(param_groups(trained, train))
+    elif len(adapted) > 1:  # the groups of the FSDP branch, so a checkpoint resumes in either
+        optimizer = torch.optim.AdamW([*param_groups(unet, train), *param_groups(text_encoder, train)])
         model, text_model, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
         optimizer = torch.optim.AdamW(param_groups(unet, train))

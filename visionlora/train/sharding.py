@@ -79,22 +79,17 @@ def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
     """Scale the gradients of ``params``, sharded or whole, so that together they have norm at most
     ``max_norm`` (torch's rule: factor max_norm / (norm + 1e-6), at most 1); return their norm before.
 
-    Sharded gradients count once over all processes; whole ones are the same on every process
-    (already averaged). Every process must call this.
+    A sharded gradient's norm is reduced over its own mesh and placements; whole gradients are the
+    same on every process (already averaged). Every process must call this.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    parts = [local_tensor(g).float().pow(2).sum() for g in grads if _sharded(g) is not None]
-    squares = torch.stack(parts).sum() if parts else torch.zeros((), device=grads[0].device)
-    if parts:  # each process holds a part of these
-        import torch.distributed as dist
-
-        dist.all_reduce(squares)
-    for g in grads:
-        if _sharded(g) is None:
-            squares = squares + g.float().pow(2).sum().to(squares.device)
-    norm = squares.sqrt()
+    sharded = [g for g in grads if _sharded(g) is not None]
+    whole = [g for g in grads if _sharded(g) is None]
+    norms = [full_tensor(torch.nn.utils.get_total_norm(sharded)).float()] if sharded else []
+    norms += [torch.nn.utils.get_total_norm(whole).float()] if whole else []
+    norm = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
     factor = min(1.0, max_norm / (float(norm) + 1e-6))
     if factor < 1.0:
         for g in grads:
