@@ -288,8 +288,11 @@ def run_diffusion(
     check_fsdp(accelerator, unet)
     kept = keep_whole(accelerator, unet)
     guard = NonFiniteSteps(train.max_nonfinite_steps, out_dir)
+    unet_groups = param_groups(unet, train)
+    # The UNet's groups, then the text encoder's, in every mode: a checkpoint resumes in any of them.
+    text_groups = param_groups(text_encoder, train) if len(adapted) > 1 else []
     averaged: list[torch.Tensor] = []  # gradients no wrapper syncs, averaged over processes at each step
-    if len(adapted) > 1 and is_fsdp(accelerator):
+    if text_groups and is_fsdp(accelerator):
         # accelerate's FSDP2 shards one model per prepare, with an optimizer over that model only. The
         # UNet is sharded; the text encoder (small) stays whole on every process, its adapter's groups
         # join the optimizer afterwards and its gradients are averaged by hand, as DDP would.
@@ -299,22 +302,19 @@ def run_diffusion(
                 "FSDP; use bf16 or no, train under DDP (accelerate launch without --use_fsdp), or leave "
                 "text_encoder_lora out"
             )
-        optimizer = torch.optim.AdamW(param_groups(unet, train))
-        model, optimizer = accelerator.prepare(unet, optimizer)
-        for text_group in param_groups(text_encoder, train):
+        model, optimizer = accelerator.prepare(unet, torch.optim.AdamW(unet_groups))
+        for text_group in text_groups:
             optimizer.optimizer.add_param_group(text_group)
-        text_model = text_encoder
+        text_model, wrapped = text_encoder, [model]  # wrapped: what accelerate syncs (no_sync applies to)
         averaged = [p for p in text_encoder.parameters() if p.requires_grad]
-    elif len(adapted) > 1:  # the groups of the FSDP branch, so a checkpoint resumes in either
-        optimizer = torch.optim.AdamW([*param_groups(unet, train), *param_groups(text_encoder, train)])
+    elif text_groups:
+        optimizer = torch.optim.AdamW([*unet_groups, *text_groups])
         model, text_model, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+        wrapped = [model, text_model]
     else:
-        optimizer = torch.optim.AdamW(param_groups(unet, train))
-        model, optimizer = accelerator.prepare(unet, optimizer)
-        text_model = None
+        model, optimizer = accelerator.prepare(unet, torch.optim.AdamW(unet_groups))
+        text_model, wrapped = None, [model]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, cosine_with_warmup(train.warmup_steps, total))
-    # What accelerate wrapped and syncs (a text encoder whose gradients are averaged by hand is not).
-    wrapped = [m for m in (model, text_model) if m is not None and not (averaged and m is text_encoder)]
     # After prepare: FSDP puts new (sharded) parameters in the modules, which are the ones that get gradients.
     trainable = [p for p in trained.parameters() if p.requires_grad]
     step, epoch, start_batch, losses, elapsed = 0, 0, 0, [], 0.0
@@ -406,9 +406,9 @@ def run_diffusion(
         epoch += 1
     bar.close()
     seconds = time.perf_counter() - started
-    if is_fsdp(accelerator):  # sampled while sharded, on every process; then gathered whole
+    if samples_here:  # before the outputs: a sharded UNet samples on every process, so before it is gathered
         _sample_grid(pipe, adapted, recipe, out_dir / "report" / "samples.png", write=accelerator.is_main_process)
-        adapted = [whole_model(unet, kept), *adapted[1:]]
+    adapted = [whole_model(unet, kept), *adapted[1:]]  # the UNet itself unless it is sharded
     return _finish(accelerator, recipe, pipe, adapted, out_dir, losses, seconds, step, len(items))
 
 
@@ -464,8 +464,6 @@ def _finish(
             export_merged(
                 unet, out_dir / "merged.safetensors", pipeline=pipe, dtype=merged_dtype, others=others, overwrite=True
             )
-        if not is_fsdp(accelerator):
-            _sample_grid(pipe, adapted, recipe, out_dir / "report" / "samples.png")
         if losses:
             plot_losses(losses, out_dir / "report" / "loss.png")
         write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
