@@ -15,7 +15,7 @@ from torch import nn
 import visionlora as vl
 from tests.conftest import assert_rel_close, conv_magnitude, randomize_lora, reference_conv, reference_conv_delta
 from tests.strategies import ConvCase, conv_cases
-from visionlora.layers import conv_delta, linear_delta, lora_scale, lora_shapes, max_useful_rank
+from visionlora.layers import _tall_t_mm, conv_delta, linear_delta, lora_scale, lora_shapes, max_useful_rank
 
 CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -175,26 +175,66 @@ def _textbook_linear(layer: vl.LoraLinear, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("train_base", [True, False])
-def test_linear_fast_path_outputs_and_gradients_are_the_textbook_formulas(bias, train_base):
+@pytest.mark.parametrize("tokens", [(3, 5), (3, 1001)], ids=["few-tokens", "tokens-split-over-threads"])
+def test_linear_fast_path_outputs_and_gradients_are_the_textbook_formulas(bias, train_base, tokens):
     model = _two_adapter_linear(torch.float64, bias)
     layer = model[0]
     layer.base.requires_grad_(train_base)
-    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
-    y = model(x)
-    assert type(y.grad_fn).__name__ == "_LinearLoraBackward"  # the fast path ran
-    expected = _textbook_linear(layer, x)
-    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    x = torch.randn(*tokens, 12, dtype=torch.float64, requires_grad=True)
     params = [x, *(p for p in model.parameters() if p.requires_grad)]
-    g = torch.randn_like(y)
-    ours = torch.autograd.grad(y, params, g)
-    theirs = torch.autograd.grad(expected, params, g)
+    with _threads(4):  # 3003 tokens: A's and B's gradients are summed over 3 slices of them
+        y = model(x)
+        assert type(y.grad_fn).__name__ == "_LinearLoraBackward"  # the fast path ran
+        expected = _textbook_linear(layer, x)
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(y)
+        ours = torch.autograd.grad(y, params, g)
+        theirs = torch.autograd.grad(expected, params, g)
     names = ["x", *(n for n, p in model.named_parameters() if p.requires_grad)]
     for name, a, b in zip(names, ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
-    # Double backward (a gradient penalty) goes through the backward's own ops.
-    assert torch.autograd.gradgradcheck(lambda x: model(x), (x,))
+    if x.numel() < 1000:  # double backward (a gradient penalty) goes through the backward's own ops
+        assert torch.autograd.gradgradcheck(lambda x: model(x), (x,))
+
+
+@pytest.mark.parametrize("n", [1, 511, 1024, 1025, 3003, 4096])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_tall_transposed_product_equals_the_plain_product(n, threads):
+    p, q = torch.randn(n, 3, dtype=torch.float64), torch.randn(n, 7, dtype=torch.float64)
+    with _threads(threads):
+        torch.testing.assert_close(_tall_t_mm(p, q), p.t() @ q, rtol=1e-12, atol=1e-12)
+        q_strided = torch.randn(7, n, dtype=torch.float64).t()  # not contiguous: the plain product
+        torch.testing.assert_close(_tall_t_mm(p, q_strided), p.t() @ q_strided, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_under_torch_func_transforms_takes_the_branch_form_with_the_same_gradients():
+    model = _two_adapter_linear(torch.float64, True)
+    layer = model[0]
+    x = torch.randn(4, 12, dtype=torch.float64)
+    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(model, {**frozen, **p}, (x,)).square().sum()
+
+    grads = torch.func.grad(loss)(trained)
+    expected = torch.autograd.grad(_textbook_linear(layer, x).square().sum(), [model.get_parameter(n) for n in trained])
+    for (name, g), e in zip(grads.items(), expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=name)
+    per_sample = torch.func.vmap(lambda row: model(row))(x)
+    torch.testing.assert_close(per_sample, _textbook_linear(layer, x), rtol=1e-12, atol=1e-12)
 
 
 def test_linear_fast_path_in_float32_matches_the_textbook_formula_to_rounding():

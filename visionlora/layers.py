@@ -419,21 +419,22 @@ class _LinearLora(torch.autograd.Function):
 
     each thin product in the layout BLAS runs fastest (the small matrix on the right,
     transposed). The backward is itself made of differentiable ops, so double backward works.
+    The combined forward(ctx, ...) form is used because torch binds the arguments of a
+    ``setup_context`` Function through ``inspect.signature`` on every call (about 13 µs, as much
+    as the GEMMs of a small layer); under torch.func transforms the layer takes the branch form.
     """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, scales: tuple[float, ...], *ab: Tensor) -> Tensor:
-        return F.linear(x, _effective_weight(weight, scales, ab), bias)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, weight, bias, scales, *ab = inputs
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, scales: tuple[float, ...], *ab: Tensor
+    ) -> Tensor:
         ctx.save_for_backward(x, weight, *ab)
         ctx.scales = scales
         ctx.has_bias = bias is not None
+        return F.linear(x, _effective_weight(weight, scales, ab), bias)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight, *ab = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -443,16 +444,34 @@ class _LinearLora(torch.autograd.Function):
         grads: list[Tensor | None] = []
         for i, scale in enumerate(ctx.scales):
             a, b = ab[2 * i], ab[2 * i + 1]
-            need_a, need_b = needs[4 + 2 * i], needs[5 + 2 * i]
             grad_a = grad_b = None
-            if need_a:
-                v = g2 @ (b.t() * scale).contiguous().t()  # (N, r)
-                grad_a = v.t() @ x2
-            if need_b:
-                u = x2 @ a.t()  # (N, r)
-                grad_b = (u.t() @ g2).t() * scale if scale != 1.0 else (u.t() @ g2).t()
+            if needs[4 + 2 * i]:
+                bs_t = b.t().contiguous() * scale if scale != 1.0 else b.t().contiguous()  # s Bᵀ, (r, out)
+                grad_a = _tall_t_mm(g2 @ bs_t.t(), x2)  # s (g B)ᵀ x
+            if needs[5 + 2 * i]:
+                grad_b = _tall_t_mm(x2 @ a.t(), g2).t()  # (uᵀ g)ᵀ
+                grad_b = grad_b * scale if scale != 1.0 else grad_b
             grads += [grad_a, grad_b]
         return (grad_x, grad_w, grad_bias, None, *grads)
+
+
+def _tall_t_mm(p: Tensor, q: Tensor) -> Tensor:
+    """pᵀ q for p (N, m) and q (N, n) with N, the summed dimension, long.
+
+    CPU BLAS runs such a product, whose output is small, on one thread; in eager mode on CPU
+    with several threads, slices of N run as one batched product and their results are summed.
+    """
+    if p.device.type != "cpu" or torch.compiler.is_compiling():
+        return p.t() @ q
+    n = p.shape[0]
+    parts = min(torch.get_num_threads(), n // 512)
+    if parts < 2 or not (p.is_contiguous() and q.is_contiguous()):
+        return p.t() @ q
+    while n % parts:
+        parts -= 1
+    if parts < 2:
+        return p.t() @ q
+    return torch.bmm(p.view(parts, n // parts, -1).transpose(1, 2), q.view(parts, n // parts, -1)).sum(0)
 
 
 def _effective_weight(weight: Tensor, scales: tuple[float, ...], ab: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
@@ -475,19 +494,27 @@ class LoraLinear(LoraLayer):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged or self.disabled or not self.active or self.weight_space:
+        active = self.active
+        if not active or self.disabled or self.weight_space or self._original_weight is not None:
             return super().forward(x)
         weight = self.base.weight
         dtype = weight.dtype
-        if dtype not in _EXACT_DTYPES or x.dtype != dtype or torch.is_autocast_enabled(x.device.type):
+        if (
+            dtype not in _EXACT_DTYPES
+            or x.dtype != dtype
+            or torch.is_autocast_enabled(x.device.type)
+            or torch._C._are_functorch_transforms_active()  # vmap/grad need a setup_context Function
+        ):
             return super().forward(x)
         scales, ab = [], []
-        for name, w in self.active.items():
-            adapter = self.adapter(name)
-            if (adapter.dropout and self.training) or adapter.lora_A.dtype != dtype or adapter.lora_B.dtype != dtype:
+        adapters = self.adapters
+        for name, w in active.items():
+            adapter = cast(LoraAdapter, adapters[name])
+            a, b = adapter.lora_A, adapter.lora_B
+            if (adapter.dropout and self.training) or a.dtype != dtype or b.dtype != dtype:
                 return super().forward(x)
             scales.append(w * adapter.scale)
-            ab += [adapter.lora_A, adapter.lora_B]
+            ab += [a, b]
         return _LinearLora.apply(x, weight, self.base.bias, tuple(scales), *ab)
 
     def _delta(self, a: Tensor, b: Tensor, scale: float) -> Tensor:
