@@ -5,8 +5,9 @@
     python scripts/bench.py --only resnet prefix --repeats 5 --json bench.json
 
 Every contender gets the same model weights, input, rank and targets. Rounds are interleaved
-(contender A, B, C, A, B, C, ...) so drift in the machine's speed hits all alike; each figure is
-the median over rounds. "saved MB" is what autograd keeps for the backward pass (measured with
+(contenders A, B, C, then C, B, A, ...) so drift in the machine's speed hits all alike; each figure
+is the median over rounds, and "per-round ratio" the median over rounds of a contender's time
+divided by the reference's in that same round. "saved MB" is what autograd keeps for the backward pass (measured with
 saved-tensor hooks, exact on any device); "peak MB" is CUDA's peak allocation (GPU only).
 """
 
@@ -73,22 +74,34 @@ def train_step(
     return step, forward
 
 
-def interleaved(steps: dict[str, Step], repeats: int, per_round: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each step, rounds interleaved across contenders."""
+def rounds(steps: dict[str, Step], repeats: int, per_round: int, device: str) -> dict[str, list[float]]:
+    """Seconds per call of each step in each round; rounds interleave the contenders, in
+    alternating order so that none always runs right after the same other one."""
     for step in steps.values():  # warm-up
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    order = list(steps)
+    for r in range(repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(per_round):
-                step()
+                steps[name]()
             if device == "cuda":
                 torch.cuda.synchronize()
             times[name].append((time.perf_counter() - start) / per_round)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved(steps: dict[str, Step], repeats: int, per_round: int, device: str) -> dict[str, float]:
+    """Median seconds per call of each step, rounds interleaved across contenders."""
+    return {name: statistics.median(t) for name, t in rounds(steps, repeats, per_round, device).items()}
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over rounds of name's time / reference's time in the same round (drift cancels)."""
+    return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
 
 
 def peak_mb(step: Step, device: str) -> float | None:
@@ -182,7 +195,7 @@ def unet_contenders(device: str) -> tuple[dict[str, nn.Module], Callable[[nn.Mod
 
 
 def training_table(
-    models: dict[str, nn.Module], loss: Callable[[nn.Module], torch.Tensor], args: Any
+    models: dict[str, nn.Module], loss: Callable[[nn.Module], torch.Tensor], reference: str, args: Any
 ) -> dict[str, Any]:
     steps, forwards = {}, {}
     if args.compile:  # inductor; both compile as one graph (fullgraph=True) with torch 2.14 and peft 0.21
@@ -190,11 +203,12 @@ def training_table(
             models[f"{name}, compiled"] = torch.compile(copy.deepcopy(models[name]), fullgraph=True)
     for name, m in models.items():
         steps[name], forwards[name] = train_step(m, loss)
-    seconds = interleaved(steps, args.repeats, args.per_round, args.device)
+    times = rounds(steps, args.repeats, args.per_round, args.device)
     rows = {}
     for name, m in models.items():
         rows[name] = {
-            "step_s": seconds[name],
+            "step_s": statistics.median(times[name]),
+            "paired_ratio": {ref: paired_ratio(times, name, ref) for ref in (reference, "floor") if ref in models},
             "saved_mb": None if "compiled" in name else saved_bytes(forwards[name]) / 2**20,
             "peak_mb": peak_mb(steps[name], args.device),
             "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
@@ -366,13 +380,16 @@ def encode_table(models: dict[str, nn.Module], args: argparse.Namespace) -> dict
 
 def _print_training(title: str, rows: dict[str, Any], reference: str) -> None:
     print(f"\n### {title}\n")
-    print("| contender | step (s) | ratio to " + reference + " | saved for backward (MB) | peak (MB) | trainable |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    columns = ["step (s)", f"ratio to {reference}", "per-round ratio", "saved for backward (MB)", "peak (MB)"]
+    columns.append("trainable")
+    print("| contender | " + " | ".join(columns) + " |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rows.items():
         ratio = r["step_s"] / rows[reference]["step_s"]
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         saved = "-" if r["saved_mb"] is None else f"{r['saved_mb']:.1f}"
-        print(f"| {name} | {r['step_s']:.3f} | {ratio:.2f} | {saved} | {peak} | {r['trainable']:,} |")
+        paired = r["paired_ratio"][reference]
+        print(f"| {name} | {r['step_s']:.3f} | {ratio:.2f} | {paired:.3f} | {saved} | {peak} | {r['trainable']:,} |")
 
 
 def main() -> None:
@@ -399,7 +416,7 @@ def main() -> None:
     print(f"device: {report['device']}, torch {torch.__version__}")
     if "resnet" in args.only:
         models, loss, x = resnet_contenders(args.device)
-        report["resnet_training"] = training_table(models, loss, args)
+        report["resnet_training"] = training_table(models, loss, "peft", args)
         _print_training("resnet50, LoRA r=8 on layer4 + new head", report["resnet_training"], "peft")
         base = copy.deepcopy(models["full fine-tuning"])
         report["resnet_inference"] = inference_table(base, models["visionlora"], models["peft"], x, args)
@@ -419,10 +436,12 @@ def main() -> None:
             print(f"| {n} epoch(s) with caching ({epochs['caching (once)']:.2f} s once) | - | {ratio:.2f} |")
     if "unet" in args.only:
         models, loss, _ = unet_contenders(args.device)
-        report["unet_training"] = training_table(models, loss, args)
+        report["unet_training"] = training_table(models, loss, "peft (add_adapter)", args)
         _print_training("UNet2DConditionModel, LoRA r=4 on attention", report["unet_training"], "peft (add_adapter)")
         floor = report["unet_training"]["floor"]["step_s"]
-        print(f"\nvisionlora / floor: {report['unet_training']['visionlora']['step_s'] / floor:.3f}")
+        ours = report["unet_training"]["visionlora"]
+        paired = ours["paired_ratio"]["floor"]
+        print(f"\nvisionlora / floor: {ours['step_s'] / floor:.3f} (median of per-round ratios: {paired:.3f})")
         report["unet_io"] = unet_io_table(models["visionlora"], models["peft (add_adapter)"], args.repeats)
         print("\n| UNet adapter (56 layers) | ms |\n| --- | --- |")
         for name, s in report["unet_io"].items():
