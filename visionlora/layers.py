@@ -455,13 +455,16 @@ class _LinearLora(torch.autograd.Function):
         return (grad_x, grad_w, grad_bias, None, *grads)
 
 
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
+
+
 def _tall_t_mm(p: Tensor, q: Tensor) -> Tensor:
     """pᵀ q for p (N, m) and q (N, n) with N, the summed dimension, long.
 
     CPU BLAS runs such a product, whose output is small, on one thread; in eager mode on CPU
     with several threads, slices of N run as one batched product and their results are summed.
     """
-    if p.device.type != "cpu" or torch.compiler.is_compiling():
+    if p.device.type != "cpu" or _is_compiling():
         return p.t() @ q
     n = p.shape[0]
     parts = min(torch.get_num_threads(), n // 512)
