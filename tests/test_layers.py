@@ -219,7 +219,7 @@ def test_tall_transposed_product_equals_the_plain_product(n, threads):
         torch.testing.assert_close(_tall_t_mm(p, q_strided), p.t() @ q_strided, rtol=1e-12, atol=1e-12)
 
 
-def test_linear_under_torch_func_transforms_takes_the_branch_form_with_the_same_gradients():
+def test_linear_under_torch_func_transforms_gives_the_textbook_gradients_and_outputs():
     model = _two_adapter_linear(torch.float64, True)
     layer = model[0]
     x = torch.randn(4, 12, dtype=torch.float64)

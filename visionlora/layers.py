@@ -455,16 +455,15 @@ class _LinearLora(torch.autograd.Function):
         return (grad_x, grad_w, grad_bias, None, *grads)
 
 
-_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
-
-
 def _tall_t_mm(p: Tensor, q: Tensor) -> Tensor:
     """pᵀ q for p (N, m) and q (N, n) with N, the summed dimension, long.
 
-    CPU BLAS runs such a product, whose output is small, on one thread; in eager mode on CPU
-    with several threads, slices of N run as one batched product and their results are summed.
+    In float32, CPU BLAS runs such a product (small output, long inner dimension) on one thread
+    (measured: 36 µs on 1 or 2 threads for N=4096, 21 µs split); so in eager mode on CPU with
+    several threads, slices of N run as one batched product and their results are summed. The
+    sum's rounding then depends on the thread count (about 1e-7 relative in float32).
     """
-    if p.device.type != "cpu" or _is_compiling():
+    if p.device.type != "cpu" or torch.compiler.is_compiling():
         return p.t() @ q
     n = p.shape[0]
     parts = min(torch.get_num_threads(), n // 512)
@@ -490,8 +489,8 @@ _EXACT_DTYPES = (torch.float32, torch.float64)
 class LoraLinear(LoraLayer):
     """LoRA on an ``nn.Linear``: y = base(x) + s · (x Aᵀ) Bᵀ.
 
-    In float32/float64 without autocast and without active dropout, the output is computed as
-    x (W + s B A)ᵀ with the same gradients (``_LinearLora``): fewer and cheaper kernels, equal
+    In float32/float64 without autocast, active dropout or torch.func transforms, the output is
+    computed as x (W + s B A)ᵀ with the same gradients (``_LinearLora``): fewer and cheaper kernels, equal
     to the two-GEMM form to rounding. In fp16/bf16 the branch is added to the output instead, so
     an update too small to show in a low-precision W still shows in y.
     """

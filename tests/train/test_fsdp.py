@@ -90,7 +90,7 @@ def _small_model() -> torch.nn.Module:
     return model
 
 
-def test_fsdp_checks_name_what_to_change():
+def test_fsdp_checks_name_what_to_change(monkeypatch):
     from visionlora.train.sharding import check_fsdp
 
     with pytest.raises(vl.ConfigError, match=r"FSDP version 1.*--fsdp_version 2"):
@@ -101,6 +101,9 @@ def test_fsdp_checks_name_what_to_change():
         check_fsdp(_fsdp_accelerator(**by_size, min_num_params=543), _small_model())
     check_fsdp(_fsdp_accelerator(**by_size, min_num_params=544), _small_model())
     check_fsdp(SimpleNamespace(distributed_type="MULTI_CPU"), _small_model())  # not FSDP: nothing to check
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm")  # as on torch < 2.6
+    with pytest.raises(vl.ConfigError, match=r"torch 2.7 or newer under FSDP.*this is torch"):
+        check_fsdp(_fsdp_accelerator(**by_size, min_num_params=544), _small_model())
 
 
 def test_clipping_under_fsdp_unscales_once_and_clips_the_trained_parameters_only():

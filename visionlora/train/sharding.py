@@ -104,14 +104,31 @@ def is_fsdp(accelerator: Any) -> bool:
     return bool(accelerator.distributed_type == DistributedType.FSDP)
 
 
+def _torch_has_fsdp2_tools() -> bool:
+    """True when torch has what the sharded paths use (both arrived by torch 2.7)."""
+    import inspect
+
+    from torch.distributed.tensor import distribute_tensor
+
+    has_src_data_rank = "src_data_rank" in inspect.signature(distribute_tensor).parameters
+    return hasattr(torch.nn.utils, "get_total_norm") and has_src_data_rank
+
+
 def check_fsdp(accelerator: Any, model: nn.Module) -> None:
     """Refuse an FSDP set-up that cannot train ``model``'s LoRA layers, before anything is sharded.
 
     Raises:
-        ConfigError: FSDP version 1, or a wrap policy that would shard a module inside a LoRA layer.
+        ConfigError: torch older than 2.7, FSDP version 1, or a wrap policy that would shard a
+            module inside a LoRA layer.
     """
     if not is_fsdp(accelerator):
         return
+    if not _torch_has_fsdp2_tools():
+        raise ConfigError(
+            f"FSDP: visionlora needs torch 2.7 or newer under FSDP (torch.nn.utils.get_total_norm and "
+            f"distribute_tensor(src_data_rank=)), this is torch {torch.__version__}; upgrade torch or train "
+            "without FSDP"
+        )
     plugin = accelerator.state.fsdp_plugin
     if plugin.fsdp_version != 2:
         raise ConfigError(
