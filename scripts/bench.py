@@ -7,8 +7,9 @@
 Every contender gets the same model weights, input, rank and targets. Rounds are interleaved
 (contenders A, B, C, then C, B, A, ...) so drift in the machine's speed hits all alike; each figure
 is the median over rounds, and "per-round ratio" the median over rounds of a contender's time
-divided by the reference's in that same round. "saved MB" is what autograd keeps for the backward pass (measured with
-saved-tensor hooks, exact on any device); "peak MB" is CUDA's peak allocation (GPU only).
+divided by the reference's in that same round. "saved MB" is what autograd keeps for the backward
+pass (measured with saved-tensor hooks, exact on any device); "peak MB" is CUDA's peak allocation
+(GPU only).
 """
 
 from __future__ import annotations
@@ -380,10 +381,10 @@ def encode_table(models: dict[str, nn.Module], args: argparse.Namespace) -> dict
 
 def _print_training(title: str, rows: dict[str, Any], reference: str) -> None:
     print(f"\n### {title}\n")
-    columns = ["step (s)", f"ratio to {reference}", "per-round ratio", "saved for backward (MB)", "peak (MB)"]
-    columns.append("trainable")
-    print("| contender | " + " | ".join(columns) + " |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    columns = ["contender", "step (s)", f"ratio to {reference}", "per-round ratio", "saved for backward (MB)"]
+    columns += ["peak (MB)", "trainable"]
+    print("| " + " | ".join(columns) + " |")
+    print("| --- " * len(columns) + "|")
     for name, r in rows.items():
         ratio = r["step_s"] / rows[reference]["step_s"]
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"

@@ -446,7 +446,8 @@ class _LinearLora(torch.autograd.Function):
             a, b = ab[2 * i], ab[2 * i + 1]
             grad_a = grad_b = None
             if needs[4 + 2 * i]:
-                bs_t = b.t().contiguous() * scale if scale != 1.0 else b.t().contiguous()  # s Bᵀ, (r, out)
+                bs_t = b.t().contiguous()  # (r, out): g (s B) runs with a transposed B on the right
+                bs_t = bs_t * scale if scale != 1.0 else bs_t
                 grad_a = _tall_t_mm(g2 @ bs_t.t(), x2)  # s (g B)ᵀ x
             if needs[5 + 2 * i]:
                 grad_b = _tall_t_mm(x2 @ a.t(), g2).t()  # (uᵀ g)ᵀ
@@ -490,8 +491,8 @@ class LoraLinear(LoraLayer):
     """LoRA on an ``nn.Linear``: y = base(x) + s · (x Aᵀ) Bᵀ.
 
     In float32/float64 without autocast, active dropout or torch.func transforms, the output is
-    computed as x (W + s B A)ᵀ with the same gradients (``_LinearLora``): fewer and cheaper kernels, equal
-    to the two-GEMM form to rounding. In fp16/bf16 the branch is added to the output instead, so
+    computed as x (W + s B A)ᵀ with the same gradients (``_LinearLora``): fewer and cheaper
+    kernels, equal to the two-GEMM form to rounding. In fp16/bf16 the branch is added to the output instead, so
     an update too small to show in a low-precision W still shows in y.
     """
 
