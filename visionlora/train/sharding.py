@@ -108,8 +108,10 @@ def _torch_has_fsdp2_tools() -> bool:
     """True when torch has what the sharded paths use (both arrived by torch 2.7)."""
     import inspect
 
-    from torch.distributed.tensor import distribute_tensor
-
+    try:
+        from torch.distributed.tensor import distribute_tensor
+    except ImportError:  # torch without distributed support, or before DTensor's public module (2.5)
+        return False
     has_src_data_rank = "src_data_rank" in inspect.signature(distribute_tensor).parameters
     return hasattr(torch.nn.utils, "get_total_norm") and has_src_data_rank
 
