@@ -7,7 +7,8 @@
 Every contender gets the same model weights, input, rank and targets. Rounds are interleaved
 (contenders A, B, C, then C, B, A, ...) so drift in the machine's speed hits all alike; each figure
 is the median over rounds, and "per-round ratio" the median over rounds of a contender's time
-divided by the reference's in that same round. "saved MB" is what autograd keeps for the backward
+divided by the reference's in that same round (for the UNet's ratio to the floor, with the
+quartiles of those per-round ratios). "saved MB" is what autograd keeps for the backward
 pass (measured with saved-tensor hooks, exact on any device); "peak MB" is CUDA's peak allocation
 (GPU only).
 """
@@ -100,9 +101,22 @@ def interleaved(steps: dict[str, Step], repeats: int, per_round: int, device: st
     return {name: statistics.median(t) for name, t in rounds(steps, repeats, per_round, device).items()}
 
 
+def paired_ratios(times: dict[str, list[float]], name: str, reference: str) -> list[float]:
+    """name's time / reference's time in each round (drift within a round cancels)."""
+    return [a / b for a, b in zip(times[name], times[reference], strict=True)]
+
+
 def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
-    """Median over rounds of name's time / reference's time in the same round (drift cancels)."""
-    return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
+    """Median over rounds of name's time / reference's time in the same round."""
+    return statistics.median(paired_ratios(times, name, reference))
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartile (both the value itself when there is one)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
 
 
 def peak_mb(step: Step, device: str) -> float | None:
@@ -210,6 +224,9 @@ def training_table(
         rows[name] = {
             "step_s": statistics.median(times[name]),
             "paired_ratio": {ref: paired_ratio(times, name, ref) for ref in (reference, "floor") if ref in models},
+            "paired_quartiles": {
+                ref: quartiles(paired_ratios(times, name, ref)) for ref in (reference, "floor") if ref in models
+            },
             "saved_mb": None if "compiled" in name else saved_bytes(forwards[name]) / 2**20,
             "peak_mb": peak_mb(steps[name], args.device),
             "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
@@ -441,8 +458,11 @@ def main() -> None:
         _print_training("UNet2DConditionModel, LoRA r=4 on attention", report["unet_training"], "peft (add_adapter)")
         floor = report["unet_training"]["floor"]["step_s"]
         ours = report["unet_training"]["visionlora"]
-        paired = ours["paired_ratio"]["floor"]
-        print(f"\nvisionlora / floor: {ours['step_s'] / floor:.3f} (median of per-round ratios: {paired:.3f})")
+        paired, (q1, q3) = ours["paired_ratio"]["floor"], ours["paired_quartiles"]["floor"]
+        print(
+            f"\nvisionlora / floor: {ours['step_s'] / floor:.3f} "
+            f"(per-round ratios: median {paired:.3f}, quartiles {q1:.3f}-{q3:.3f})"
+        )
         report["unet_io"] = unet_io_table(models["visionlora"], models["peft (add_adapter)"], args.repeats)
         print("\n| UNet adapter (56 layers) | ms |\n| --- | --- |")
         for name, s in report["unet_io"].items():
