@@ -259,10 +259,15 @@ def unet_io_table(ours: nn.Module, theirs: nn.Module, repeats: int) -> dict[str,
 
     layers = [m for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
     times: dict[str, list[float]] = {}
+    cuda = next(ours.parameters()).is_cuda
 
     def timed(name: str, action: Callable[[], Any]) -> Any:
+        if cuda:  # kernels run asynchronously: time them to their end
+            torch.cuda.synchronize()
         start = time.perf_counter()
         result = action()
+        if cuda:
+            torch.cuda.synchronize()
         times.setdefault(name, []).append(time.perf_counter() - start)
         return result
 
@@ -326,6 +331,8 @@ def prefix_table(models: dict[str, nn.Module], x: torch.Tensor, args: argparse.N
         split.recalibrate_batchnorm(xb for xb, _ in batches)
         return [(split.features(xb), yb) for xb, yb in batches]
 
+    if args.device == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     features = cache()
     if args.device == "cuda":
