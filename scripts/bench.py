@@ -3,6 +3,7 @@
     python scripts/bench.py                  # CPU: resnet50 at 128 px batch 8, a small SD-like UNet
     python scripts/bench.py --device cuda    # GPU: resnet50 at 224 px batch 64, SD-1.5-shaped UNet
     python scripts/bench.py --only resnet prefix --repeats 5 --json bench.json
+    python scripts/bench.py --only unet --vs-floor --repeats 60 --per-round 1   # visionlora vs the floor alone
 
 Every contender gets the same model weights, input, rank and targets. Rounds are interleaved
 (contenders A, B, C, then C, B, A, ...) so drift in the machine's speed hits all alike; each figure
@@ -223,6 +224,7 @@ def training_table(
     for name, m in models.items():
         rows[name] = {
             "step_s": statistics.median(times[name]),
+            "fastest_s": min(times[name]),
             "paired_ratio": {ref: paired_ratio(times, name, ref) for ref in (reference, "floor") if ref in models},
             "paired_quartiles": {
                 ref: quartiles(paired_ratios(times, name, ref)) for ref in (reference, "floor") if ref in models
@@ -432,6 +434,9 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=2, help="calls timed together in each round")
     parser.add_argument("--seeds", type=int, default=3, help="quality: quickstart seeds")
     parser.add_argument("--epochs", type=int, default=6, help="quality: quickstart epochs per phase")
+    parser.add_argument(
+        "--vs-floor", action="store_true", help="unet: time visionlora and the floor alone (no PEFT, full FT or I/O)"
+    )
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
     args = parser.parse_args()
     report: dict[str, Any] = {
@@ -461,19 +466,23 @@ def main() -> None:
             print(f"| {n} epoch(s) with caching ({epochs['caching (once)']:.2f} s once) | - | {ratio:.2f} |")
     if "unet" in args.only:
         models, loss, _ = unet_contenders(args.device)
-        report["unet_training"] = training_table(models, loss, "peft (add_adapter)", args)
-        _print_training("UNet2DConditionModel, LoRA r=4 on attention", report["unet_training"], "peft (add_adapter)")
-        floor = report["unet_training"]["floor"]["step_s"]
-        ours = report["unet_training"]["visionlora"]
+        reference = "floor" if args.vs_floor else "peft (add_adapter)"
+        if args.vs_floor:
+            models = {name: models[name] for name in ("visionlora", "floor")}
+        report["unet_training"] = rows = training_table(models, loss, reference, args)
+        _print_training("UNet2DConditionModel, LoRA r=4 on attention", rows, reference)
+        ours, floor = rows["visionlora"], rows["floor"]
         paired, (q1, q3) = ours["paired_ratio"]["floor"], ours["paired_quartiles"]["floor"]
         print(
-            f"\nvisionlora / floor: {ours['step_s'] / floor:.3f} "
-            f"(per-round ratios: median {paired:.3f}, quartiles {q1:.3f}-{q3:.3f})"
+            f"\nvisionlora / floor: {ours['step_s'] / floor['step_s']:.3f} "
+            f"(per-round ratios: median {paired:.3f}, quartiles {q1:.3f}-{q3:.3f}; "
+            f"fastest rounds: {ours['fastest_s'] / floor['fastest_s']:.3f})"
         )
-        report["unet_io"] = unet_io_table(models["visionlora"], models["peft (add_adapter)"], args.repeats)
-        print("\n| UNet adapter (56 layers) | ms |\n| --- | --- |")
-        for name, s in report["unet_io"].items():
-            print(f"| {name} | {s * 1e3:.2f} |")
+        if not args.vs_floor:
+            report["unet_io"] = unet_io_table(models["visionlora"], models["peft (add_adapter)"], args.repeats)
+            print("\n| UNet adapter (56 layers) | ms |\n| --- | --- |")
+            for name, s in report["unet_io"].items():
+                print(f"| {name} | {s * 1e3:.2f} |")
     if "encode" in args.only:
         models, _, _ = unet_contenders(args.device)
         report["encode"] = enc = encode_table(models, args)
