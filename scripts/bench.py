@@ -237,8 +237,9 @@ def training_table(
 
 
 def inference_table(
-    base: nn.Module, ours: nn.Module, theirs: nn.Module, x: torch.Tensor, args: Any
+    base: nn.Module, ours: nn.Module, theirs: nn.Module, call: Callable[[nn.Module], Any], args: Any
 ) -> dict[str, float]:
+    """Median seconds of ``call(model)`` without gradients: base, both tools unmerged, ours merged."""
     merged = vl.merge_and_unload(copy.deepcopy(ours))
     models = {"base": base, "visionlora unmerged": ours, "peft unmerged": theirs, "visionlora merged": merged}
     for m in models.values():
@@ -247,7 +248,7 @@ def inference_table(
     def runner(m: nn.Module) -> Step:
         def run() -> None:
             with torch.no_grad():
-                m(x)
+                call(m)
 
         return run
 
@@ -419,6 +420,12 @@ def _print_training(title: str, rows: dict[str, Any], reference: str) -> None:
         print(f"| {name} | {r['step_s']:.3f} | {ratio:.2f} | {paired:.3f} | {saved} | {peak} | {r['trainable']:,} |")
 
 
+def _print_inference(seconds: dict[str, float]) -> None:
+    print("\n| inference | seconds | ratio to base |\n| --- | --- | --- |")
+    for name, s in seconds.items():
+        print(f"| {name} | {s:.4f} | {s / seconds['base']:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -449,10 +456,8 @@ def main() -> None:
         report["resnet_training"] = training_table(models, loss, "peft", args)
         _print_training("resnet50, LoRA r=8 on layer4 + new head", report["resnet_training"], "peft")
         base = copy.deepcopy(models["full fine-tuning"])
-        report["resnet_inference"] = inference_table(base, models["visionlora"], models["peft"], x, args)
-        print("\n| inference | seconds | ratio to base |\n| --- | --- | --- |")
-        for name, s in report["resnet_inference"].items():
-            print(f"| {name} | {s:.4f} | {s / report['resnet_inference']['base']:.3f} |")
+        report["resnet_inference"] = inference_table(base, models["visionlora"], models["peft"], lambda m: m(x), args)
+        _print_inference(report["resnet_inference"])
     if "prefix" in args.only:
         models, _, x = resnet_contenders(args.device)
         report["prefix"] = epochs = prefix_table(models, x, args)
@@ -465,7 +470,7 @@ def main() -> None:
             ratio = n * epochs["peft"] / (epochs["caching (once)"] + n * cached)
             print(f"| {n} epoch(s) with caching ({epochs['caching (once)']:.2f} s once) | - | {ratio:.2f} |")
     if "unet" in args.only:
-        models, loss, _ = unet_contenders(args.device)
+        models, loss, inputs = unet_contenders(args.device)
         reference = "floor" if args.vs_floor else "peft (add_adapter)"
         if args.vs_floor:
             models = {name: models[name] for name in ("visionlora", "floor")}
@@ -479,6 +484,14 @@ def main() -> None:
             f"fastest rounds: {ours['fastest_s'] / floor['fastest_s']:.3f})"
         )
         if not args.vs_floor:
+            report["unet_inference"] = inference_table(
+                models["floor"],  # the base's weights, never trained
+                models["visionlora"],
+                models["peft (add_adapter)"],
+                lambda m: m(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]),
+                args,
+            )
+            _print_inference(report["unet_inference"])
             report["unet_io"] = unet_io_table(models["visionlora"], models["peft (add_adapter)"], args.repeats)
             print("\n| UNet adapter (56 layers) | ms |\n| --- | --- |")
             for name, s in report["unet_io"].items():

@@ -209,6 +209,70 @@ def test_linear_fast_path_outputs_and_gradients_are_the_textbook_formulas(bias, 
         assert torch.autograd.gradgradcheck(lambda x: model(x), (x,))
 
 
+def _graph_ops(y: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes that produced y."""
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [next_fn for next_fn, _ in node.next_functions]
+    return {type(node).__name__ for node in seen}
+
+
+CONV_GRADIENT_CASES = {
+    "pointwise": nn.Conv2d(6, 8, 1),
+    "pointwise-grouped": nn.Conv2d(12, 16, 1, groups=2),
+    "pointwise-strided-grouped": nn.Conv2d(12, 16, 1, stride=(2, 3), groups=2),
+    "pointwise-same-reflect": nn.Conv1d(4, 6, 1, padding="same", padding_mode="reflect"),
+    "pointwise-3d": nn.Conv3d(8, 8, 1, groups=2, bias=False),
+    "pointwise-3d-strided": nn.Conv3d(8, 8, 1, stride=2, groups=2, bias=False),
+    "3x3-grouped-dilated": nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2),
+    "1x3x3-circular": nn.Conv3d(3, 5, (1, 3, 3), stride=(1, 2, 1), padding=1, padding_mode="circular"),
+    "pointwise-padded": nn.Conv2d(4, 6, 1, padding=1, padding_mode="replicate"),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last", "unbatched"])
+@pytest.mark.parametrize("case", list(CONV_GRADIENT_CASES))
+def test_conv_outputs_and_gradients_are_the_textbook_formulas(case, layout):
+    torch.manual_seed(0)
+    conv = copy.deepcopy(CONV_GRADIENT_CASES[case]).double()
+    model = nn.Sequential(conv)
+    vl.apply_lora(model, vl.LoraConfig(targets="0", rank=2, alpha=5))
+    vl.apply_lora(model, vl.LoraConfig(targets="0", rank=1, alpha=3, rslora=True), adapter_name="second")
+    randomize_lora(model)
+    vl.set_adapter(model, {"default": 0.7, "second": -1.3})
+    layer = model[0]
+    x = torch.randn(3, conv.in_channels, *[9] * (conv.weight.dim() - 2), dtype=torch.float64)
+    if layout == "channels-last" and conv.weight.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "unbatched":
+        x = x[0]
+    x.requires_grad_(True)
+    y = model(x)
+    if layout == "contiguous":  # the batched-GEMM form ran, A as a GEMM too where the conv is pointwise
+        ops = _graph_ops(y)
+        assert "BaddbmmBackward0" in ops
+        assert ("BmmBackward0" in ops) == (
+            case in ("pointwise", "pointwise-grouped", "pointwise-same-reflect", "pointwise-3d")
+        )
+    delta = sum(
+        w
+        * reference_conv_delta(layer.adapters[n].lora_A, layer.adapters[n].lora_B, layer.adapters[n].scale, conv.groups)
+        for n, w in layer.active.items()
+    )
+    expected = reference_conv(conv, x, conv.weight + delta)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
+    g = torch.randn_like(y)
+    names = ["x", *(n for n, p in model.named_parameters() if p.requires_grad)]
+    for name, a, b in zip(
+        names, torch.autograd.grad(y, params, g), torch.autograd.grad(expected, params, g), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("n", [1, 511, 1024, 1025, 3003, 4096])
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_tall_transposed_product_equals_the_plain_product(n, threads):
