@@ -251,12 +251,10 @@ def test_conv_outputs_and_gradients_are_the_textbook_formulas(case, layout):
         x = x[0]
     x.requires_grad_(True)
     y = model(x)
-    if layout == "contiguous":  # the batched-GEMM form ran, A as a GEMM too where the conv is pointwise
+    if layout == "contiguous":  # the batched-GEMM form ran where it applies
         ops = _graph_ops(y)
-        assert "BaddbmmBackward0" in ops
-        assert ("BmmBackward0" in ops) == (
-            case in ("pointwise", "pointwise-grouped", "pointwise-same-reflect", "pointwise-3d")
-        )
+        assert ("BaddbmmBackward0" in ops) == (conv.groups == 1)
+        assert ("BmmBackward0" in ops) == (case in ("pointwise", "pointwise-same-reflect"))
     delta = sum(
         w
         * reference_conv_delta(layer.adapters[n].lora_A, layer.adapters[n].lora_B, layer.adapters[n].scale, conv.groups)
@@ -271,6 +269,27 @@ def test_conv_outputs_and_gradients_are_the_textbook_formulas(case, layout):
         names, torch.autograd.grad(y, params, g), torch.autograd.grad(expected, params, g), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(
+    "conv", [nn.Conv2d(16, 32, 1), nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(16, 32, 1, stride=2)]
+)
+def test_conv_keeps_for_backward_only_the_input_and_the_rank_r_activations(conv):
+    model = vl.apply_lora(nn.Sequential(conv), vl.LoraConfig(targets="0", rank=4))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    x = torch.randn(5, 16, 12, 12, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    h_bytes = y.shape[0] * 4 * y[0, 0].numel() * 4  # h: n × r × positions, float32
+    assert sorted(saved.values()) == sorted([h_bytes, x.untyped_storage().nbytes()])
 
 
 @pytest.mark.parametrize("n", [1, 511, 1024, 1025, 3003, 4096])

@@ -562,21 +562,20 @@ class LoraConv(LoraLayer):
 
     def _add_branch(self, y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
         base = self.base
-        groups = base.groups
-        if y.dtype != a.dtype or y.dim() != b.dim() or not y.is_contiguous() or a.shape[0] != groups * b.shape[1]:
-            return super()._add_branch(y, x, a, b, scale)  # unbatched, channels-last, mixed dtypes, shared layout
-        # Per sample and group, B is an (out/g × r) matrix on h's (r × positions), and so is A on
-        # x's (in/g × positions) when the conv is pointwise: batched GEMMs, with B's added into the
-        # base output (CPU convolution kernels run such thin convs and their backward several times
+        if base.groups != 1 or y.dtype != a.dtype or y.dim() != b.dim() or not y.is_contiguous():
+            # grouped (per-group GEMMs would copy the weights for every sample and keep the copies
+            # for backward), unbatched, channels-last or mixed dtypes: the convs themselves
+            return super()._add_branch(y, x, a, b, scale)
+        # Per sample, B is an (out × r) matrix on h's (r × positions), and so is A on x's
+        # (in × positions) when the conv is pointwise: batched GEMMs, with B's added into the base
+        # output (CPU convolution kernels run such thin convs and their backward several times
         # slower). Other geometries run A through the base's own _conv_forward.
-        n, out, rank = y.shape[0], b.shape[0], b.shape[1]
-        batch = n * groups
-        if _pointwise(base):
-            h = torch.bmm(_per_sample(a, groups, n), x.reshape(batch, x.shape[1] // groups, -1))
+        n = y.shape[0]
+        if _pointwise(base) and x.is_contiguous():
+            h = torch.bmm(_per_sample(a, n), x.view(n, x.shape[1], -1))
         else:
-            h = base._conv_forward(x, a, None).reshape(batch, rank, -1)
-        summed = torch.baddbmm(y.view(batch, out // groups, -1), _per_sample(b, groups, n), h, alpha=scale)
-        return summed.view(y.shape)
+            h = base._conv_forward(x, a, None).reshape(n, a.shape[0], -1)
+        return torch.baddbmm(y.view(n, y.shape[1], -1), _per_sample(b, n), h, alpha=scale).view(y.shape)
 
 
 def _pointwise(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> bool:
@@ -587,11 +586,9 @@ def _pointwise(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> bool:
     return all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride) and unpadded
 
 
-def _per_sample(weight: Tensor, groups: int, n: int) -> Tensor:
-    """A grouped pointwise conv weight (out, in/g, 1…) as (n·g, out/g, in/g) matrices, one per sample
-    and group."""
-    per_group = weight.reshape(groups, weight.shape[0] // groups, -1)
-    return per_group.expand(n, -1, -1, -1).reshape(n * groups, *per_group.shape[1:])
+def _per_sample(weight: Tensor, n: int) -> Tensor:
+    """A pointwise conv weight (out, in, 1, …) as n views of its (out × in) matrix (no copy)."""
+    return weight.reshape(1, weight.shape[0], -1).expand(n, -1, -1)
 
 
 def base_layer(module: nn.Module) -> AdaptableLayer:
