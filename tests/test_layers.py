@@ -233,28 +233,22 @@ CONV_GRADIENT_CASES = {
 }
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels-last", "unbatched"])
-@pytest.mark.parametrize("case", list(CONV_GRADIENT_CASES))
-def test_conv_outputs_and_gradients_are_the_textbook_formulas(case, layout):
+def _two_adapter_conv(conv: nn.Module) -> nn.Sequential:
     torch.manual_seed(0)
-    conv = copy.deepcopy(CONV_GRADIENT_CASES[case]).double()
-    model = nn.Sequential(conv)
+    model = nn.Sequential(copy.deepcopy(conv).double())
     vl.apply_lora(model, vl.LoraConfig(targets="0", rank=2, alpha=5))
     vl.apply_lora(model, vl.LoraConfig(targets="0", rank=1, alpha=3, rslora=True), adapter_name="second")
     randomize_lora(model)
     vl.set_adapter(model, {"default": 0.7, "second": -1.3})
-    layer = model[0]
-    x = torch.randn(3, conv.in_channels, *[9] * (conv.weight.dim() - 2), dtype=torch.float64)
-    if layout == "channels-last" and conv.weight.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout == "unbatched":
-        x = x[0]
+    return model
+
+
+def _assert_conv_is_the_textbook_formula(model: nn.Sequential, x: torch.Tensor) -> set[str]:
+    """model(x) and its gradients (x, A, B, bias) against conv(x, W + Σ w·s·ΔW) through autograd's
+    own ops, in float64; returns the names of the autograd nodes model(x) ran."""
+    layer, conv = model[0], model[0].base
     x.requires_grad_(True)
     y = model(x)
-    if layout == "contiguous":  # the batched-GEMM form ran where it applies
-        ops = _graph_ops(y)
-        assert ("BaddbmmBackward0" in ops) == (conv.groups == 1)
-        assert ("BmmBackward0" in ops) == (case in ("pointwise", "pointwise-same-reflect"))
     delta = sum(
         w
         * reference_conv_delta(layer.adapters[n].lora_A, layer.adapters[n].lora_B, layer.adapters[n].scale, conv.groups)
@@ -269,6 +263,48 @@ def test_conv_outputs_and_gradients_are_the_textbook_formulas(case, layout):
         names, torch.autograd.grad(y, params, g), torch.autograd.grad(expected, params, g), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    return _graph_ops(y)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last", "unbatched"])
+@pytest.mark.parametrize("case", list(CONV_GRADIENT_CASES))
+def test_conv_outputs_and_gradients_are_the_textbook_formulas(case, layout):
+    conv = CONV_GRADIENT_CASES[case]
+    model = _two_adapter_conv(conv)
+    x = torch.randn(3, conv.in_channels, *[9] * (conv.weight.dim() - 2), dtype=torch.float64)
+    if layout == "channels-last" and conv.weight.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "unbatched":
+        x = x[0]
+    ops = _assert_conv_is_the_textbook_formula(model, x)
+    if layout == "contiguous":  # the batched-GEMM form ran where it applies
+        assert ("BaddbmmBackward0" in ops) == (conv.groups == 1)
+        assert ("BmmBackward0" in ops) == (case in ("pointwise", "pointwise-same-reflect"))
+
+
+@pytest.mark.parametrize(
+    ("kernel", "batch", "size", "gemm"),
+    [
+        (1, 16, 4, True),  # few samples: GEMMs
+        (3, 16, 4, True),
+        (1, 17, 4, False),  # many samples of few positions: the convs
+        (3, 17, 4, False),
+        (1, 17, 7, True),  # pointwise with 49 positions per sample: GEMMs
+        (3, 17, 7, False),  # not pointwise: the convs
+    ],
+)
+def test_conv_takes_the_gemm_form_where_it_was_measured_faster_and_is_exact_either_way(kernel, batch, size, gemm):
+    model = _two_adapter_conv(nn.Conv2d(4, 6, kernel, padding=kernel // 2))
+    ops = _assert_conv_is_the_textbook_formula(model, torch.randn(batch, 4, size, size, dtype=torch.float64))
+    assert ("BaddbmmBackward0" in ops) == gemm
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(4, 6, 1), nn.Conv2d(4, 6, 3, padding=1), nn.Conv1d(4, 6, 3)])
+def test_conv_adapter_passes_an_empty_batch_through(conv):
+    model = _two_adapter_conv(conv)
+    x = torch.randn(0, 4, *[8] * (conv.weight.dim() - 2), dtype=torch.float64)
+    assert torch.equal(model(x), model[0].base(x))
+    assert model(x).shape[0] == 0
 
 
 @pytest.mark.parametrize(
