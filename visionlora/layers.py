@@ -577,7 +577,7 @@ class LoraConv(LoraLayer):
 
 
 # Measured on CPU (2 threads, oneDNN and MKL): the convs with r channels on one side, forward and
-# backward, run several times slower than GEMMs on few samples (1×1 from 512 to 8 channels on 8×8
+# backward, run several times slower than GEMMs on few samples (1×1 from 1024 to 8 channels on 8×8
 # maps, batch 8: 2.2 ms as a conv, 0.25 ms as GEMMs) and on pointwise convs with many positions
 # per sample; with many samples of few positions each, the per-sample weight gradients that the
 # GEMM form sums cost more than the convs (batch 128 on 6×6 maps: 1.65× slower).
