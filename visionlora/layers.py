@@ -464,14 +464,11 @@ def _tall_t_mm(p: Tensor, q: Tensor) -> Tensor:
     several threads, slices of N run as one batched product and their results are summed. The
     sum's rounding then depends on the thread count (about 1e-7 relative in float32).
     """
-    if p.device.type != "cpu" or torch.compiler.is_compiling():
-        return p.t() @ q
-    n = p.shape[0]
-    parts = min(torch.get_num_threads(), n // 512)
-    if parts < 2 or not (p.is_contiguous() and q.is_contiguous()):
-        return p.t() @ q
-    while n % parts:
-        parts -= 1
+    n, parts = p.shape[0], 1
+    if p.device.type == "cpu" and not torch.compiler.is_compiling() and p.is_contiguous() and q.is_contiguous():
+        parts = min(torch.get_num_threads(), n // 512)
+        while parts > 1 and n % parts:
+            parts -= 1
     if parts < 2:
         return p.t() @ q
     return torch.bmm(p.view(parts, n // parts, -1).transpose(1, 2), q.view(parts, n // parts, -1)).sum(0)
