@@ -77,6 +77,12 @@ def train_step(
     return step, forward
 
 
+def sync(device: str) -> None:
+    """Wait for the device's queued kernels (CUDA runs them asynchronously), so a timer sees them."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def rounds(steps: dict[str, Step], repeats: int, per_round: int, device: str) -> dict[str, list[float]]:
     """Seconds per call of each step in each round; rounds interleave the contenders, in
     alternating order so that none always runs right after the same other one."""
@@ -86,13 +92,11 @@ def rounds(steps: dict[str, Step], repeats: int, per_round: int, device: str) ->
     order = list(steps)
     for r in range(repeats):
         for name in order if r % 2 == 0 else order[::-1]:
-            if device == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             start = time.perf_counter()
             for _ in range(per_round):
                 steps[name]()
-            if device == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             times[name].append((time.perf_counter() - start) / per_round)
     return times
 
@@ -123,10 +127,10 @@ def quartiles(values: list[float]) -> tuple[float, float]:
 def peak_mb(step: Step, device: str) -> float | None:
     if device != "cuda":
         return None
-    torch.cuda.synchronize()
+    sync(device)
     torch.cuda.reset_peak_memory_stats()
     step()
-    torch.cuda.synchronize()
+    sync(device)
     return torch.cuda.max_memory_allocated() / 2**20
 
 
@@ -222,13 +226,12 @@ def training_table(
     times = rounds(steps, args.repeats, args.per_round, args.device)
     rows = {}
     for name, m in models.items():
+        refs = [ref for ref in (reference, "floor") if ref in models]
         rows[name] = {
             "step_s": statistics.median(times[name]),
             "fastest_s": min(times[name]),
-            "paired_ratio": {ref: paired_ratio(times, name, ref) for ref in (reference, "floor") if ref in models},
-            "paired_quartiles": {
-                ref: quartiles(paired_ratios(times, name, ref)) for ref in (reference, "floor") if ref in models
-            },
+            "paired_ratio": {ref: paired_ratio(times, name, ref) for ref in refs},
+            "paired_quartiles": {ref: quartiles(paired_ratios(times, name, ref)) for ref in refs},
             "saved_mb": None if "compiled" in name else saved_bytes(forwards[name]) / 2**20,
             "peak_mb": peak_mb(steps[name], args.device),
             "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
@@ -262,15 +265,13 @@ def unet_io_table(ours: nn.Module, theirs: nn.Module, repeats: int) -> dict[str,
 
     layers = [m for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
     times: dict[str, list[float]] = {}
-    cuda = next(ours.parameters()).is_cuda
+    device = next(ours.parameters()).device.type
 
     def timed(name: str, action: Callable[[], Any]) -> Any:
-        if cuda:  # kernels run asynchronously: time them to their end
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         result = action()
-        if cuda:
-            torch.cuda.synchronize()
+        sync(device)
         times.setdefault(name, []).append(time.perf_counter() - start)
         return result
 
@@ -334,12 +335,10 @@ def prefix_table(models: dict[str, nn.Module], x: torch.Tensor, args: argparse.N
         split.recalibrate_batchnorm(xb for xb, _ in batches)
         return [(split.features(xb), yb) for xb, yb in batches]
 
-    if args.device == "cuda":
-        torch.cuda.synchronize()
+    sync(args.device)
     start = time.perf_counter()
     features = cache()
-    if args.device == "cuda":
-        torch.cuda.synchronize()
+    sync(args.device)
     caching = time.perf_counter() - start
     steps = {
         "peft": epoch_of(models["peft"], batches),
