@@ -76,8 +76,10 @@ def test_visionlora_reads_each_part_back_unchanged(pipeline, fmt, tmp_path):
     pipe = _fresh(folder)
     vl.load_adapter(pipe.text_encoder, path, component="text_encoder")
     vl.load_adapter(pipe.unet, path)  # the UNet by default
-    assert_rel_close(_text_output(pipe.text_encoder), _text_output(text), 1e-6)
-    assert_rel_close(unet_output(pipe.unet), unet_output(unet), 1e-6)
+    # B unfolded from the file is within an ulp of the trained one (checked above at 1e-6); through
+    # the UNet's layers that gave 1.2e-6 on one machine: outputs are held to fp32's 1e-5.
+    assert_rel_close(_text_output(pipe.text_encoder), _text_output(text), 1e-5)
+    assert_rel_close(unet_output(pipe.unet), unet_output(unet), 1e-5)
 
 
 def test_kohya_text_encoder_names_without_the_kept_record_map_onto_the_model(pipeline, tmp_path):
