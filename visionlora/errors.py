@@ -11,6 +11,7 @@ __all__ = [
     "AdapterFileError",
     "ConfigError",
     "MergeError",
+    "MissingDependencyError",
     "TargetError",
     "TrainingError",
     "UnsupportedModuleError",
@@ -49,3 +50,7 @@ class MergeError(VisionLoraError, ValueError):
 
 class TrainingError(VisionLoraError, RuntimeError):
     """A training run cannot go on: too many non-finite steps in a row, or its output folder is in use."""
+
+
+class MissingDependencyError(VisionLoraError, ImportError):
+    """An optional package that the call needs is not installed; the message says how to install it."""

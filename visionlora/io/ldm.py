@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from visionlora._deps import require
 from visionlora.errors import ConfigError
 
 __all__ = ["ldm_state_dict"]
@@ -28,6 +29,11 @@ _RESNET = [
 _VAE_ATTENTION = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
 
 
+def _single_file() -> Any:
+    """diffusers' single-file conversion module, whose tables and converters these functions invert."""
+    return require("diffusers.loaders.single_file_utils")
+
+
 def _renamed(rest: str, pairs: list[tuple[str, str]]) -> str:
     head, _, leaf = rest.rpartition(".")
     for new, old in pairs:
@@ -38,9 +44,7 @@ def _renamed(rest: str, pairs: list[tuple[str, str]]) -> str:
 
 def unet_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
     """A diffusers UNet2DConditionModel state dict in the original layout (without its prefix)."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
-
-    top: dict[str, str] = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]  # type: ignore[index]
+    top: dict[str, str] = _single_file().DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]  # type: ignore[index]
     per = config["layers_per_block"] + 1
     with_attention = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)}
     out = {}
@@ -74,9 +78,7 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.
 
 def vae_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
     """A diffusers AutoencoderKL state dict in the original layout (without its prefix)."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
-
-    top: dict[str, str] = DIFFUSERS_TO_LDM_MAPPING["vae"]  # type: ignore[assignment]
+    top: dict[str, str] = _single_file().DIFFUSERS_TO_LDM_MAPPING["vae"]  # type: ignore[assignment]
     ups = len(config["up_block_types"])
     out = {}
     for key, value in state.items():
@@ -114,8 +116,7 @@ def ldm_state_dict(
         ConfigError: an SD 2.x pipeline (OpenCLIP text encoder, another layout), or a layout that
             diffusers' own single-file converters would not read back tensor for tensor.
     """
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-
+    convert = _single_file()
     if unet_config["cross_attention_dim"] == 1024:
         raise ConfigError(
             "single-file export writes Stable Diffusion 1.x checkpoints; this UNet has SD 2.x's 1024-wide "
@@ -128,7 +129,10 @@ def ldm_state_dict(
         raise ConfigError(f"single-file export: {exc.args[0]} (not a Stable Diffusion 1.x layout)") from None
     for k, v in text_encoder.items():  # transformers 5 drops CLIPTextModel's text_model. prefix
         out[f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}"] = v
-    converted = (convert_ldm_unet_checkpoint(out, unet_config), convert_ldm_vae_checkpoint(out, vae_config))
+    converted = (
+        convert.convert_ldm_unet_checkpoint(out, unet_config),
+        convert.convert_ldm_vae_checkpoint(out, vae_config),
+    )
     for part, mine, theirs in zip(("UNet", "VAE"), (unet, vae), converted, strict=True):
         if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
             differ = (

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionlora._deps import require
 from visionlora._tree import from_diffusers, require_module
 from visionlora.errors import ConfigError, MergeError
 from visionlora.inject import lora_layers, original_state_dict
@@ -152,8 +153,7 @@ def _write_single_file(
         )
     refuse_existing(path, overwrite)
     if isinstance(pipeline, str | os.PathLike):
-        import diffusers
-
+        diffusers = require("diffusers")
         if not (Path(pipeline) / "model_index.json").is_file():
             raise ConfigError(f"pipeline={pipeline}: not a diffusers pipeline folder (no model_index.json)")
         pipeline = diffusers.DiffusionPipeline.from_pretrained(str(pipeline), safety_checker=None)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionlora._deps import require
 from visionlora._tree import from_diffusers
 from visionlora.errors import AdapterFileError, ConfigError
 from visionlora.io.files import read_safetensors
@@ -34,20 +35,15 @@ SOURCES = ("torchvision", "timm", "diffusers")
 
 
 def _torchvision(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-    import torchvision
-
-    return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+    return require("torchvision").models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
 
 
 def _timm(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-    import timm
-
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    return require("timm").create_model(name, pretrained=pretrained, **kwargs)
 
 
 def _diffusers(folder: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-    import diffusers
-
+    diffusers = require("diffusers")
     if kwargs:
         raise ConfigError(f"diffusers:{folder}: model arguments {sorted(kwargs)} are for torchvision/timm models")
 
@@ -121,13 +117,9 @@ def build_model(spec: str, *, pretrained: bool = False, kwargs: dict[str, Any] |
         raise ConfigError(f"{spec!r}: unknown source {source!r}; sources: {', '.join(SOURCES)}")
     if Path(spec).is_dir():
         return _build(_diffusers, spec, spec, pretrained, kwargs)
-    import torchvision
-
-    if spec in torchvision.models.list_models():
+    if spec in require("torchvision").models.list_models():
         return _build(_torchvision, spec, spec, pretrained, kwargs)
-    import timm
-
-    if timm.is_model(spec):
+    if require("timm").is_model(spec):
         return _build(_timm, spec, spec, pretrained, kwargs)
     close = difflib.get_close_matches(spec, _known_names(), n=5)
     raise ConfigError(

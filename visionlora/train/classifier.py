@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from visionlora._deps import require
 from visionlora.errors import ConfigError
 from visionlora.inject import apply_lora
 from visionlora.io import export_adapter, export_merged, save_adapter
@@ -117,9 +118,7 @@ def run_classifier(
     out_dir = Path(output or recipe.output.dir)
     train = recipe.train
     accelerator = make_accelerator(train, out_dir)
-    from accelerate.utils import set_seed
-
-    set_seed(train.seed)
+    require("accelerate.utils").set_seed(train.seed)
     if recipe.data.batch_size % accelerator.num_processes:
         raise ConfigError(
             f"data.batch_size: {recipe.data.batch_size} does not split over {accelerator.num_processes} processes"

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler, Subset
 
+from visionlora._deps import require
 from visionlora.errors import ConfigError
 from visionlora.train.recipe import ClassifierData
 
@@ -59,13 +60,11 @@ class EpochBatches(Sampler[list[int]]):
 
 def classifier_transforms(model: nn.Module, image_size: int, augment: bool) -> tuple[Any, Any]:
     """(train, val) transforms: timm's from the model's data config for timm models, else ImageNet-style."""
-    from torchvision import transforms as T
-
+    T = require("torchvision.transforms")
     if getattr(model, "pretrained_cfg", None) is not None:
-        import timm.data
-
-        config = timm.data.resolve_data_config({"input_size": (3, image_size, image_size)}, model=model)
-        return timm.data.create_transform(**config, is_training=augment), timm.data.create_transform(**config)
+        timm_data = require("timm.data")
+        config = timm_data.resolve_data_config({"input_size": (3, image_size, image_size)}, model=model)
+        return timm_data.create_transform(**config, is_training=augment), timm_data.create_transform(**config)
     normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     resize = [T.Resize(max(image_size, round(image_size * 256 / 224))), T.CenterCrop(image_size)]
     train = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] if augment else resize
@@ -117,8 +116,7 @@ def classifier_datasets(
 ) -> tuple[Dataset[Any], Dataset[Any], list[str]]:
     """(train, val, class names) from ``data.root``: its train/ and val/ folders, or one folder split by
     ``data.val_fraction`` (the same split for the same seed)."""
-    from torchvision.datasets import ImageFolder
-
+    ImageFolder = require("torchvision.datasets").ImageFolder
     root = Path(data.root)
     if not root.is_dir():
         raise ConfigError(f"data.root: {root} is not a folder; give an ImageFolder-style folder of class folders")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionlora._deps import require
 from visionlora.adapters import disable_adapters, enable_adapters
 from visionlora.errors import ConfigError
 from visionlora.inject import apply_lora
@@ -51,8 +52,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 def load_pipeline(spec: DiffusionModel) -> Any:
     """A StableDiffusionPipeline from a pipeline folder, or from one ``.safetensors`` file with local configs."""
-    import diffusers
-
+    diffusers = require("diffusers")
     path = Path(spec.pipeline)
     common = {"safety_checker": None, "requires_safety_checker": False}
     if path.is_dir():
@@ -94,9 +94,8 @@ def style_items(root: str | Path, caption: str | None) -> list[tuple[Path, str]]
 
 def _pixels(path: Path, resolution: int, center_crop: bool, flip: bool, seed: int) -> torch.Tensor:
     """The image at ``resolution`` x ``resolution`` in [-1, 1]: shorter side resized, cropped, maybe flipped."""
-    from PIL import Image
-    from torchvision.transforms import functional as TF
-
+    Image = require("PIL.Image")
+    TF = require("torchvision.transforms.functional")
     with Image.open(path) as im:
         image = im.convert("RGB")
     image = TF.resize(image, resolution, antialias=True)
@@ -200,8 +199,7 @@ def _sample_grid(
     pipe: Any, adapted: list[nn.Module], recipe: DiffusionRecipe, path: Path, write: bool = True
 ) -> Path | None:
     """Base | adapted samples from the same seeds, one row per prompt, saved as a PNG (if ``write``)."""
-    from PIL import Image
-
+    Image = require("PIL.Image")
     val = recipe.validation
     if not val.prompts:
         return None
@@ -245,9 +243,7 @@ def run_diffusion(
     out_dir = Path(output or recipe.output.dir)
     train, data = recipe.train, recipe.data
     accelerator = make_accelerator(train, out_dir)
-    from accelerate.utils import set_seed
-
-    set_seed(train.seed)
+    require("accelerate.utils").set_seed(train.seed)
     world = accelerator.num_processes
     if data.batch_size % world:
         raise ConfigError(f"data.batch_size: {data.batch_size} does not split over {world} processes")
@@ -275,9 +271,7 @@ def run_diffusion(
         )
     cache = _Cache(pipe, items, recipe) if data.cache else None
     scheduler_config = pipe.scheduler.config
-    import diffusers
-
-    noise_scheduler = diffusers.DDPMScheduler.from_config(scheduler_config)
+    noise_scheduler = require("diffusers").DDPMScheduler.from_config(scheduler_config)
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
     scaling = float(getattr(pipe.vae.config, "scaling_factor", 1.0))
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionlora._deps import require
 from visionlora.errors import ConfigError, TrainingError
 from visionlora.io.files import write_text
 from visionlora.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
@@ -54,19 +55,15 @@ def _cpu_only() -> bool:
 
 def is_main_process() -> bool:
     """Whether this is the main process of the (possibly multi-process) run, before any Accelerator exists."""
-    from accelerate import PartialState
-
-    return bool(PartialState(cpu=_cpu_only()).is_main_process)
+    return bool(require("accelerate").PartialState(cpu=_cpu_only()).is_main_process)
 
 
 def make_accelerator(train: Train, out_dir: Path) -> Any:
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
-
-    return Accelerator(
+    accelerate = require("accelerate")
+    return accelerate.Accelerator(
         cpu=_cpu_only(),
         mixed_precision=_mixed_precision(train.mixed_precision),
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        dataloader_config=require("accelerate.utils").DataLoaderConfiguration(split_batches=True),
         log_with=train.log_with,
         project_dir=str(out_dir),
     )
@@ -266,8 +263,7 @@ def checkpoint_due(train: Train, step: int, total: int) -> bool:
 
 def start_run(accelerator: Any, recipe: Any, out_dir: Path, total: int, step: int, progress: bool) -> Any:
     """Write the resolved recipe, start the trackers, and return the progress bar (main process only)."""
-    from tqdm.auto import tqdm
-
+    tqdm = require("tqdm.auto").tqdm
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "recipe.yaml", dump_recipe(recipe))

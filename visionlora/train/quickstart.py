@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionlora._deps import require
 from visionlora.config import LoraConfig
-from visionlora.errors import ConfigError
 from visionlora.inject import apply_lora
 from visionlora.io import export_adapter, export_merged, load_adapter, save_adapter
 from visionlora.io.files import write_safetensors
@@ -35,13 +35,7 @@ __all__ = ["QuickstartResult", "digits", "run_quickstart"]
 
 def digits(classes: range, size: int = 32, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Train/val tensors (N, 3, size, size) and labels 0..len(classes)-1 for the chosen digits (80/20 split)."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ConfigError(
-            "the quickstart reads scikit-learn's bundled digits: pip install 'visionlora[train]'"
-        ) from None
-    data = load_digits()
+    data = require("sklearn.datasets").load_digits()
     keep = torch.isin(torch.as_tensor(data.target), torch.as_tensor(list(classes)))
     x = torch.as_tensor(data.images, dtype=torch.float32)[keep].unsqueeze(1) / 16.0
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
@@ -73,9 +67,7 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def _resnet(state: dict[str, Tensor] | None = None) -> nn.Module:
-    import torchvision
-
-    model = torchvision.models.resnet18(num_classes=5)
+    model = require("torchvision").models.resnet18(num_classes=5)
     if state is not None:
         model.load_state_dict(state)
     model.fc = nn.Linear(512, 5)  # a new head for the new classes
@@ -104,14 +96,14 @@ class QuickstartResult:
 
 def run_quickstart(out: str | Path, *, epochs: int = 6, seed: int = 0, echo: bool = True) -> QuickstartResult:
     """Run the comparison (see the module docstring), write its files to ``out``, print the table."""
+    for needed in ("torchvision", "sklearn"):  # before any work: a missing one is named at once
+        require(needed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = print if echo else (lambda *a, **k: None)
     torch.manual_seed(seed)
     xa, ya, xa_val, ya_val = digits(range(0, 5), seed=seed)
-    import torchvision
-
-    pretrain = torchvision.models.resnet18(num_classes=5)
+    pretrain = require("torchvision").models.resnet18(num_classes=5)
     say(f"1. pre-training a ResNet-18 in full on digits 0-4 ({len(ya)} images) ...")
     _fit(pretrain, xa, ya, epochs=epochs, lr=2e-3, seed=seed)
     base_state = pretrain.state_dict()

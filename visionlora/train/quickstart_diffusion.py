@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionlora._deps import require
 from visionlora.config import LoraConfig
-from visionlora.errors import ConfigError
 from visionlora.inject import apply_lora
 from visionlora.io import export_adapter, export_merged, save_adapter
 
@@ -33,13 +33,11 @@ SIZE = 16
 
 def patches(name: str, count: int, seed: int) -> Tensor:
     """``count`` random 16x16 patches in [-1, 1] of scikit-learn's sample image ``name`` at a quarter size."""
-    try:
-        from sklearn.datasets import load_sample_image
-    except ImportError:
-        raise ConfigError(
-            "the quickstart reads scikit-learn's bundled images: pip install 'visionlora[train]'"
-        ) from None
-    image = torch.tensor(load_sample_image(name), dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
+    image = (
+        torch.tensor(require("sklearn.datasets").load_sample_image(name), dtype=torch.float32).permute(2, 0, 1)[None]
+        / 127.5
+        - 1
+    )
     image = F.interpolate(image, scale_factor=0.25, mode="area")[0]
     g = torch.Generator().manual_seed(seed)
     top = torch.randint(0, image.shape[1] - SIZE + 1, (count,), generator=g)
@@ -64,9 +62,7 @@ def style_share(samples: Tensor, base: Tensor, style: Tensor) -> float:
 
 
 def _unet() -> Any:
-    import diffusers
-
-    unet: Any = diffusers.UNet2DModel(
+    unet: Any = require("diffusers").UNet2DModel(
         sample_size=SIZE,
         in_channels=3,
         out_channels=3,
@@ -80,9 +76,7 @@ def _unet() -> Any:
 
 
 def _fit(unet: nn.Module, data: Tensor, steps: int, lr: float, seed: int) -> list[float]:
-    import diffusers
-
-    scheduler: Any = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    scheduler: Any = require("diffusers").DDPMScheduler(num_train_timesteps=1000)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -104,9 +98,7 @@ def _fit(unet: nn.Module, data: Tensor, steps: int, lr: float, seed: int) -> lis
 
 @torch.no_grad()
 def _sample(unet: nn.Module, count: int, seed: int, steps: int = 25) -> Tensor:
-    import diffusers
-
-    scheduler: Any = diffusers.DDIMScheduler(num_train_timesteps=1000)
+    scheduler: Any = require("diffusers").DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(steps)
     x = torch.randn(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
     for t in scheduler.timesteps:
@@ -116,8 +108,7 @@ def _sample(unet: nn.Module, count: int, seed: int, steps: int = 25) -> Tensor:
 
 def _grid(base: Tensor, styled: Tensor, path: Path, scale: int = 4) -> Path:
     """Two rows of samples (base above, styled below) from the same seeds, enlarged, as a PNG."""
-    from PIL import Image
-
+    Image = require("PIL.Image")
     rows = [torch.cat(list(x), dim=2) for x in (base, styled)]
     grid = torch.cat(rows, dim=1)
     pixels = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
@@ -130,6 +121,8 @@ def run_quickstart_diffusion(
     out: str | Path, *, pretrain_steps: int = 1500, style_steps: int = 400, samples: int = 24, echo: bool = True
 ) -> dict[str, Any]:
     """Run the styling demo (see the module docstring); write its files to ``out`` and return the numbers."""
+    for needed in ("diffusers", "sklearn", "PIL"):  # before any work: a missing one is named at once
+        require(needed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = print if echo else (lambda *a, **k: None)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from visionlora._deps import require
 from visionlora.config import LoraConfig, config_from_dict, config_to_dict, is_finite_number
 from visionlora.errors import ConfigError
 from visionlora.io.formats import PIPELINE_FORMATS
@@ -287,11 +288,7 @@ _MAX_RECIPE_BYTES = 1024 * 1024
 
 
 def _yaml() -> Any:
-    try:
-        import yaml
-    except ImportError:
-        raise ConfigError("recipes need PyYAML: pip install 'visionlora[train]'") from None
-    return yaml
+    return require("yaml")
 
 
 def _loader() -> Any:

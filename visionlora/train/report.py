@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from visionlora._deps import require
+
 __all__ = ["confusion_matrix", "macro_f1", "plot_confusion", "plot_curves", "plot_losses", "pyplot"]
 
 
@@ -30,12 +32,8 @@ def macro_f1(confusion: torch.Tensor) -> float:
 
 def pyplot() -> Any:
     """matplotlib's pyplot on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    require("matplotlib").use("Agg")
+    return require("matplotlib.pyplot")
 
 
 def _save(plt: Any, fig: Any, path: Path) -> Path:

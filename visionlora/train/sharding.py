@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionlora._deps import require
 from visionlora.errors import ConfigError, TrainingError
 from visionlora.layers import LoraLayer
 
@@ -99,9 +100,7 @@ def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
 
 def is_fsdp(accelerator: Any) -> bool:
     """Whether ``accelerator`` shards models with FSDP."""
-    from accelerate.utils import DistributedType
-
-    return bool(accelerator.distributed_type == DistributedType.FSDP)
+    return bool(accelerator.distributed_type == require("accelerate.utils").DistributedType.FSDP)
 
 
 def _torch_has_fsdp2_tools() -> bool:
@@ -138,10 +137,8 @@ def check_fsdp(accelerator: Any, model: nn.Module) -> None:
             "trained parameters side by side need per-parameter sharding); set fsdp_version: 2 in the accelerate "
             "config or pass --fsdp_version 2 to accelerate launch"
         )
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
-
     plugin.set_auto_wrap_policy(model)  # what accelerate's prepare does first (a no-op when done already)
-    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    policy = require("accelerate.utils.fsdp_utils").fsdp2_prepare_auto_wrap_policy(plugin, model)
     if policy is None:
         return
     for name, module in model.named_modules():
