@@ -75,7 +75,8 @@ def test_inspect_and_export_need_no_optional_package(tmp_path):
 
 
 def test_require_raises_an_import_error_of_visionlora_naming_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "timm", None)
+    for name in ("timm", "timm.data"):  # as if never installed, even where an earlier test imported it
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(vl.MissingDependencyError, match=r"'timm', which is not installed.*visionlora\[train\]"):
         require("timm.data")
     with pytest.raises(ImportError):  # callers may catch the builtin too

@@ -12,7 +12,7 @@ from torch import nn
 
 import visionlora as vl
 from tests.conftest import assert_rel_close, randomize_lora, reference_conv_delta
-from visionlora.inject import lora_layers
+from visionlora.state import lora_layers
 
 
 def grouped_net() -> nn.Module:

@@ -9,7 +9,7 @@ from torch import nn
 
 import visionlora as vl
 from tests.conftest import tiny_net
-from visionlora.inject import lora_layers
+from visionlora.state import lora_layers
 
 
 def names(model: nn.Module) -> list[str]:
@@ -362,7 +362,7 @@ def test_the_recorded_config_is_a_copy():
     cfg = vl.LoraConfig(targets=["0"], rank=2)
     vl.apply_lora(model, cfg)
     cfg.targets.append("1")
-    assert vl.inject.adapter_configs(model)["default"].targets == ["0"]
+    assert vl.state.adapter_state(model).configs["default"].targets == ["0"]
 
 
 def test_numbers_too_large_for_a_float_are_config_errors():
@@ -375,7 +375,7 @@ def test_numbers_too_large_for_a_float_are_config_errors():
 def test_module_walk_does_not_loop_on_a_module_that_contains_itself():
     model = nn.Sequential(nn.Linear(4, 4))
     model.add_module("loop", model)  # torch's own state_dict() recurses forever on this; our walk must not
-    assert [n for n, _ in vl.inject.iter_modules(model)] == ["0"]
+    assert [n for n, _ in vl._tree.iter_modules(model)] == ["0"]
 
 
 def test_adding_an_adapter_to_a_disabled_model_keeps_it_disabled():

@@ -13,7 +13,7 @@ from torch import nn
 
 import visionlora as vl
 from tests.conftest import assert_rel_close, randomize_lora, reference_conv_delta, tiny_net
-from visionlora.inject import lora_layers
+from visionlora.state import lora_layers
 
 
 def textbook_merged_copy(
@@ -210,7 +210,7 @@ def test_merge_and_unload_gives_original_classes_and_same_outputs():
 
 
 def test_the_merge_finiteness_check_is_exact_even_when_the_sum_overflows():
-    from visionlora.layers import all_finite
+    from visionlora.merge import all_finite
 
     big = torch.full((4,), 3e38)  # every element finite, their float32 sum is not
     assert all_finite(big) and all_finite(torch.zeros(3, dtype=torch.int64))

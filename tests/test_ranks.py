@@ -13,8 +13,8 @@ from torch import nn
 
 import visionlora as vl
 from tests.conftest import tiny_unet
-from visionlora.inject import lora_layers
 from visionlora.ranks import budget_ranks, rank_for_resolution
+from visionlora.state import lora_layers
 
 
 def resnet18() -> nn.Module:

@@ -106,4 +106,4 @@ def test_readme_preset_example_runs_with_local_weights():
     namespace = {"vl": vl, "timm": timm}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["heads"] == ["fc"]
-    assert len(vl.inject.lora_layers(namespace["model"])) == 10  # layer4: 3 blocks x 3 convs + downsample
+    assert len(vl.state.lora_layers(namespace["model"])) == 10  # layer4: 3 blocks x 3 convs + downsample

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from torch import nn
 
 from visionlora.errors import UnsupportedModuleError
-from visionlora.layers import LoraLayer
+from visionlora.layers import LoraLayer, layer_kind
 
-__all__ = ["from_diffusers", "iter_modules", "replace_module", "require_module"]
+__all__ = ["adaptable_kind", "from_diffusers", "is_under", "iter_modules", "replace_module", "require_module"]
 
 
 def from_diffusers(module: nn.Module) -> bool:
@@ -21,6 +21,11 @@ def require_module(model: object) -> None:
     """Raise :class:`UnsupportedModuleError` unless ``model`` is an ``nn.Module``."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModuleError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+
+
+def is_under(name: str, roots: set[str]) -> bool:
+    """Whether module ``name`` is one of ``roots`` or lies inside one of them."""
+    return any(name == r or name.startswith(r + ".") for r in roots)
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -48,3 +53,15 @@ def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
                 yield from walk(child, name, ancestors | {id(child)})
 
     return walk(model, "", frozenset({id(model)}))
+
+
+# Parents that read their children's weights directly (fused or fast paths) instead of calling them.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
+def adaptable_kind(name: str, module: nn.Module, by_name: dict[str, nn.Module]) -> str | None:
+    """The layer kind of ``module`` if visionlora can adapt it where it sits in the model, else None."""
+    parent = by_name.get(name.rpartition(".")[0]) if "." in name else None
+    if isinstance(parent, _READS_CHILD_WEIGHTS):
+        return None
+    return layer_kind(module)

@@ -9,14 +9,14 @@ from torch import nn
 from visionlora._tree import replace_module
 from visionlora.config import is_finite_number
 from visionlora.errors import AdapterError
-from visionlora.inject import activate, adapter_configs, lora_layers, require_unmerged
+from visionlora.state import activate, adapter_state, lora_layers, require_unmerged
 
 __all__ = ["active_adapters", "delete_adapter", "disable_adapters", "enable_adapters", "list_adapters", "set_adapter"]
 
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters on ``model``, in the order they were added."""
-    return list(adapter_configs(model))
+    return list(adapter_state(model).configs)
 
 
 def _known(model: nn.Module, names: Sequence[str]) -> None:
@@ -89,5 +89,5 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             layer.delete_adapter(name)
         if not layer.adapters:
             replace_module(model, layer_name, layer.base)
-    del adapter_configs(model)[name]
+    del adapter_state(model).configs[name]
     return model

@@ -8,11 +8,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from visionlora._tree import from_diffusers
-from visionlora.config import LoraConfig
+from visionlora.config import DTYPES, LoraConfig
 from visionlora.errors import ConfigError, VisionLoraError
 from visionlora.inject import apply_lora
 from visionlora.io import (
@@ -25,8 +24,9 @@ from visionlora.io import (
     load_adapter,
     read_adapter,
 )
+from visionlora.io.weights import load_base
 from visionlora.models.heads import classifier_names, replace_head
-from visionlora.models.loading import SOURCES, build_model, example_input_for, load_base
+from visionlora.models.loading import SOURCES, build_model, example_input_for
 from visionlora.models.presets import PRESETS, fitting_presets
 from visionlora.summary import summary
 
@@ -73,9 +73,6 @@ def _targets(args: argparse.Namespace) -> int:
     return 0
 
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def _match_head(model: nn.Module, adapter: AdapterFile) -> None:
     """Give a classifier base the adapter's class count when the adapter was trained with a new head."""
     if not adapter.extra or from_diffusers(model):
@@ -93,7 +90,7 @@ def _merge(args: argparse.Namespace) -> int:
     _match_head(model, read_adapter(args.adapter))
     load_adapter(model, args.adapter)
     pipeline = args.base if (Path(args.base) / "model_index.json").is_file() else None
-    dtype = _DTYPES[args.dtype] if args.dtype else None
+    dtype = DTYPES[args.dtype] if args.dtype else None
     out = export_merged(model, args.out, dtype=dtype, pipeline=pipeline, overwrite=args.overwrite)
     print(f"wrote {out}: {type(model).__name__} with {args.adapter} merged")
     return 0
@@ -130,9 +127,15 @@ def _add_overwrite(parser: argparse.ArgumentParser) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    dtype = _DTYPES[args.dtype] if args.dtype else None
+    dtype = DTYPES[args.dtype] if args.dtype else None
     out = export_adapter(
-        args.file, args.out, format=args.format, dtype=dtype, text_encoder=args.text_encoder, overwrite=args.overwrite
+        args.file,
+        args.out,
+        format=args.format,
+        dtype=dtype,
+        text_encoder=args.text_encoder,
+        component=args.component,
+        overwrite=args.overwrite,
     )
     with_text = f" with the text encoder's {args.text_encoder}" if args.text_encoder else ""
     print(f"wrote {out}: {args.file}{with_text} as a {args.format} adapter")
@@ -220,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="the .safetensors file to write; a folder for a diffusers model (a whole pipeline for a pipeline base)",
     )
-    merge.add_argument("--dtype", choices=list(_DTYPES), help="dtype of the written weights (default: the base's)")
+    merge.add_argument("--dtype", choices=list(DTYPES), help="dtype of the written weights (default: the base's)")
     _add_overwrite(merge)
     merge.set_defaults(run=_merge)
 
@@ -246,11 +249,16 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("file", help="an adapter: visionlora, diffusers or kohya file, or a PEFT folder")
     export.add_argument("--format", required=True, choices=list(FORMATS))
     export.add_argument("--out", required=True, help="the file to write (a folder for peft)")
-    export.add_argument("--dtype", choices=list(_DTYPES), help="dtype of the written weights (default: as stored)")
+    export.add_argument("--dtype", choices=list(DTYPES), help="dtype of the written weights (default: as stored)")
     export.add_argument(
         "--text-encoder",
         metavar="FILE",
         help="a text encoder's adapter to put in the same diffusers/kohya file (a pipeline LoRA)",
+    )
+    export.add_argument(
+        "--component",
+        choices=list(COMPONENTS),
+        help="export only this part of a diffusers/kohya pipeline file (needed for peft and visionlora output)",
     )
     _add_overwrite(export)
     export.set_defaults(run=_export)

@@ -25,11 +25,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+import torch
+
 from visionlora.errors import ConfigError
 
 __all__ = [
+    "DTYPES",
     "LAYER_KINDS",
     "MAX_RANK",
+    "DtypeName",
     "LoraConfig",
     "config_from_dict",
     "config_to_dict",
@@ -40,6 +44,11 @@ __all__ = [
 
 LayerKind = Literal["Linear", "Conv1d", "Conv2d", "Conv3d"]
 LAYER_KINDS: tuple[LayerKind, ...] = typing.get_args(LayerKind)
+
+DtypeName = Literal["fp32", "fp16", "bf16"]
+"""How recipes and the command line name the dtype of written weights."""
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""Each :data:`DtypeName` as a torch dtype."""
 
 _GLOB_CHARS = frozenset("*?[")
 

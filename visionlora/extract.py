@@ -20,19 +20,11 @@ from torch import Tensor, nn
 
 from visionlora.config import LoraConfig, is_finite_number
 from visionlora.errors import ConfigError, TargetError
-from visionlora.inject import (
-    Match,
-    apply_lora,
-    extra_parameters,
-    lora_layers,
-    match_targets,
-    original_buffers,
-    original_parameters,
-    require_unmerged,
-    trained_extras,
-)
-from visionlora.io.adapter import LayerSpec, read_native, write_adapter
-from visionlora.layers import LoraAdapter, base_layer, lora_scale
+from visionlora.inject import Match, attach, check_new_adapter, match_targets, warn_ranks
+from visionlora.io.adapter import LayerSpec, read_native
+from visionlora.io.formats import write_adapter
+from visionlora.layers import LoraAdapter, base_layer, lora_scale, lora_shapes
+from visionlora.state import lora_layers, original_buffers, original_parameters, require_unmerged, trained_extras
 
 __all__ = ["ResizedLayer", "extract_lora", "factor_svd", "resize_adapter", "split_svd"]
 
@@ -232,26 +224,23 @@ def extract_lora(
         >>> vl.extract_lora(base, finetuned, vl.LoraConfig(targets="preset:resnet-last-blocks", rank=16))
         >>> vl.save_adapter(base, "extracted.safetensors")
     """
+    cfg = check_new_adapter(base_model, cfg, adapter_name)
     matches = match_targets(base_model, cfg, adapter_name=adapter_name, example_input=example_input)
     tuned, base = original_parameters(finetuned_model), original_parameters(base_model)
-    needed = [f"{m.name}.weight" for m in matches] + list(trained_extras(base_model, cfg, {m.name for m in matches}))
+    extras = list(trained_extras(base_model, cfg, {m.name for m in matches}))
+    needed = [f"{m.name}.weight" for m in matches] + extras
     problems = [k for k in needed if k not in tuned or tuned[k].shape != base[k].shape]
     if problems:
         raise TargetError(f"the fine-tuned model lacks, or has other shapes for: {', '.join(problems[:10])}")
-    factors = {m.name: _best_factors(m, tuned[f"{m.name}.weight"], base[f"{m.name}.weight"], cfg) for m in matches}
-    apply_lora(base_model, cfg, adapter_name=adapter_name, example_input=example_input)  # every check has passed
-    extra = extra_parameters(base_model, adapter_name)
-    with torch.no_grad():
-        for name, layer in lora_layers(base_model):
-            if name in factors and adapter_name in layer.adapters:
-                adapter = layer.adapter(adapter_name)
-                b, a = factors[name]
-                adapter.lora_A.copy_(a.reshape(adapter.lora_A.shape))
-                adapter.lora_B.copy_(b.reshape(adapter.lora_B.shape))
-        for key, param in extra.items():
-            param.copy_(tuned[key])
-        tuned_buffers = original_buffers(finetuned_model)
-        for key, buffer in original_buffers(base_model).items():
-            if key in tuned_buffers and tuned_buffers[key].shape == buffer.shape:
-                buffer.copy_(tuned_buffers[key])
+    values = {k: tuned[k] for k in extras}
+    for m in matches:
+        b, a = _best_factors(m, tuned[f"{m.name}.weight"], base[f"{m.name}.weight"], cfg)
+        a_shape, b_shape = lora_shapes(base_layer(m.module), m.rank, cfg.conv_groups)
+        values[f"{m.name}.lora_A.weight"], values[f"{m.name}.lora_B.weight"] = a.reshape(a_shape), b.reshape(b_shape)
+    tuned_buffers = original_buffers(finetuned_model)
+    for key, buffer in original_buffers(base_model).items():
+        if key in tuned_buffers and tuned_buffers[key].shape == buffer.shape:
+            values[key] = tuned_buffers[key]
+    warn_ranks(matches, cfg)
+    attach(base_model, matches, cfg, adapter_name, values=values)  # every check has passed
     return base_model

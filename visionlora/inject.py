@@ -1,18 +1,21 @@
-"""Target selection, wrapping and trainability: from a model and a :class:`LoraConfig` to LoRA layers.
+"""From a model and a :class:`LoraConfig` to LoRA layers: match, then wrap, then mark what trains.
 
-Matching is a pure step (:func:`match_targets` returns names, modules and ranks before anything
-changes); :func:`apply_lora` validates everything first and only then replaces modules.
+1. **Match** (:func:`match_targets`) is a pure step: names, modules, ranks and alphas, before
+   anything changes.
+2. **Wrap** (:func:`attach`): each matched layer is wrapped once (:func:`wrap_layer`, which also
+   picks its :mod:`~visionlora.fastpaths` form) and gets the named adapter; the config goes into
+   the model's :class:`~visionlora.state.AdapterState`. :func:`apply_lora`,
+   :func:`~visionlora.load_adapter` and :func:`~visionlora.extract_lora` all attach through it.
+3. **Mark** (:func:`mark_trainable`): only the new adapter, its ``trainable`` modules and its
+   biases keep ``requires_grad``.
 
-Selection rules:
+Every check runs before the first change, so a refused call leaves the model as it was.
 
-- a pattern with a wildcard (or ``re:``) selects the adaptable layers among the modules it
-  matches (``layer4.*`` takes the convs, not the BatchNorms); it must select at least one;
-- an exact name must name an adaptable layer; naming any other module is an error;
-- ``exclude`` patterns, and modules listed in ``trainable`` (and everything inside them), are
-  never adapted by a wildcard;
-- the root module itself is never a target;
-- ``preset:<name>[:<n>]`` stands for the exact layer names the preset selects in this model
-  (see :mod:`visionlora.models.presets`).
+Selection: a pattern with a wildcard (or ``re:``) selects the adaptable layers among the modules
+it matches (``layer4.*`` takes the convs, not the BatchNorms) and must select at least one; an
+exact name must name an adaptable layer; ``exclude`` patterns and ``trainable`` modules (with
+everything inside them) are never adapted by a wildcard; the root module is never a target;
+``preset:<name>[:<n>]`` stands for the exact layer names the preset selects in this model.
 """
 
 from __future__ import annotations
@@ -20,59 +23,61 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import re
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from visionlora._tree import iter_modules, replace_module, require_module
+from visionlora._tree import adaptable_kind, is_under, iter_modules, replace_module
 from visionlora.config import LoraConfig, is_exact_name, pattern_matches
 from visionlora.errors import AdapterError, ConfigError, TargetError, UnsupportedModuleError
+from visionlora.fastpaths import fast_path_for
 from visionlora.layers import (
     InitFn,
+    LoraAdapter,
+    LoraConv,
     LoraLayer,
+    LoraLinear,
     base_layer,
     gaussian_init,
     kaiming_init,
     layer_kind,
     lora_shapes,
     max_useful_rank,
-    wrap_layer,
 )
 from visionlora.models.presets import expand_preset
 from visionlora.ranks import allocate, probe_resolutions
+from visionlora.state import (
+    activate,
+    adapter_state,
+    check_adapter_name,
+    extra_parameters,
+    lora_layers,
+    original_buffers,
+    original_parameters,
+    require_unmerged,
+    snapshot_buffers,
+)
 
 __all__ = [
     "Match",
-    "adaptable_kind",
-    "adapter_configs",
     "apply_lora",
-    "changed_buffers",
-    "check_adapter_name",
+    "attach",
+    "check_new_adapter",
     "check_selected",
     "check_wrappable",
-    "extra_parameters",
-    "forget_configs",
-    "iter_modules",
-    "lora_layers",
     "mark_trainable",
     "match_targets",
-    "original_buffers",
-    "original_parameters",
-    "original_state_dict",
-    "snapshot_buffers",
-    "trained_extras",
+    "warn_ranks",
+    "wrap_layer",
 ]
 
 _INITS: dict[str, InitFn] = {"kaiming": kaiming_init, "gaussian": gaussian_init}
-_CONFIGS_ATTR = "_visionlora_configs"
-_BUFFERS_ATTR = "_visionlora_buffers"
-_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
 @dataclass(frozen=True)
@@ -86,41 +91,6 @@ class Match:
     alpha: float
     resolution: int | None = None
     """min(H, W) of the feature map the layer works on, when measured (see visionlora.ranks)."""
-
-
-def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    """Every LoRA layer in ``model`` with its (first) full name."""
-    seen: set[int] = set()
-    out = []
-    for name, module in iter_modules(model):
-        if isinstance(module, LoraLayer) and id(module) not in seen:
-            seen.add(id(module))
-            out.append((name, module))
-    return out
-
-
-def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """The config each named adapter of ``model`` was applied with (empty before :func:`apply_lora`)."""
-    require_module(model)
-    return model.__dict__.setdefault(_CONFIGS_ATTR, {})
-
-
-def forget_configs(model: nn.Module) -> None:
-    """Drop what visionlora recorded on ``model`` (configs, buffer snapshot) once LoRA is unloaded."""
-    model.__dict__.pop(_CONFIGS_ATTR, None)
-    model.__dict__.pop(_BUFFERS_ATTR, None)
-
-
-# Parents that read their children's weights directly (fused or fast paths) instead of calling them.
-_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
-
-
-def adaptable_kind(name: str, module: nn.Module, by_name: dict[str, nn.Module]) -> str | None:
-    """The layer kind of ``module`` if visionlora can adapt it where it sits in the model, else None."""
-    parent = by_name.get(name.rpartition(".")[0]) if "." in name else None
-    if isinstance(parent, _READS_CHILD_WEIGHTS):
-        return None
-    return layer_kind(module)
 
 
 def check_selected(model: nn.Module, selected: dict[str, nn.Module], adapter_name: str) -> None:
@@ -172,10 +142,6 @@ def _matching(patterns: list[str], names: list[str], field_name: str) -> set[str
     return selected
 
 
-def _under(name: str, roots: set[str]) -> bool:
-    return any(name == r or name.startswith(r + ".") for r in roots)
-
-
 def match_targets(
     model: nn.Module, cfg: LoraConfig, *, adapter_name: str = "default", example_input: Any = None
 ) -> list[Match]:
@@ -221,7 +187,7 @@ def match_targets(
                     f"target {name!r} is a {type(module).__name__}, which visionlora cannot adapt "
                     f"(it adapts nn.Linear and nn.Conv1d/2d/3d){hint}"
                 )
-            if _under(name, trainable):
+            if is_under(name, trainable):
                 raise TargetError(
                     f"target {name!r} is also listed in trainable; a module is either adapted or trained in full"
                 )
@@ -230,7 +196,7 @@ def match_targets(
         usable = [
             (n, m)
             for n, m in hits
-            if adaptable_kind(n, m, by_name) in cfg.target_types and not _under(n, trainable) and n not in excluded
+            if adaptable_kind(n, m, by_name) in cfg.target_types and not is_under(n, trainable) and n not in excluded
         ]
         if not usable:
             found = sorted({type(m).__name__ for _, m in hits})
@@ -264,15 +230,8 @@ def check_wrappable(matches: list[Match], dropout: float) -> None:
             raise ConfigError(f"{m.name!r}: {exc}") from None
 
 
-def check_adapter_name(adapter_name: str) -> None:
-    """Raise :class:`AdapterError` unless ``adapter_name`` can name an adapter."""
-    if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
-        raise AdapterError(f"adapter name {adapter_name!r} is invalid; use letters, digits, '_' and '-' only")
-    if hasattr(nn.ModuleDict(), adapter_name):
-        raise AdapterError(f"adapter name {adapter_name!r} is reserved by torch.nn.ModuleDict; choose another")
-
-
-def _warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
+def warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
+    """Warn (once per cause) about ranks a layer cannot use and adapters larger than their layer."""
     too_high, too_big = [], []
     for m in matches:
         base = base_layer(m.module)
@@ -286,7 +245,7 @@ def _warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
         warnings.warn(
             "rank above what the layer can use (ΔW cannot exceed min(out, in) per factorised matrix): "
             + "; ".join(too_high),
-            stacklevel=3,
+            stacklevel=3,  # the caller of apply_lora
         )
     if too_big:
         grouped = any(getattr(base_layer(m.module), "groups", 1) > 1 for m in matches if m.name in too_big)
@@ -297,21 +256,73 @@ def _warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
         )
 
 
-def add_adapters(
+def wrap_layer(module: nn.Module, name: str = "") -> LoraLayer:
+    """A :class:`~visionlora.LoraLinear` or :class:`~visionlora.LoraConv` around ``module``, with no
+    adapters yet and the fast path of its class (:func:`visionlora.fastpaths.fast_path_for`).
+
+    Raises:
+        UnsupportedModuleError: for any other type, and for uninitialised (lazy) or
+            parametrized layers, or layers with forward hooks; the message names ``name`` and the type.
+    """
+    label = f"{name!r} ({type(module).__name__})" if name else type(module).__name__
+    kind = layer_kind(module)
+    if kind is None:
+        raise UnsupportedModuleError(
+            f"{label}: visionlora adapts nn.Linear and nn.Conv1d/2d/3d (and their subclasses), "
+            f"not {type(module).__name__}"
+        )
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        raise UnsupportedModuleError(f"{label}: lazy layer is not initialised; run one forward pass first")
+    if parametrize.is_parametrized(module):
+        raise UnsupportedModuleError(f"{label}: layers with torch parametrizations are not supported")
+    if module._forward_pre_hooks or module._forward_hooks:
+        raise UnsupportedModuleError(
+            f"{label}: has forward hooks (old-style weight_norm and spectral_norm are hooks too); the LoRA branch "
+            "would bypass them, so merged and unmerged outputs would differ. Remove the hooks before adapting"
+        )
+    base: Any = module
+    wrapper = LoraLinear(base) if kind == "Linear" else LoraConv(base)
+    wrapper.fast = fast_path_for(wrapper)
+    return wrapper.train(module.training)  # a layer in eval mode stays in eval mode (no branch dropout)
+
+
+def check_new_adapter(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> LoraConfig:
+    """Raise unless ``cfg`` can be added to ``model`` as ``adapter_name``; return a private copy of ``cfg``.
+
+    Raises:
+        ConfigError: ``cfg`` is not a LoraConfig.
+        AdapterError: ``adapter_name`` is invalid, or the model is merged.
+    """
+    if not isinstance(cfg, LoraConfig):
+        raise ConfigError(f"cfg: expected a visionlora.LoraConfig, got {type(cfg).__name__}")
+    check_adapter_name(adapter_name)
+    require_unmerged(model, "add an adapter")
+    return dataclasses.replace(copy.deepcopy(cfg))  # our own copy, checked again in case it was edited
+
+
+def _leave_empty(a: torch.Tensor, rank: int, generator: torch.Generator | None = None) -> None:
+    """An init that draws nothing: the values are copied in afterwards, the caller's random stream untouched."""
+
+
+def attach(
     model: nn.Module,
     matches: list[Match],
     cfg: LoraConfig,
     adapter_name: str,
+    *,
     generator: torch.Generator | None = None,
-    init: InitFn | None = None,
+    values: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Wrap each matched layer (once) and give it adapter ``adapter_name``; no activation.
+    """Give each matched layer adapter ``adapter_name`` (wrapping it once), record ``cfg``, make the
+    adapter the active one and mark what trains. The caller has run every check.
 
-    Every wrapper and adapter tensor is built before the first one is attached, so a failure
-    (out of memory, say) leaves the model unchanged. ``init`` overrides ``cfg.init``. New wrappers
-    take the model's disabled state (see :func:`visionlora.disable_adapters`).
+    Without ``values``, A is drawn by ``cfg.init`` (from ``generator``) and B is zero. ``values``
+    (by the un-adapted model's names: ``<layer>.lora_A.weight``, ``<layer>.lora_B.weight``, and
+    any parameter or buffer that trains with the adapter) are copied in instead. Every wrapper and
+    adapter tensor is built before the first one is attached, so a failure (out of memory, say)
+    leaves the model unchanged. New wrappers take the model's disabled state.
     """
-    init = init or _INITS[cfg.init]
+    init = _leave_empty if values is not None else _INITS[cfg.init]
     disabled = any(layer.disabled for _, layer in lora_layers(model))
     built = []
     for m in matches:
@@ -320,90 +331,43 @@ def add_adapters(
         else:
             layer = wrap_layer(m.module, m.name)
             layer.disabled = disabled
-        adapter = layer.new_adapter(
-            m.rank,
-            m.alpha,
-            rslora=cfg.rslora,
-            dropout=cfg.dropout,
-            init=init,
-            generator=generator,
-            conv_groups=cfg.conv_groups,
-        )
-        adapter.resolution = m.resolution
-        built.append((m, layer, adapter))
+        built.append((m, layer, _new_adapter(layer, m, cfg, init, generator)))
+    snapshot_buffers(model)  # before any value is copied in: what differs from it is saved with the adapter
     for m, layer, adapter in built:
         layer.adapters[adapter_name] = adapter
         if layer is not m.module:
             replace_module(model, m.name, layer)
+    if values is not None:
+        _copy_in(model, [(m.name, adapter) for m, _, adapter in built], values)
+    adapter_state(model).configs[adapter_name] = cfg
+    activate(model, {adapter_name: 1.0})
+    mark_trainable(model, adapter_name)
 
 
-def _original_named(model: nn.Module, named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    layers = {n for n, _ in lora_layers(model)}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in named:
-        parts = name.split(".")
-        # The LoRA layer the tensor sits in, if any (shortest first: a layer's own modules are not layers).
-        owner = next((i for i in range(1, len(parts)) if ".".join(parts[:i]) in layers), None)
-        if owner is None:
-            out[name] = tensor
-        elif parts[owner] == "base":
-            out[".".join(parts[:owner] + parts[owner + 1 :])] = tensor
-    return out
+def _new_adapter(
+    layer: LoraLayer, m: Match, cfg: LoraConfig, init: InitFn, generator: torch.Generator | None
+) -> LoraAdapter:
+    """A new adapter for ``layer`` (A from ``init``, B = 0), not yet attached to it."""
+    layer.check_dropout(cfg.dropout)
+    weight = layer.base.weight
+    a_shape, b_shape = lora_shapes(layer.base, m.rank, cfg.conv_groups)
+    a = torch.empty(a_shape, dtype=weight.dtype, device=weight.device)
+    init(a, m.rank, generator)
+    b = torch.zeros(b_shape, dtype=weight.dtype, device=weight.device)
+    adapter = LoraAdapter(a, b, rank=m.rank, alpha=m.alpha, rslora=cfg.rslora, dropout=cfg.dropout)
+    adapter.resolution = m.resolution
+    return adapter
 
 
-def original_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every non-LoRA parameter under the name it has in the un-adapted model."""
-    return _original_named(model, model.named_parameters())
-
-
-def original_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` under the un-adapted model's keys, without the adapters' tensors."""
-    return _original_named(model, iter(model.state_dict().items()))
-
-
-def original_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every persistent buffer (e.g. BatchNorm running statistics) under its un-adapted name."""
-    persistent = set(model.state_dict(keep_vars=True))
-    return _original_named(model, ((n, b) for n, b in model.named_buffers() if n in persistent))
-
-
-def snapshot_buffers(model: nn.Module) -> None:
-    """Remember the buffers as they are now (once per model), so training's changes can be saved."""
-    if _BUFFERS_ATTR not in model.__dict__:
-        model.__dict__[_BUFFERS_ATTR] = {n: b.detach().clone() for n, b in original_buffers(model).items()}
-
-
-def changed_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Buffers that differ from the snapshot taken when LoRA was first added (all of them without one)."""
-    before = model.__dict__.get(_BUFFERS_ATTR, {})
-    return {
-        n: b
-        for n, b in original_buffers(model).items()
-        if n not in before or before[n].shape != b.shape or not torch.equal(before[n], b.to(before[n].device))
-    }
-
-
-def extra_parameters(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Non-LoRA parameters that train and are saved with adapter ``adapter_name``, by original name.
-
-    These are the parameters of ``trainable`` modules plus the biases chosen by ``bias``.
-    """
-    adapted = {n for n, layer in lora_layers(model) if adapter_name in layer.adapters}
-    return trained_extras(model, adapter_configs(model)[adapter_name], adapted)
-
-
-def trained_extras(model: nn.Module, cfg: LoraConfig, adapted: set[str]) -> dict[str, torch.Tensor]:
-    """The ``trainable`` modules' parameters and the biases ``cfg.bias`` chooses, by original name,
-    for a config whose adapted layers are ``adapted`` (before or after they are wrapped)."""
-    params = original_parameters(model)
-    modules = [n for n, _ in iter_modules(model)]
-    roots = {n for n in modules for p in cfg.trainable if pattern_matches(p, n)}
-    chosen = {n: p for n, p in params.items() if _under(n.rpartition(".")[0], roots)}
-    if cfg.bias == "all":
-        chosen.update({n: p for n, p in params.items() if n.rpartition(".")[2] == "bias"})
-    elif cfg.bias == "lora_only":
-        chosen.update({f"{n}.bias": params[f"{n}.bias"] for n in adapted if f"{n}.bias" in params})
-    return dict(sorted(chosen.items()))
+def _copy_in(model: nn.Module, adapters: list[tuple[str, LoraAdapter]], values: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``values`` into the new adapters' A and B and the model's parameters and buffers."""
+    tensors = {**original_parameters(model), **original_buffers(model)}
+    for name, adapter in adapters:
+        tensors[f"{name}.lora_A.weight"] = adapter.lora_A
+        tensors[f"{name}.lora_B.weight"] = adapter.lora_B
+    with torch.no_grad():
+        for key, value in values.items():
+            tensors[key].copy_(value)
 
 
 def mark_trainable(model: nn.Module, adapter_name: str) -> None:
@@ -415,21 +379,6 @@ def mark_trainable(model: nn.Module, adapter_name: str) -> None:
             layer.adapter(adapter_name).requires_grad_(True)
     for tensor in extra_parameters(model, adapter_name).values():
         tensor.requires_grad_(True)
-
-
-def activate(model: nn.Module, weights: dict[str, float]) -> None:
-    """Set the active adapters and weights of every LoRA layer (layers lacking a name skip it)."""
-    for _, layer in lora_layers(model):
-        layer.set_active(weights)
-
-
-def require_unmerged(model: nn.Module, action: str) -> None:
-    """Raise :class:`AdapterError` naming ``action`` if any LoRA layer is merged."""
-    merged = [n for n, layer in lora_layers(model) if layer.merged]
-    if merged:
-        raise AdapterError(
-            f"cannot {action} while adapters are merged (e.g. {merged[0]!r}); call vl.unmerge(model) first"
-        )
 
 
 def apply_lora(
@@ -462,16 +411,8 @@ def apply_lora(
     Example:
         >>> model = vl.apply_lora(torchvision.models.resnet18(), vl.LoraConfig(targets="layer4.*", rank=4))
     """
-    if not isinstance(cfg, LoraConfig):
-        raise ConfigError(f"cfg: expected a visionlora.LoraConfig, got {type(cfg).__name__}")
-    cfg = dataclasses.replace(copy.deepcopy(cfg))  # our own copy, checked again in case it was edited
-    check_adapter_name(adapter_name)
-    require_unmerged(model, "add an adapter")
+    cfg = check_new_adapter(model, cfg, adapter_name)
     matches = match_targets(model, cfg, adapter_name=adapter_name, example_input=example_input)
-    _warn_ranks(matches, cfg)
-    snapshot_buffers(model)
-    add_adapters(model, matches, cfg, adapter_name, generator)
-    adapter_configs(model)[adapter_name] = cfg
-    activate(model, {adapter_name: 1.0})
-    mark_trainable(model, adapter_name)
+    warn_ranks(matches, cfg)
+    attach(model, matches, cfg, adapter_name, generator=generator)
     return model

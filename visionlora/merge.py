@@ -1,14 +1,49 @@
-"""Merge adapters into base weights, restore them exactly, or unload LoRA altogether."""
+"""Merge adapters into base weights, restore them exactly, or unload LoRA altogether.
+
+Merging writes W + ΔW into a layer's base weight and keeps W, so :func:`unmerge` restores it
+bit for bit in any dtype. The sum is computed in float32 and checked before anything is written.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import math
+
+import torch
+from torch import Tensor, nn
 
 from visionlora._tree import replace_module
-from visionlora.errors import AdapterError
-from visionlora.inject import forget_configs, lora_layers
+from visionlora.errors import AdapterError, MergeError
+from visionlora.layers import LoraLayer
+from visionlora.state import forget, lora_layers
 
-__all__ = ["merge", "merge_and_unload", "unmerge"]
+__all__ = ["all_finite", "merge", "merge_and_unload", "merged_weight", "unmerge"]
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite.
+
+    One reduction: a NaN or Inf anywhere makes the float32 sum non-finite. Only a sum that
+    overflows although every element is finite needs the element-wise check.
+    """
+    if not t.is_floating_point():
+        return True
+    return math.isfinite(t.sum(dtype=torch.float32).item()) or bool(torch.isfinite(t).all())
+
+
+def merged_weight(layer: LoraLayer) -> Tensor:
+    """W + Σ weight · ΔW over ``layer``'s active adapters, computed in float32 and cast to W's dtype.
+
+    Raises:
+        MergeError: if the result holds NaN or Inf (fp16 overflow included).
+    """
+    weight = layer.base.weight
+    new = (weight.detach().float() + layer.delta_weight(torch.float32)).to(weight.dtype)
+    if not all_finite(new):
+        raise MergeError(
+            f"merging into {type(layer.base).__name__} weight {tuple(weight.shape)} ({weight.dtype}) "
+            "gives NaN/Inf; the weights were left untouched"
+        )
+    return new
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -28,9 +63,9 @@ def merge(model: nn.Module) -> nn.Module:
         raise AdapterError(
             f"adapters are disabled (e.g. {disabled[0]!r}); call vl.enable_adapters(model) before merging"
         )
-    new_weights = [layer.merged_weight() for _, layer in layers]
+    new_weights = [merged_weight(layer) for _, layer in layers]
     for (_, layer), weight in zip(layers, new_weights, strict=True):
-        layer.commit_merge(weight)
+        layer.write_merged(weight)
     return model
 
 
@@ -52,5 +87,5 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model):
         layer._original_weight = None
         replace_module(model, name, layer.base)
-    forget_configs(model)
+    forget(model)
     return model

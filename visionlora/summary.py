@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from visionlora.inject import lora_layers
 from visionlora.layers import layer_kind
+from visionlora.state import lora_layers
 
 __all__ = ["summary"]
 

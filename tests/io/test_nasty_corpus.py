@@ -20,7 +20,7 @@ import visionlora as vl
 from tests.io.adapter_mutations import fresh_model, materialize, same, seeds, snapshot
 from visionlora.cli import main
 from visionlora.io.files import MAX_HEADER_BYTES
-from visionlora.models.loading import read_state_dict
+from visionlora.io.weights import read_state_dict
 
 NASTY = Path(__file__).resolve().parents[1] / "data" / "nasty"
 MANIFEST = json.loads((NASTY / "manifest.json").read_text())
@@ -130,7 +130,7 @@ def test_paths_that_are_not_regular_files_are_refused(tmp_path, kind):
 def test_a_base_weights_file_with_bad_values_is_refused_by_tensor(tmp_path, change, message):
     import torchvision
 
-    from visionlora.models.loading import load_base
+    from visionlora.io.weights import load_base
 
     state = torchvision.models.resnet18().state_dict()
     change(state)

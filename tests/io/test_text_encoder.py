@@ -97,18 +97,24 @@ def test_kohya_text_encoder_names_without_the_kept_record_map_onto_the_model(pip
     assert_rel_close(_text_output(pipe.text_encoder), _text_output(text), 1e-6)
 
 
-def test_a_file_holding_both_converts_between_formats_with_both_parts(pipeline, tmp_path, caplog):
+def test_a_file_holding_both_converts_between_formats_with_both_parts(pipeline, tmp_path):
     folder, unet, text = pipeline
     both = vl.export_adapter(unet, tmp_path / "d.safetensors", format="diffusers", text_encoder=text)
     kohya = vl.export_adapter(both, tmp_path / "k.safetensors", format="kohya")
     pipe = _fresh(folder)
     pipe.load_lora_weights(str(kohya))
     assert_rel_close(_text_output(pipe.text_encoder), _text_output(text), 1e-5)
-    # A one-model format keeps the UNet's part and says what it left out.
-    with caplog.at_level(logging.WARNING, logger="visionlora"):
+    # A one-model format cannot hold both parts: refused by name, nothing written, until one is chosen.
+    with pytest.raises(vl.AdapterFileError, match=r"holds LoRA for \['unet', 'text_encoder'\], and the visionlora"):
         vl.export_adapter(both, tmp_path / "unet.safetensors")
-    assert "its text_encoder LoRA is not written" in caplog.text
+    assert not (tmp_path / "unet.safetensors").exists()
+    vl.export_adapter(both, tmp_path / "unet.safetensors", component="unet")
     assert vl.read_adapter(tmp_path / "unet.safetensors").layers == vl.read_adapter(both).layers
+    te = vl.export_adapter(both, tmp_path / "te", format="peft", component="text_encoder")
+    assert vl.read_adapter(te).layers == vl.read_adapter(both, component="text_encoder").layers
+    pipe = _fresh(folder)
+    vl.load_adapter(pipe.text_encoder, te)
+    assert_rel_close(_text_output(pipe.text_encoder), _text_output(text), 1e-5)
 
 
 def test_wrong_components_are_refused_by_name(pipeline, tmp_path):

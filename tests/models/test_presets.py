@@ -177,7 +177,7 @@ def test_preset_in_a_config_with_resolution_ranks_and_a_new_head():
     assert heads == ["fc"] and model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"fc.weight", "fc.bias"} <= trainable
-    assert {layer.adapter("default").rank for _, layer in vl.inject.lora_layers(model)} == {2}  # layer4 runs at 2x2
+    assert {layer.adapter("default").rank for _, layer in vl.state.lora_layers(model)} == {2}  # layer4 runs at 2x2
 
 
 @pytest.mark.parametrize(
@@ -211,7 +211,7 @@ def test_presets_on_an_already_adapted_model_name_the_wrapped_layers():
     unet = tiny_unet()
     vl.apply_lora(unet, vl.LoraConfig(targets="preset:unet-attention-ff", rank=2))
     vl.apply_lora(unet, vl.LoraConfig(targets="preset:unet-attention-ff", rank=2), adapter_name="b")
-    assert all(list(layer.adapters) == ["default", "b"] for _, layer in vl.inject.lora_layers(unet))
+    assert all(list(layer.adapters) == ["default", "b"] for _, layer in vl.state.lora_layers(unet))
 
 
 @pytest.mark.parametrize(
@@ -251,5 +251,5 @@ trainable: [fc]
     cfg = vl.LoraConfig.from_dict(yaml.safe_load(text))
     model = torchvision.models.resnet18(num_classes=3)
     vl.apply_lora(model, cfg, example_input=vl.models.loading.example_input_for(model, 128))
-    ranks = {n: layer.adapter("default").rank for n, layer in vl.inject.lora_layers(model)}
+    ranks = {n: layer.adapter("default").rank for n, layer in vl.state.lora_layers(model)}
     assert ranks == dict.fromkeys(vl.expand_preset(torchvision.models.resnet18(), "preset:resnet-last-blocks"), 8)

@@ -1,17 +1,32 @@
-"""Reading and writing adapters: atomic safetensors I/O, the visionlora format, PEFT, diffusers and kohya."""
+"""Reading and writing adapters: atomic safetensors I/O, the format table (visionlora, PEFT, diffusers,
+kohya), loading onto a model, merged checkpoints and base weights."""
 
-from visionlora.io.adapter import AdapterFile, Geometry, LayerSpec, read_native, save_adapter, write_adapter
+from visionlora.io.adapter import AdapterFile, Geometry, LayerSpec, read_native
 from visionlora.io.convert import COMPONENTS
 from visionlora.io.files import read_safetensors, write_safetensors
-from visionlora.io.formats import FORMATS, PIPELINE_FORMATS, export_adapter, file_components, read_adapter
+from visionlora.io.formats import (
+    FORMAT_TABLE,
+    FORMATS,
+    PIPELINE_FORMATS,
+    AdapterFormat,
+    Format,
+    export_adapter,
+    file_components,
+    read_adapter,
+    save_adapter,
+    write_adapter,
+)
 from visionlora.io.load import load_adapter
 from visionlora.io.merged import export_merged, merged_state_dict
 
 __all__ = [
     "COMPONENTS",
     "FORMATS",
+    "FORMAT_TABLE",
     "PIPELINE_FORMATS",
     "AdapterFile",
+    "AdapterFormat",
+    "Format",
     "Geometry",
     "LayerSpec",
     "export_adapter",

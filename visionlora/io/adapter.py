@@ -25,7 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +35,25 @@ from torch import nn
 
 from visionlora.config import LAYER_KINDS, MAX_RANK, LoraConfig, is_finite_number
 from visionlora.errors import AdapterError, AdapterFileError, ConfigError
-from visionlora.inject import (
-    adapter_configs,
-    changed_buffers,
-    check_adapter_name,
-    extra_parameters,
-    lora_layers,
-)
-from visionlora.io.files import read_safetensors, refuse_existing, write_safetensors
+from visionlora.io.files import read_safetensors
 from visionlora.layers import base_layer, layer_kind, transforms_weight_or_input
+from visionlora.state import adapter_state, changed_buffers, check_adapter_name, extra_parameters, lora_layers
 
 __all__ = [
     "AdapterFile",
     "Geometry",
     "LayerSpec",
+    "Parts",
+    "Payload",
+    "Source",
     "adapter_record",
+    "cast_tensors",
     "check_tensors",
     "geometry_of",
     "native_record",
+    "native_tensors",
     "read_native",
-    "save_adapter",
-    "write_adapter",
+    "require_finite",
 ]
 
 FORMAT = "visionlora.adapter"
@@ -136,31 +135,38 @@ class AdapterFile:
     ``text_encoder_2``); ``unet`` also stands for the one model of any other file."""
 
 
-def save_adapter(
-    model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str = "default", overwrite: bool = False
-) -> Path:
-    """Write adapter ``adapter_name`` (LoRA weights + trainable modules and biases) to ``path``.
+@dataclass(frozen=True)
+class Source:
+    """An adapter path opened once: a folder (for a folder format), or a file with its tensors and header."""
 
-    Buffers that changed since LoRA was first added to the model (BatchNorm running statistics
-    updated by training in train mode) are saved too, so the file reproduces the trained model
-    on the base it was trained from. The write is atomic; the config and each layer's name,
-    kind, rank and alpha go in the file's metadata. Returns the path.
+    path: Path
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    header: dict[str, str] = field(default_factory=dict)
 
-    Raises:
-        AdapterFileError: ``path`` exists and ``overwrite`` is off, a tensor holds NaN/Inf, or the
-            write failed (e.g. no space left); the old file is then intact.
 
-    Example:
-        >>> vl.save_adapter(model, "adapter.safetensors")
-        >>> vl.save_adapter(model, "adapter.safetensors", overwrite=True)  # replace the earlier one
-    """
-    refuse_existing(Path(path), overwrite)
-    return write_adapter(adapter_record(model, Path(path), adapter_name), overwrite=overwrite)
+@dataclass(frozen=True)
+class Parts:
+    """What an export writes: a record per pipeline component (``unet`` also names the one model of a
+    one-model format), the dtype of the written weights, and for PEFT the model's state dict."""
+
+    records: dict[str, AdapterFile]
+    dtype: torch.dtype | None = None
+    model_state: dict[str, torch.Tensor] | None = None
+    """The model's :func:`~visionlora.state.original_state_dict`, when exporting from a model."""
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What a format writes: tensors and header of its weights file, and text files beside it (a folder format)."""
+
+    tensors: dict[str, torch.Tensor]
+    header: dict[str, str]
+    files: dict[str, str] = field(default_factory=dict)
 
 
 def adapter_record(model: nn.Module, path: Path, adapter_name: str = "default") -> AdapterFile:
     """Adapter ``adapter_name`` of ``model`` as an in-memory record (what :func:`save_adapter` writes)."""
-    configs = adapter_configs(model)
+    configs = adapter_state(model).configs
     if adapter_name not in configs:
         raise AdapterError(f"model has no adapter {adapter_name!r}; it has {list(configs) or 'none'}")
     tensors: dict[str, torch.Tensor] = {}
@@ -202,17 +208,25 @@ def _spec_to_dict(spec: LayerSpec) -> dict[str, Any]:
     return out
 
 
-def write_adapter(file: AdapterFile, *, overwrite: bool = False) -> Path:
-    """Write an adapter record to ``file.path`` atomically, with its self-describing metadata.
+def native_tensors(parts: Parts) -> Payload:
+    """The visionlora file of ``parts``' one record: its tensors (cast to ``parts.dtype``) and its metadata."""
+    (file,) = parts.records.values()
+    return Payload(cast_tensors(file.tensors, parts.dtype), {META_KEY: record_metadata(file)})
 
-    Raises:
-        AdapterFileError: ``file.path`` exists and ``overwrite`` is off, or a tensor holds NaN/Inf
-            (the file could not be read back).
-    """
-    bad = [k for k, v in file.tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+def cast_tensors(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to ``dtype`` (integers kept); unchanged when ``dtype`` is None."""
+    if dtype is None:
+        return dict(tensors)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def require_finite(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors``, if every floating one is finite (after a cast to fp16, say); else an error naming them."""
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if bad:
-        raise file_error(file.path, f"not written: {', '.join(bad[:10])} hold NaN or Inf (readers refuse such a file)")
-    return write_safetensors(file.path, file.tensors, {META_KEY: record_metadata(file)}, overwrite=overwrite)
+        raise file_error(path, f"the export would hold NaN/Inf in {bad[:10]} (fp16 overflow?); nothing was written")
+    return tensors
 
 
 def file_error(path: Path, problem: str) -> AdapterFileError:

@@ -37,7 +37,6 @@ __all__ = [
     "COMPONENTS",
     "KINDS_BY_NDIM",
     "anchored",
-    "cast_tensors",
     "check_patterns",
     "exact_regex",
     "export_header",
@@ -49,7 +48,6 @@ __all__ = [
     "most_common",
     "pattern_value",
     "require_exportable",
-    "require_finite",
     "scalar_alpha",
     "unmappable",
 ]
@@ -183,21 +181,6 @@ def require_exportable(file: AdapterFile, format_name: str, *, lora_only: bool) 
             f"the {format_name} format holds LoRA weights only; this adapter also trains {held[:10]}"
             f"{' ...' if len(held) > 10 else ''} (export to 'peft' or keep the visionlora file)",
         )
-
-
-def require_finite(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors``, if every floating one is finite (after a cast to fp16, say); else an error naming them."""
-    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
-    if bad:
-        raise file_error(path, f"the export would hold NaN/Inf in {bad[:10]} (fp16 overflow?); nothing was written")
-    return tensors
-
-
-def cast_tensors(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Floating tensors cast to ``dtype`` (integers kept); unchanged when ``dtype`` is None."""
-    if dtype is None:
-        return dict(tensors)
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def foreign_record(

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from visionlora.io.adapter import AdapterFile, file_error
+from visionlora.io.adapter import AdapterFile, Parts, Payload, Source, file_error
 from visionlora.io.convert import (
     COMPONENTS,
     anchored,
@@ -37,48 +37,39 @@ from visionlora.io.convert import (
     most_common,
     pattern_value,
     require_exportable,
-    require_finite,
     scalar_alpha,
     unmappable,
 )
-from visionlora.io.files import write_safetensors
 
-__all__ = ["LORA_WEIGHTS_FILE", "METADATA_KEY", "components_in", "read_diffusers", "write_diffusers"]
+__all__ = ["LORA_WEIGHTS_FILE", "METADATA_KEY", "components_in", "diffusers_tensors", "read_diffusers"]
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # what load_lora_weights(folder) looks for
 METADATA_KEY = "lora_adapter_metadata"
 
 
-def write_diffusers(
-    parts: Mapping[str, AdapterFile], path: Path, *, dtype: torch.dtype | None = None, overwrite: bool = False
-) -> Path:
-    """Write ``parts`` (component -> record) as one diffusers LoRA file (in a folder: its LORA_WEIGHTS_FILE).
+def diffusers_tensors(parts: Parts) -> Payload:
+    """``parts.records`` (component -> record) as one diffusers LoRA file.
 
     Each component's keys and ``lora_adapter_metadata`` entries carry its prefix (``unet.``,
-    ``text_encoder.``), as ``save_lora_weights`` writes them. An existing file is replaced only
-    with ``overwrite``.
+    ``text_encoder.``), as ``save_lora_weights`` writes them.
 
     Raises:
         AdapterFileError: a layer diffusers' PEFT layers would run differently, or trained
             non-LoRA tensors (the format has no place for them); each is named.
     """
-    if path.is_dir():
-        path = path / LORA_WEIGHTS_FILE
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, Any] = {}
     kept: dict[str, str] = {}
-    for component, file in parts.items():
+    for component, file in parts.records.items():
         require_exportable(file, "diffusers", lora_only=True)
         for name in file.layers:
             a, b = file.tensors[f"{name}.lora_A.weight"], file.tensors[f"{name}.lora_B.weight"]
-            out_dtype = dtype or b.dtype
+            out_dtype = parts.dtype or b.dtype
             tensors[f"{component}.{name}.lora_A.weight"] = a.to(out_dtype)
             tensors[f"{component}.{name}.lora_B.weight"] = (b.double() * layer_scale(file, name)).to(out_dtype)
         metadata.update({f"{component}.{k}": v for k, v in _peft_config(file).items()})
         kept.update(export_header(file))
-    header = {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True), **kept}
-    first = next(iter(parts.values()))
-    return write_safetensors(path, require_finite(first.path, tensors), header, overwrite=overwrite)
+    return Payload(tensors, {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True), **kept})
 
 
 def _peft_config(file: AdapterFile) -> dict[str, Any]:
@@ -130,15 +121,14 @@ def _declared_alphas(
     return {n: a for n, a in alphas.items() if a is not None}, own.get("use_rslora") is True
 
 
-def read_diffusers(
-    path: Path, raw: dict[str, torch.Tensor], header: Mapping[str, str], component: str = COMPONENTS[0]
-) -> AdapterFile:
+def read_diffusers(source: Source, component: str = COMPONENTS[0]) -> AdapterFile:
     """One component's LoRA from a diffusers (PEFT-keyed) file: alphas from its header, else alpha = rank.
 
     Raises:
         AdapterFileError: the file holds nothing for ``component`` (the message says what it
             holds), or keys that belong to no component or are not LoRA tensors, listed.
     """
+    path, raw, header = source.path, source.tensors, source.header
     held = components_in(raw)
     prefixed = any(k.split(".", 1)[0] in COMPONENTS for k in raw)
     outside = [k for k in raw if prefixed and k.split(".", 1)[0] not in COMPONENTS]

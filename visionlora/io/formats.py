@@ -1,11 +1,18 @@
-"""Which adapter format a path holds, reading any of them, and exporting to any of them."""
+"""The adapter formats, as one table: recognise a path, read it, write any of them.
+
+Each format is one :class:`Format` record: how a path in it is recognised, how one component of
+it is read into an :class:`~visionlora.io.adapter.AdapterFile`, and a pure ``to_tensors`` that
+turns records into what to write (:class:`~visionlora.io.adapter.Payload`). One writer,
+:func:`write_export`, writes every format atomically. Adding a format is adding a record.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -13,39 +20,85 @@ import torch
 from torch import nn
 
 from visionlora.errors import ConfigError
-from visionlora.inject import original_state_dict
 from visionlora.io.adapter import (
     EXPORT_FORMAT,
     META_KEY,
     AdapterFile,
+    Parts,
+    Payload,
+    Source,
     adapter_record,
     file_error,
     native_record,
-    write_adapter,
+    native_tensors,
+    require_finite,
 )
-from visionlora.io.convert import COMPONENTS, cast_tensors, require_finite
-from visionlora.io.diffusers_lora import LORA_WEIGHTS_FILE, read_diffusers, write_diffusers
+from visionlora.io.convert import COMPONENTS
+from visionlora.io.diffusers_lora import LORA_WEIGHTS_FILE, diffusers_tensors, read_diffusers
 from visionlora.io.diffusers_lora import components_in as diffusers_components
-from visionlora.io.files import read_safetensors, refuse_existing
+from visionlora.io.files import atomic_folder, read_safetensors, refuse_existing, write_safetensors, write_text
 from visionlora.io.kohya import components_in as kohya_components
-from visionlora.io.kohya import is_kohya, read_kohya, write_kohya
+from visionlora.io.kohya import is_kohya, kohya_tensors, read_kohya
 from visionlora.io.peft import CONFIG_FILE as PEFT_CONFIG
 from visionlora.io.peft import WEIGHTS_FILE as PEFT_WEIGHTS
-from visionlora.io.peft import is_peft_folder, read_peft, write_peft
+from visionlora.io.peft import peft_tensors, read_peft
+from visionlora.state import original_state_dict
 
-__all__ = ["FORMATS", "PIPELINE_FORMATS", "AdapterFormat", "export_adapter", "read_adapter"]
+__all__ = [
+    "FORMATS",
+    "FORMAT_TABLE",
+    "PIPELINE_FORMATS",
+    "AdapterFormat",
+    "Format",
+    "export_adapter",
+    "file_components",
+    "open_adapter",
+    "read_adapter",
+    "save_adapter",
+    "write_adapter",
+    "write_export",
+]
 
 AdapterFormat = Literal["visionlora", "peft", "diffusers", "kohya"]
-FORMATS: tuple[str, ...] = ("visionlora", "peft", "diffusers", "kohya")
-PIPELINE_FORMATS: tuple[str, ...] = ("diffusers", "kohya")
-"""Formats whose one file holds a pipeline's UNet and text encoders, LoRA weights only (no other modules)."""
-
-logger = logging.getLogger("visionlora")
+"""The names of the formats in :data:`FORMAT_TABLE` (recipes' ``output.export`` takes these)."""
 
 
-def _claims_native(header: dict[str, str]) -> bool:
+@dataclass(frozen=True)
+class Format:
+    """One adapter format: how to recognise, read and write it."""
+
+    name: str
+    read: Callable[[Source, str], AdapterFile]
+    """The record of one component (``unet`` for a one-model format) of an opened source."""
+    to_tensors: Callable[[Parts], Payload]
+    """What to write for ``parts``: pure, no I/O; refuses (naming them) layers the format cannot run."""
+    detect: Callable[[Source], bool] | None = None
+    """Whether an opened single file is in this format (None: a folder format, known by ``folder_marker``)."""
+    components: Callable[[Source], list[str]] | None = None
+    """The pipeline components a file holds LoRA for (None: one model, ``["unet"]``)."""
+    holds_extras: bool = True
+    """It can hold trained non-LoRA tensors (a new head, BatchNorm statistics), not LoRA weights only."""
+    runs_lora_layers: bool = False
+    """Its tools run LoRA through PEFT's layers (not on merged weights), so conv geometry matters on load."""
+    weights_file: str | None = None
+    """The weights' file name inside a folder of this format."""
+    folder_marker: str | None = None
+    """For a folder format: the file that makes a folder this format (and an earlier output of it)."""
+
+    @property
+    def pipeline(self) -> bool:
+        """Whether one file holds a pipeline's components (UNet and text encoders)."""
+        return self.components is not None
+
+    def output_name(self, part: str = "") -> str:
+        """The name a training run gives this export: ``adapter-kohya.safetensors``, ``adapter-peft-text-encoder``."""
+        suffix = "" if self.folder_marker is not None else ".safetensors"
+        return f"adapter-{self.name}{'-' + part if part else ''}{suffix}"
+
+
+def _claims_native(source: Source) -> bool:
     """A ``visionlora`` header entry that is not an export's kept record: the native reader judges it."""
-    raw = header.get(META_KEY)
+    raw = source.header.get(META_KEY)
     if raw is None:
         return False
     try:
@@ -53,6 +106,116 @@ def _claims_native(header: dict[str, str]) -> bool:
     except (ValueError, RecursionError):
         return True
     return not (isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT)
+
+
+def _read_native(source: Source, component: str) -> AdapterFile:
+    return native_record(source.path, source.tensors, source.header)
+
+
+def _diffusers_keys(source: Source) -> bool:
+    return any(".lora_A." in k or ".lora_B." in k for k in source.tensors)
+
+
+FORMAT_TABLE: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("visionlora", _read_native, native_tensors, detect=_claims_native),
+        Format(
+            "peft",
+            read_peft,
+            peft_tensors,
+            runs_lora_layers=True,
+            weights_file=PEFT_WEIGHTS,
+            folder_marker=PEFT_CONFIG,
+        ),
+        Format(
+            "diffusers",
+            read_diffusers,
+            diffusers_tensors,
+            detect=_diffusers_keys,
+            components=lambda source: diffusers_components(source.tensors),
+            holds_extras=False,
+            runs_lora_layers=True,
+            weights_file=LORA_WEIGHTS_FILE,
+        ),
+        Format(
+            "kohya",
+            read_kohya,
+            kohya_tensors,
+            detect=lambda source: is_kohya(source.tensors),
+            components=lambda source: kohya_components(source.tensors),
+            holds_extras=False,
+        ),
+    )
+}
+"""Every format, by name, in the order single files are tried (visionlora's own header first)."""
+
+FORMATS: tuple[str, ...] = tuple(FORMAT_TABLE)
+PIPELINE_FORMATS: tuple[str, ...] = tuple(n for n, f in FORMAT_TABLE.items() if f.pipeline)
+"""Formats whose one file holds a pipeline's UNet and text encoders, LoRA weights only (no other modules)."""
+
+
+def _format(name: str) -> Format:
+    if name not in FORMAT_TABLE:
+        raise ConfigError(f"format {name!r} is not one of {list(FORMATS)}")
+    return FORMAT_TABLE[name]
+
+
+def open_adapter(path: str | os.PathLike[str]) -> tuple[Format, Source]:
+    """The format ``path`` holds and the path opened once (a single file's tensors and header read).
+
+    Raises:
+        AdapterFileError: naming the path and what was found instead of a known format.
+    """
+    path = Path(path)
+    for fmt in FORMAT_TABLE.values():  # a folder format: its folder, or its weights file inside one
+        if fmt.folder_marker is None:
+            continue
+        folder = path.parent if path.name == fmt.weights_file else path
+        if folder.is_dir() and (folder / fmt.folder_marker).is_file():
+            return fmt, Source(folder)
+    if path.is_dir():  # a single-file format's file inside a folder (diffusers' save_lora_weights)
+        inside = [f.weights_file for f in FORMAT_TABLE.values() if f.weights_file and f.folder_marker is None]
+        found = [name for name in inside if (path / name).is_file()]
+        if not found:
+            wanted = [
+                f"{f.folder_marker or f.weights_file} ({f.name})" for f in FORMAT_TABLE.values() if f.weights_file
+            ]
+            raise file_error(path, f"is a folder without {' or '.join(wanted)}; give the adapter file itself")
+        path = path / found[0]
+    tensors, header = read_safetensors(path)
+    source = Source(path, tensors, header)
+    for fmt in FORMAT_TABLE.values():
+        if fmt.detect is not None and fmt.detect(source):
+            return fmt, source
+    keys = sorted(tensors)
+    raise file_error(
+        path, f"not an adapter in a format visionlora reads ({', '.join(FORMATS)}); first keys: {keys[:5]}"
+    )
+
+
+def _components(fmt: Format, source: Source) -> list[str]:
+    return fmt.components(source) if fmt.components is not None else [COMPONENTS[0]]
+
+
+def _read(fmt: Format, source: Source, component: str | None) -> AdapterFile:
+    """The record of ``component`` (default: the UNet, or the one model) in an opened source."""
+    if fmt.pipeline:
+        return fmt.read(source, component or COMPONENTS[0])
+    file = fmt.read(source, COMPONENTS[0])
+    if component not in (None, COMPONENTS[0]):
+        raise file_error(
+            file.path,
+            f"is a {file.format} adapter of one model; component={component!r} picks a part of a "
+            f"{' or '.join(PIPELINE_FORMATS)} pipeline LoRA file (load this file onto the text encoder without "
+            "component=)",
+        )
+    return file
+
+
+def _check_component(component: str | None) -> None:
+    if component is not None and component not in COMPONENTS:
+        raise ConfigError(f"component {component!r} is not one of {list(COMPONENTS)}")
 
 
 def read_adapter(path: str | os.PathLike[str], *, component: str | None = None) -> AdapterFile:
@@ -74,74 +237,8 @@ def read_adapter(path: str | os.PathLike[str], *, component: str | None = None) 
         'kohya'
         >>> vl.read_adapter("lora.safetensors", component="text_encoder").layers
     """
-    if component is not None and component not in COMPONENTS:
-        raise ConfigError(f"component {component!r} is not one of {list(COMPONENTS)}")
-    return _read(_open(path), component)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Opened:
-    """An adapter path with its format detected and, for single files, its tensors and header read once."""
-
-    path: Path
-    format: str
-    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    header: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-def _open(path: str | os.PathLike[str]) -> _Opened:
-    """Which format ``path`` holds (see :func:`read_adapter`); a file error naming what was found otherwise."""
-    path = Path(path)
-    if is_peft_folder(path) or (path.name == PEFT_WEIGHTS and is_peft_folder(path.parent)):
-        return _Opened(path if path.is_dir() else path.parent, "peft")
-    if path.is_dir():
-        if not (path / LORA_WEIGHTS_FILE).is_file():
-            raise file_error(
-                path,
-                f"is a folder without adapter_config.json (PEFT) or {LORA_WEIGHTS_FILE} (diffusers); "
-                "give the adapter file itself",
-            )
-        path = path / LORA_WEIGHTS_FILE
-    tensors, header = read_safetensors(path)
-    if _claims_native(header):
-        return _Opened(path, "visionlora", tensors, header)
-    if is_kohya(tensors):
-        return _Opened(path, "kohya", tensors, header)
-    if any(".lora_A." in k or ".lora_B." in k for k in tensors):
-        return _Opened(path, "diffusers", tensors, header)
-    keys = sorted(tensors)
-    raise file_error(
-        path,
-        f"not an adapter in a format visionlora reads ({', '.join(FORMATS)}); first keys: {keys[:5]}",
-    )
-
-
-def _components(opened: _Opened) -> list[str]:
-    """The pipeline components an opened file holds LoRA for: ``["unet"]`` for single-model formats."""
-    if opened.format == "kohya":
-        return kohya_components(opened.tensors)
-    if opened.format == "diffusers":
-        return diffusers_components(opened.tensors)
-    return [COMPONENTS[0]]
-
-
-def _read(opened: _Opened, component: str | None) -> AdapterFile:
-    """The record of ``component`` (default: the UNet, or the one model) in an opened file."""
-    if opened.format == "kohya":
-        return read_kohya(opened.path, opened.tensors, opened.header, component or COMPONENTS[0])
-    if opened.format == "diffusers":
-        return read_diffusers(opened.path, opened.tensors, opened.header, component or COMPONENTS[0])
-    if opened.format == "peft":
-        file = read_peft(opened.path)
-    else:
-        file = native_record(opened.path, opened.tensors, opened.header)
-    if component not in (None, COMPONENTS[0]):
-        raise file_error(
-            file.path,
-            f"is a {file.format} adapter of one model; component={component!r} picks a part of a diffusers or "
-            "kohya pipeline LoRA file (load this file onto the text encoder without component=)",
-        )
-    return file
+    _check_component(component)
+    return _read(*open_adapter(path), component)
 
 
 def file_components(path: str | os.PathLike[str]) -> list[str]:
@@ -150,7 +247,68 @@ def file_components(path: str | os.PathLike[str]) -> list[str]:
     Raises:
         AdapterFileError: as :func:`read_adapter`, for a path that holds no adapter.
     """
-    return _components(_open(path))
+    return _components(*open_adapter(path))
+
+
+def _refuse_existing(fmt: Format, path: Path, overwrite: bool) -> None:
+    if fmt.folder_marker is not None:
+        refuse_existing(path, overwrite, fmt.folder_marker)
+    else:
+        refuse_existing(path / fmt.weights_file if fmt.weights_file and path.is_dir() else path, overwrite)
+
+
+def write_export(fmt: Format, parts: Parts, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write ``parts`` in format ``fmt`` to ``path``, atomically; return the path written.
+
+    A folder format's folder is assembled and swapped in whole; a single-file format given a
+    folder writes its ``weights_file`` inside it. An existing output is replaced only with
+    ``overwrite`` (and a folder only if it is an earlier output of the same format).
+
+    Raises:
+        AdapterFileError: what ``fmt.to_tensors`` refuses, NaN/Inf in the written tensors, an
+            existing output without ``overwrite``, or a failed write (the old output is intact).
+    """
+    path = Path(path)
+    _refuse_existing(fmt, path, overwrite)
+    payload = fmt.to_tensors(parts)
+    tensors = require_finite(next(iter(parts.records.values())).path, payload.tensors)
+    if fmt.folder_marker is not None and fmt.weights_file is not None:  # a folder format
+        with atomic_folder(path, fmt.folder_marker, overwrite=overwrite) as staging:
+            write_safetensors(staging / fmt.weights_file, tensors, payload.header)
+            for name, text in payload.files.items():
+                write_text(staging / name, text)
+        return path
+    if fmt.weights_file is not None and path.is_dir():
+        path = path / fmt.weights_file
+    return write_safetensors(path, tensors, payload.header, overwrite=overwrite)
+
+
+def write_adapter(file: AdapterFile, *, overwrite: bool = False) -> Path:
+    """Write a record to ``file.path`` as a visionlora adapter file (atomically, self-describing)."""
+    return write_export(FORMAT_TABLE["visionlora"], Parts({COMPONENTS[0]: file}), file.path, overwrite=overwrite)
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str = "default", overwrite: bool = False
+) -> Path:
+    """Write adapter ``adapter_name`` (LoRA weights + trainable modules and biases) to ``path``.
+
+    Buffers that changed since LoRA was first added to the model (BatchNorm running statistics
+    updated by training in train mode) are saved too, so the file reproduces the trained model
+    on the base it was trained from. The write is atomic; the config and each layer's name,
+    kind, rank and alpha go in the file's metadata. Returns the path.
+
+    Raises:
+        AdapterFileError: ``path`` exists and ``overwrite`` is off, a tensor holds NaN/Inf, or the
+            write failed (e.g. no space left); the old file is then intact.
+
+    Example:
+        >>> vl.save_adapter(model, "adapter.safetensors")
+        >>> vl.save_adapter(model, "adapter.safetensors", overwrite=True)  # replace the earlier one
+    """
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    return write_adapter(adapter_record(model, path, adapter_name), overwrite=overwrite)
 
 
 def export_adapter(
@@ -161,6 +319,7 @@ def export_adapter(
     adapter_name: str = "default",
     dtype: torch.dtype | None = None,
     text_encoder: nn.Module | str | os.PathLike[str] | None = None,
+    component: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write an adapter (from a model, or from a file in any format) in ``format``; returns the path.
@@ -175,8 +334,9 @@ def export_adapter(
     ``text_encoder`` (a model with LoRA, or its adapter file) puts a pipeline's text-encoder
     adapter in the same ``diffusers`` or ``kohya`` file (``text_encoder.*`` / ``lora_te_*`` keys),
     which ``pipeline.load_lora_weights`` and kohya's consumers apply to the text encoder; a file
-    given as ``model_or_file`` that already holds one keeps it. The ``peft`` and ``visionlora``
-    formats hold one model: export a text encoder to a path of its own.
+    given as ``model_or_file`` that already holds one keeps it. ``component`` exports one part of
+    such a file only; the ``peft`` and ``visionlora`` formats hold one model, so a file holding
+    several parts needs it.
 
     Every export keeps the full visionlora record in its header, so reading it back with visionlora
     gives the same ranks, alphas, resolutions and config. ``dtype`` casts the written weights.
@@ -184,62 +344,66 @@ def export_adapter(
 
     Raises:
         AdapterFileError: a layer or tensor ``format`` cannot hold exactly (the message names each),
-            ``path`` exists and ``overwrite`` is off, or the write failed (the old output is intact).
-        ConfigError: ``text_encoder`` with a one-model format.
+            parts of the file a one-model format cannot hold (without ``component``), ``path``
+            exists and ``overwrite`` is off, or the write failed (the old output is intact).
+        ConfigError: an unknown format or component, or ``text_encoder`` with a one-model format.
 
     Example:
         >>> vl.export_adapter(model, "lora_peft", format="peft")
         >>> vl.export_adapter("adapter.safetensors", "style.safetensors", format="kohya", dtype=torch.float16)
         >>> vl.export_adapter(pipe.unet, "style.safetensors", format="kohya", text_encoder=pipe.text_encoder)
+        >>> vl.export_adapter("style.safetensors", "te.safetensors", component="text_encoder")
     """
-    if format not in FORMATS:
-        raise ConfigError(f"format {format!r} is not one of {list(FORMATS)}")
-    if text_encoder is not None and format not in PIPELINE_FORMATS:
+    fmt = _format(format)
+    _check_component(component)
+    if text_encoder is not None and not fmt.pipeline:
         raise ConfigError(
             f"text_encoder=: the {format} format holds one model's adapter; export the text encoder to a path "
             f"of its own, or use format={PIPELINE_FORMATS[0]!r} or {PIPELINE_FORMATS[1]!r} for one pipeline file"
         )
     path = Path(path)
-    if format == "peft":
-        refuse_existing(path, overwrite, PEFT_CONFIG)
-    else:
-        refuse_existing(path / LORA_WEIGHTS_FILE if format == "diffusers" and path.is_dir() else path, overwrite)
+    _refuse_existing(fmt, path, overwrite)
     model_state: dict[str, torch.Tensor] | None = None
     if isinstance(model_or_file, nn.Module):
-        parts = {COMPONENTS[0]: adapter_record(model_or_file, path, adapter_name)}
+        records = {COMPONENTS[0]: adapter_record(model_or_file, path, adapter_name)}
         model_state = original_state_dict(model_or_file)
     else:
-        opened = _open(model_or_file)
-        parts = {c: _read(opened, c) for c in _components(opened)}
+        source_format, source = open_adapter(model_or_file)
+        records = {c: _read(source_format, source, c) for c in _components(source_format, source)}
     if text_encoder is not None:
         if isinstance(text_encoder, nn.Module):
             record = adapter_record(text_encoder, path, adapter_name)
         else:  # a pipeline file's text-encoder part, or a one-model file's whole adapter
-            opened = _open(text_encoder)
-            record = _read(opened, "text_encoder" if "text_encoder" in _components(opened) else None)
-        parts["text_encoder"] = dataclasses.replace(record, component="text_encoder")
-    for part in parts.values():
+            te_format, te_source = open_adapter(text_encoder)
+            held = _components(te_format, te_source)
+            record = _read(te_format, te_source, "text_encoder" if "text_encoder" in held else None)
+        records["text_encoder"] = dataclasses.replace(record, component="text_encoder")
+    records = _chosen(records, fmt, component)
+    for part in records.values():
         if part.flat_names:
             raise file_error(
                 part.path,
                 "is a kohya file whose module names are flattened (down_blocks_0_...); load it onto its model "
                 "with vl.load_adapter and export the model",
             )
-    if format == "diffusers":
-        return write_diffusers(parts, path, dtype=dtype, overwrite=overwrite)
-    if format == "kohya":
-        return write_kohya(parts, path, dtype=dtype, overwrite=overwrite)
-    record = parts.pop(COMPONENTS[0] if COMPONENTS[0] in parts else next(iter(parts)))
-    if parts:
-        logger.warning(
-            "%s: its %s LoRA is not written to %s (the %s format holds one model); read it with "
-            "vl.read_adapter(..., component=...) and export it to a path of its own",
-            record.path,
-            " and ".join(parts),
-            path,
-            format,
+    return write_export(fmt, Parts(records, dtype, model_state), path, overwrite=overwrite)
+
+
+def _chosen(records: dict[str, AdapterFile], fmt: Format, component: str | None) -> dict[str, AdapterFile]:
+    """The parts ``fmt`` writes: ``component``'s alone if given, all of them for a pipeline format."""
+    if component is not None:
+        if component not in records:
+            first = next(iter(records.values()))
+            raise file_error(first.path, f"holds no {component} LoRA; it holds LoRA for {list(records)}")
+        records = {component: records[component]}
+    if fmt.pipeline:
+        return records
+    if len(records) > 1:
+        first = next(iter(records.values()))
+        raise file_error(
+            first.path,
+            f"holds LoRA for {list(records)}, and the {fmt.name} format holds one model's adapter: pass "
+            f"component=<one of those> (--component on the command line) to export one of them",
         )
-    if format == "peft":
-        return write_peft(record, path, model_state=model_state, dtype=dtype, overwrite=overwrite)
-    tensors = require_finite(record.path, cast_tensors(record.tensors, dtype))
-    return write_adapter(dataclasses.replace(record, path=path, tensors=tensors), overwrite=overwrite)
+    (record,) = records.values()
+    return {COMPONENTS[0]: dataclasses.replace(record, component=COMPONENTS[0])}  # the one model of the file

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visionlora.inject import adaptable_kind, iter_modules
-from visionlora.io.adapter import AdapterFile, LayerSpec, check_tensors, file_error
+from visionlora._tree import adaptable_kind, iter_modules
+from visionlora.io.adapter import AdapterFile, LayerSpec, Parts, Payload, Source, check_tensors, file_error
 from visionlora.io.convert import (
     KINDS_BY_NDIM,
     export_header,
@@ -39,11 +39,9 @@ from visionlora.io.convert import (
     layer_scale,
     most_common,
     require_exportable,
-    require_finite,
     scalar_alpha,
     unmappable,
 )
-from visionlora.io.files import write_safetensors
 
 __all__ = [
     "PREFIXES",
@@ -51,9 +49,9 @@ __all__ = [
     "flat_name",
     "is_kohya",
     "kohya_name",
+    "kohya_tensors",
     "read_kohya",
     "resolve_names",
-    "write_kohya",
 ]
 
 PREFIXES: dict[str, tuple[str, ...]] = {
@@ -103,13 +101,12 @@ def components_in(raw: Mapping[str, torch.Tensor]) -> list[str]:
     return [c for c in PREFIXES if c in found]
 
 
-def write_kohya(
-    parts: Mapping[str, AdapterFile], path: Path, *, dtype: torch.dtype | None = None, overwrite: bool = False
-) -> Path:
-    """Write ``parts`` (component -> record) as one kohya LoRA (LoCon for convs) file with a true ``.alpha`` per module.
+def kohya_tensors(parts: Parts) -> Payload:
+    """``parts.records`` (component -> record) as one kohya LoRA (LoCon for convs) file with a true
+    ``.alpha`` per module.
 
     The UNet's modules become ``lora_unet_<name>``, a text encoder's ``lora_te_text_model_<name>``
-    (``lora_te2_`` for a second one). An existing file at ``path`` is replaced only with ``overwrite``.
+    (``lora_te2_`` for a second one).
 
     Raises:
         AdapterFileError: a layer kohya-style loaders would run differently, trained non-LoRA
@@ -118,7 +115,8 @@ def write_kohya(
     by_flat: dict[str, str] = {}
     tensors: dict[str, torch.Tensor] = {}
     kept: dict[str, str] = {}
-    for component, file in parts.items():
+    dtype = parts.dtype
+    for component, file in parts.records.items():
         require_exportable(file, "kohya", lora_only=True)
         # diffusers' kohya converter collapses a text encoder's per-module alphas into one: give them
         # one alpha and fold each module's remaining scale into its B (the kept record unfolds it).
@@ -139,7 +137,7 @@ def write_kohya(
             tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         kept.update(export_header(file))
         _warn_attention_without_out_proj(component, file)
-    specs = [s for file in parts.values() for s in file.layers.values()]
+    specs = [s for file in parts.records.values() for s in file.layers.values()]
     linear = [s for s in specs if s.kind == "Linear"] or specs
     conv = [s for s in specs if s.kind != "Linear"]
     header = {
@@ -149,8 +147,7 @@ def write_kohya(
         **({"ss_network_args": _conv_args(conv)} if conv else {}),
         **kept,
     }
-    first = next(iter(parts.values()))
-    return write_safetensors(path, require_finite(first.path, tensors), header, overwrite=overwrite)
+    return Payload(tensors, header)
 
 
 def _warn_attention_without_out_proj(component: str, file: AdapterFile) -> None:
@@ -183,9 +180,7 @@ def _fold_mid(path: Path, base: str, down: torch.Tensor, mid: torch.Tensor) -> t
     return folded.to(down.dtype)
 
 
-def read_kohya(
-    path: Path, raw: dict[str, torch.Tensor], header: Mapping[str, str], component: str = "unet"
-) -> AdapterFile:
+def read_kohya(source: Source, component: str = "unet") -> AdapterFile:
     """One component's LoRA from a kohya LoRA/LoCon file, names flattened unless the file keeps visionlora's record.
 
     Raises:
@@ -193,6 +188,7 @@ def read_kohya(
             holds), or LoHa/LoKr/DoRA/full-diff keys or anything else that is not a LoRA
             down/up(/mid)/alpha of a component's module, listed.
     """
+    path, raw, header = source.path, source.tensors, source.header
     groups: dict[str, dict[str, torch.Tensor]] = {}
     bad = []
     for key, tensor in raw.items():

@@ -9,34 +9,18 @@ import os
 import torch
 from torch import nn
 
+from visionlora._tree import adaptable_kind, iter_modules
 from visionlora.errors import AdapterError, VisionLoraError
-from visionlora.inject import (
-    Match,
-    activate,
-    adaptable_kind,
-    adapter_configs,
-    add_adapters,
-    check_adapter_name,
-    check_selected,
-    check_wrappable,
-    iter_modules,
-    lora_layers,
-    mark_trainable,
-    original_buffers,
-    original_parameters,
-    require_unmerged,
-    snapshot_buffers,
-)
+from visionlora.inject import Match, attach, check_selected, check_wrappable
 from visionlora.io.adapter import AdapterFile, file_error, geometry_of
-from visionlora.io.formats import read_adapter
+from visionlora.io.formats import FORMAT_TABLE, read_adapter
 from visionlora.io.kohya import resolve_names
 from visionlora.layers import base_layer, lora_shapes
+from visionlora.state import adapter_state, check_adapter_name, original_buffers, original_parameters, require_unmerged
 
 __all__ = ["load_adapter"]
 
 logger = logging.getLogger("visionlora")
-# Formats whose own loaders run LoRA through PEFT's layers (kohya's consumers, A1111 and ComfyUI, merge weights).
-_FORWARD_FORMATS = ("peft", "diffusers")
 
 
 def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
@@ -83,7 +67,7 @@ def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
                 )
             elif not _fits_dtype(file.tensors[key], existing[key].dtype):
                 problems.append(f"{key}: its values overflow the model's {existing[key].dtype} (Inf after the cast)")
-    if file.format in _FORWARD_FORMATS:
+    if FORMAT_TABLE[file.format].runs_lora_layers:
         for m in matches:
             reason = geometry_of(m.module).foreign_problem()
             if reason is not None:
@@ -109,10 +93,6 @@ def _sort_state(file: AdapterFile, model: nn.Module) -> AdapterFile:
     return dataclasses.replace(
         file, extra=[k for k in names if k not in buffers], buffers=[k for k in names if k in buffers]
     )
-
-
-def _leave_empty(a: torch.Tensor, rank: int, generator: torch.Generator | None = None) -> None:
-    """An init that draws nothing, so loading leaves the caller's random stream untouched."""
 
 
 def load_adapter(
@@ -146,7 +126,7 @@ def load_adapter(
     logger.info("%s: read as a %s adapter with %d LoRA layers", file.path, file.format, len(file.layers))
     name = adapter_name or file.adapter_name
     require_unmerged(model, "load an adapter")
-    if name in adapter_configs(model):
+    if name in adapter_state(model).configs:
         raise AdapterError(f"model already has adapter {name!r}; pass adapter_name='<new name>'")
     matches = _fit(file, model, name)
     try:
@@ -154,21 +134,5 @@ def load_adapter(
         check_wrappable(matches, file.config.dropout)
     except VisionLoraError as exc:
         raise file_error(file.path, str(exc)) from None
-    snapshot_buffers(model)
-    add_adapters(model, matches, file.config, name, init=_leave_empty)  # values come from the file
-    layers = dict(lora_layers(model))
-    params = original_parameters(model)
-    buffers = original_buffers(model)
-    with torch.no_grad():
-        for m in matches:
-            adapter = layers[m.name].adapter(name)
-            adapter.lora_A.copy_(file.tensors[f"{m.name}.lora_A.weight"])
-            adapter.lora_B.copy_(file.tensors[f"{m.name}.lora_B.weight"])
-        for key in file.extra:
-            params[key].copy_(file.tensors[key])
-        for key in file.buffers:
-            buffers[key].copy_(file.tensors[key])
-    adapter_configs(model)[name] = file.config
-    activate(model, {name: 1.0})
-    mark_trainable(model, name)
+    attach(model, matches, file.config, name, values=file.tensors)  # every value was checked by _fit
     return model

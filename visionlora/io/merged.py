@@ -34,9 +34,9 @@ from torch import nn
 from visionlora._deps import require
 from visionlora._tree import from_diffusers, require_module
 from visionlora.errors import ConfigError, MergeError
-from visionlora.inject import lora_layers, original_state_dict
 from visionlora.io.files import atomic_folder, refuse_existing, write_safetensors
 from visionlora.io.ldm import ldm_state_dict
+from visionlora.state import lora_layers, original_state_dict
 
 __all__ = ["export_merged", "merged_state_dict"]
 

@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 
-from visionlora.io.adapter import AdapterFile, file_error
+from visionlora.io.adapter import AdapterFile, Parts, Payload, Source, cast_tensors, file_error
 from visionlora.io.convert import (
     anchored,
-    cast_tensors,
     check_patterns,
     exact_regex,
     export_header,
@@ -32,12 +31,11 @@ from visionlora.io.convert import (
     most_common,
     pattern_value,
     require_exportable,
-    require_finite,
     unmappable,
 )
-from visionlora.io.files import atomic_folder, read_safetensors, write_safetensors, write_text
+from visionlora.io.files import read_safetensors
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "is_peft_folder", "read_peft", "write_peft"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "peft_tensors", "read_peft"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -58,33 +56,23 @@ _UNSUPPORTED = {
 }
 
 
-def is_peft_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder with a PEFT adapter config."""
-    return path.is_dir() and (path / CONFIG_FILE).is_file()
-
-
 def _owner(key: str) -> str:
     return key.rpartition(".")[0]
 
 
-def write_peft(
-    file: AdapterFile,
-    folder: Path,
-    *,
-    model_state: dict[str, torch.Tensor] | None = None,
-    dtype: torch.dtype | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``file`` as a PEFT adapter folder (an existing one is replaced only with ``overwrite``).
+def peft_tensors(parts: Parts) -> Payload:
+    """``parts``' one record as a PEFT adapter folder: ``adapter_model.safetensors`` and ``adapter_config.json``.
 
-    ``model_state`` is the model's :func:`~visionlora.inject.original_state_dict`: PEFT saves and
-    expects every tensor of a ``modules_to_save`` module, so an adapter that trains or changes
-    non-LoRA tensors can only be exported with it (i.e. from the model, not from a file).
+    ``parts.model_state`` is the model's state dict (un-adapted names): PEFT saves and expects
+    every tensor of a ``modules_to_save`` module, so an adapter that trains or changes non-LoRA
+    tensors can only be exported with it (i.e. from the model, not from a file).
 
     Raises:
         AdapterFileError: a layer PEFT would run differently (grouped, dilated, non-zero padding
             mode, custom forward), or a trained tensor PEFT cannot place; each is named.
     """
+    (file,) = parts.records.values()
+    model_state = parts.model_state
     require_exportable(file, "PEFT", lora_only=False)
     tensors: dict[str, torch.Tensor] = {}
     for name in file.layers:
@@ -153,11 +141,9 @@ def write_peft(
         "init_lora_weights": True,
         **_UNSUPPORTED,
     }
-    tensors = require_finite(file.path, cast_tensors(tensors, dtype))
-    with atomic_folder(folder, CONFIG_FILE, overwrite=overwrite) as staging:
-        write_safetensors(staging / WEIGHTS_FILE, tensors, {"format": "pt", **export_header(file)})
-        write_text(staging / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return folder
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    header = {"format": "pt", **export_header(file)}
+    return Payload(cast_tensors(tensors, parts.dtype), header, {CONFIG_FILE: config_text})
 
 
 def _number(value: Any) -> bool:
@@ -183,13 +169,14 @@ def _check_config(path: Path, config: dict[str, Any]) -> None:
         check_patterns(path, config.get(key) or {}, key)
 
 
-def read_peft(folder: Path) -> AdapterFile:
-    """Read a PEFT LoRA adapter folder into a record (names as in the base model).
+def read_peft(source: Source, component: str = "unet") -> AdapterFile:
+    """Read a PEFT LoRA adapter folder into a record (names as in the base model; one model: no ``component``).
 
     Raises:
         AdapterFileError: not a LoRA adapter, a feature visionlora does not reproduce (DoRA,
             lora_bias, ...), a pickled ``adapter_model.bin``, or keys that cannot be mapped.
     """
+    folder = source.path
     size = (folder / CONFIG_FILE).stat().st_size
     if size > _MAX_CONFIG_BYTES:
         raise file_error(folder / CONFIG_FILE, f"is {size} bytes; an adapter config is at most {_MAX_CONFIG_BYTES}")

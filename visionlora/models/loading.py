@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,9 @@ from torch import nn
 
 from visionlora._deps import require
 from visionlora._tree import from_diffusers
-from visionlora.errors import AdapterFileError, ConfigError
-from visionlora.io.files import read_safetensors
+from visionlora.errors import ConfigError
 
-__all__ = ["SOURCES", "build_model", "example_input_for", "load_base", "read_state_dict"]
+__all__ = ["SOURCES", "build_model", "example_input_for"]
 
 SOURCES = ("torchvision", "timm", "diffusers")
 
@@ -126,65 +124,6 @@ def build_model(spec: str, *, pretrained: bool = False, kwargs: dict[str, Any] |
         f"{spec!r} is neither a folder nor a torchvision or timm model name"
         + (f"; close names: {', '.join(close)}" if close else "")
     )
-
-
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a ``.pt``/``.pth`` file read with ``weights_only=True``.
-
-    Raises:
-        AdapterFileError: if the file is unreadable or is not a flat mapping of names to tensors.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)[0]
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles arbitrary objects
-    except Exception as exc:  # torch raises several types for unreadable or unsafe files
-        raise AdapterFileError(
-            f"{path}: not a readable weights-only checkpoint ({type(exc).__name__}: {exc})"
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # the common {"state_dict": ...} wrapper
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise AdapterFileError(f"{path}: expected a mapping of parameter names to tensors")
-    return state
-
-
-def _check_weights(path: str, state: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> None:
-    """Refuse, by name, weights of the wrong kind of dtype or that hold NaN/Inf in the model's dtype."""
-    for key, value in state.items():
-        target = current.get(key)
-        if target is None:
-            continue  # load_state_dict(strict=True) names unknown and missing keys
-        if value.is_complex() or value.is_floating_point() != target.is_floating_point():
-            raise AdapterFileError(f"{path}: tensor {key!r} is {value.dtype}; the model's is {target.dtype}")
-        if target.is_floating_point() and not torch.isfinite(value.to(target.dtype)).all():
-            raise AdapterFileError(f"{path}: tensor {key!r} holds NaN or Inf (in the model's {target.dtype})")
-
-
-def load_base(spec: str, *, arch: str | None = None, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """The base model for a merge: a model spec with its pretrained weights, or ``arch`` + a weights file.
-
-    ``spec`` is a torchvision/timm name (its pretrained weights are fetched by those libraries), a
-    diffusers folder (read from disk), or a ``.safetensors`` / ``.pt`` state dict for the
-    architecture ``arch`` (loaded strictly).
-    """
-    if Path(spec).is_file():
-        if arch is None:
-            raise ConfigError(f"{spec!r} is a weights file: give the architecture too (e.g. --arch resnet50)")
-        model = build_model(arch, kwargs=kwargs)
-        state = read_state_dict(spec)
-        _check_weights(spec, state, model.state_dict())
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise AdapterFileError(f"{spec}: does not fit {arch} ({exc})") from None
-        return model
-    if arch is not None:
-        raise ConfigError(f"--arch is for weights files; {spec!r} names its architecture itself")
-    return build_model(spec, pretrained=True, kwargs=kwargs)
 
 
 def example_input_for(model: nn.Module, size: int | None = None) -> Any:

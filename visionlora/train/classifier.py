@@ -20,8 +20,9 @@ from visionlora.errors import ConfigError
 from visionlora.inject import apply_lora
 from visionlora.io import export_adapter, export_merged, save_adapter
 from visionlora.io.files import write_text
+from visionlora.io.weights import load_base
 from visionlora.models.heads import replace_head
-from visionlora.models.loading import build_model, load_base
+from visionlora.models.loading import build_model
 from visionlora.prefix import split_frozen_prefix
 from visionlora.train.data import EpochBatches, classifier_datasets, classifier_transforms, set_epoch
 from visionlora.train.loop import (

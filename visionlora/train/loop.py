@@ -17,6 +17,7 @@ from torch import nn
 from visionlora._deps import require
 from visionlora.errors import ConfigError, TrainingError
 from visionlora.io.files import write_text
+from visionlora.state import lora_layers
 from visionlora.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from visionlora.train.recipe import Train, dump_recipe
 from visionlora.train.sharding import clip_grad_norm, full_tensor, is_fsdp, local_tensor
@@ -94,8 +95,6 @@ def _resume_folder(resume: str, out_dir: Path) -> Path:
 
 def param_groups(model: nn.Module, train: Train) -> list[dict[str, Any]]:
     """AdamW groups: the LoRA parameters at ``train.lr``, everything else that trains at ``train.head_lr``."""
-    from visionlora.inject import lora_layers
-
     lora_ids = {id(p) for _, layer in lora_layers(model) for p in layer.adapters.parameters()}
     trained = [p for p in model.parameters() if p.requires_grad]
     lora = [p for p in trained if id(p) in lora_ids]

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from visionlora._deps import require
-from visionlora.config import LoraConfig, config_from_dict, config_to_dict, is_finite_number
+from visionlora.config import DtypeName, LoraConfig, config_from_dict, config_to_dict, is_finite_number
 from visionlora.errors import ConfigError
-from visionlora.io.formats import PIPELINE_FORMATS
+from visionlora.io.formats import FORMAT_TABLE, AdapterFormat
 
 __all__ = [
     "RECIPES",
@@ -41,9 +41,6 @@ __all__ = [
     "load_recipe",
     "parse_recipe",
 ]
-
-AdapterFormat = Literal["visionlora", "peft", "diffusers", "kohya"]
-
 
 @dataclass
 class ClassifierModel:
@@ -111,7 +108,7 @@ class Output:
     dir: str = "runs/visionlora"
     export: list[AdapterFormat] = field(default_factory=list)
     """Other formats to write beside adapter.safetensors (e.g. ``[peft]``)."""
-    merged_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    merged_dtype: DtypeName = "fp32"
 
 
 @dataclass
@@ -139,11 +136,15 @@ class ClassifierRecipe:
             ),
             (
                 "output.export",
-                not set(PIPELINE_FORMATS) & set(self.output.export),
-                "formats that can hold the new head: visionlora, peft (diffusers and kohya hold LoRA weights only)",
+                all(FORMAT_TABLE[f].holds_extras for f in self.output.export),
+                f"formats that can hold the new head: {_holding_extras()} (the others hold LoRA weights only)",
             ),
         ]
         _raise_first(self, checks)
+
+
+def _holding_extras() -> str:
+    return ", ".join(name for name, fmt in FORMAT_TABLE.items() if fmt.holds_extras)
 
 
 def _check_train(train: Train) -> None:
@@ -265,11 +266,9 @@ class DiffusionRecipe:
             ("validation.every", self.validation.every is None or self.validation.every >= 1, "null or >= 1"),
             (
                 "output.export",
-                not (
-                    set(PIPELINE_FORMATS) & set(self.output.export)
-                    and (self.lora.trainable or self.lora.bias != "none")
-                ),
-                "formats that can hold lora.trainable modules and biases: visionlora, peft",
+                all(FORMAT_TABLE[f].holds_extras for f in self.output.export)
+                or not (self.lora.trainable or self.lora.bias != "none"),
+                f"formats that can hold lora.trainable modules and biases: {_holding_extras()}",
             ),
         ]
         _raise_first(self, checks)
