@@ -19,8 +19,6 @@ def main() -> None:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    import visionlora.train.classifier as classifier
-    import visionlora.train.diffusion as diffusion
     import visionlora.train.loop as loop
 
     made = loop.make_accelerator
@@ -39,7 +37,7 @@ def main() -> None:
         assert accelerator.distributed_type == DistributedType.FSDP
         return accelerator
 
-    classifier.make_accelerator = diffusion.make_accelerator = make_fsdp_accelerator
+    loop.make_accelerator = make_fsdp_accelerator
     from visionlora.cli import main as cli
 
     sys.exit(cli(sys.argv[1:]))

@@ -263,9 +263,9 @@ def test_text_encoder_lora_under_fsdp_trains_what_one_process_does(style, tmp_pa
 def test_text_encoder_lora_under_fsdp_in_fp16_is_refused_by_name_before_training(style, tmp_path, monkeypatch):
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    import visionlora.train.diffusion as diffusion
+    import visionlora.train.loop as loop
 
-    made = diffusion.make_accelerator
+    made = loop.make_accelerator
 
     class FSDPAccelerator:  # what accelerate launch --use_fsdp --fsdp_version 2 --mixed_precision fp16 gives
         distributed_type, mixed_precision = DistributedType.FSDP, "fp16"
@@ -277,10 +277,11 @@ def test_text_encoder_lora_under_fsdp_in_fp16_is_refused_by_name_before_training
         def __getattr__(self, name: str) -> object:
             return getattr(self.real, name)
 
-    monkeypatch.setattr(diffusion, "make_accelerator", FSDPAccelerator)
+    monkeypatch.setattr(loop, "make_accelerator", FSDPAccelerator)
     recipe = _recipe(style, max_steps=1)
     recipe.text_encoder_lora = vl.LoraConfig(targets=["*.self_attn.q_proj"], rank=2)
-    with pytest.raises(vl.ConfigError, match=r"fp16 .* cannot train text_encoder_lora under FSDP; use bf16"):
+    message = r"fp16 .* cannot train the text_encoder adapter beside the sharded unet under FSDP; use bf16"
+    with pytest.raises(vl.ConfigError, match=message):
         run_recipe(recipe, output=tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -109,7 +109,7 @@ def test_fsdp_checks_name_what_to_change(monkeypatch):
 def test_clipping_under_fsdp_unscales_once_and_clips_the_trained_parameters_only():
     from accelerate.utils import DistributedType
 
-    from visionlora.train.loop import NonFiniteSteps, optimizer_step
+    from visionlora.train.optim import NonFiniteSteps, optimizer_step
 
     class Accelerator:  # accelerate's clip_grad_norm_ under FSDP, given a subset of the model, unscales twice
         distributed_type = DistributedType.FSDP

@@ -16,7 +16,7 @@ import visionlora as vl
 from tests.reliability.harness import poisoned, train_recipe
 from visionlora.train import run_recipe
 from visionlora.train.checkpoint import checkpoint_dirs, latest_checkpoint, save_checkpoint
-from visionlora.train.loop import NonFiniteSteps, optimizer_step
+from visionlora.train.optim import NonFiniteSteps, optimizer_step
 
 pytest.importorskip("accelerate")
 pytest.importorskip("matplotlib")
@@ -55,7 +55,7 @@ def test_a_non_finite_step_changes_nothing_and_the_next_finite_one_updates(tmp_p
     loss = _backward(accelerator, model, poison=math.nan if what == "loss" else 1.0)
     if what == "gradient":
         trainable[0].grad[0, 0] = math.inf
-    with caplog.at_level(logging.WARNING, logger="visionlora.train.loop"):
+    with caplog.at_level(logging.WARNING, logger="visionlora.train.optim"):
         got = optimizer_step(accelerator, optimizer, scheduler, trainable, max_grad_norm, [loss], guard, 7)
     assert got is None
     assert all(torch.equal(b, p) for b, p in zip(before, trainable, strict=True))  # bit-identical
@@ -86,7 +86,7 @@ def test_the_limit_of_skips_in_a_row_raises_naming_the_steps_and_the_last_good_c
 
 
 def test_a_run_with_isolated_nan_steps_makes_all_its_steps_and_writes_finite_weights(digits_root, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="visionlora.train.loop"), poisoned(lambda i: i in (1, 3, 4)) as hit:
+    with caplog.at_level(logging.WARNING, logger="visionlora.train.optim"), poisoned(lambda i: i in (1, 3, 4)) as hit:
         metrics = run_recipe(train_recipe(digits_root, max_steps=4), output=tmp_path / "run", progress=False)
     assert hit == [1, 3, 4] and metrics["steps"] == 4  # 7 training passes for 4 steps
     assert "step 2: the loss is nan" in caplog.text and "step 3: the loss is nan" in caplog.text

@@ -1,20 +1,18 @@
-"""The diffusion style recipe: LoRA on a Stable Diffusion UNet from captioned style images.
+"""The diffusion style task: LoRA on a Stable Diffusion UNet from captioned style images.
 
 Noise-prediction loss (epsilon or v-prediction, as the scheduler is configured) with optional
 min-SNR weighting; latents and caption embeddings are encoded once when ``data.cache`` is on
-(the VAE and text encoder are frozen). At the end: the adapter, diffusers and kohya exports, a
-merged pipeline folder, fixed-seed sample grids (base | adapted) and the loss curve.
+(the VAE and text encoder are frozen). At the end: fixed-seed sample grids (base | adapted), the
+loss curve, and a merged pipeline folder (or single file, from a single-file base). It plugs into
+:func:`~visionlora.train.loop.run_loop`, which owns the training loop itself.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import time
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,29 +21,15 @@ from visionlora._deps import require
 from visionlora.adapters import disable_adapters, enable_adapters
 from visionlora.errors import ConfigError
 from visionlora.inject import apply_lora
-from visionlora.io import PIPELINE_FORMATS, export_adapter, export_merged, save_adapter
-from visionlora.io.files import write_text
 from visionlora.models.loading import example_input_for
 from visionlora.train.data import EpochBatches, mix_seed
-from visionlora.train.loop import (
-    NonFiniteSteps,
-    accumulation,
-    checkpoint_due,
-    cosine_with_warmup,
-    log_step,
-    make_accelerator,
-    optimizer_step,
-    param_groups,
-    restore,
-    start_run,
-    total_steps,
-    write_checkpoint,
-)
+from visionlora.train.loop import Built, Prepared, RunState, Task
+from visionlora.train.outputs import Outputs
 from visionlora.train.recipe import DiffusionModel, DiffusionRecipe
 from visionlora.train.report import plot_losses
-from visionlora.train.sharding import check_fsdp, is_fsdp, keep_whole, whole_model
+from visionlora.train.sharding import is_fsdp
 
-__all__ = ["load_pipeline", "min_snr_weights", "noise_target", "run_diffusion", "style_items"]
+__all__ = ["StyleTask", "load_pipeline", "min_snr_weights", "noise_target", "style_items"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -236,232 +220,98 @@ def _sample_grid(
     return path
 
 
-def run_diffusion(
-    recipe: DiffusionRecipe, *, output: str | Path | None = None, resume: str | None = None, progress: bool = True
-) -> dict[str, Any]:
-    """Train ``recipe``; write adapter, exports, merged pipeline, metrics.json, recipe.yaml and report/."""
-    out_dir = Path(output or recipe.output.dir)
-    train, data = recipe.train, recipe.data
-    accelerator = make_accelerator(train, out_dir)
-    require("accelerate.utils").set_seed(train.seed)
-    world = accelerator.num_processes
-    if data.batch_size % world:
-        raise ConfigError(f"data.batch_size: {data.batch_size} does not split over {world} processes")
-    items = style_items(data.root, data.caption)
-    pipe = load_pipeline(recipe.model)
-    unet, device = pipe.unet, accelerator.device
-    for frozen in (pipe.vae, pipe.text_encoder):
-        frozen.requires_grad_(False)
-        frozen.to(device)
-    probe = recipe.lora.rank_by_resolution or recipe.lora.rank_budget is not None
-    latent_size = data.resolution // pipe.vae_scale_factor
-    apply_lora(unet, recipe.lora, example_input=example_input_for(unet, latent_size) if probe else None)
-    text_encoder = pipe.text_encoder
-    adapted: list[nn.Module] = [unet]
-    if recipe.text_encoder_lora is not None:
-        apply_lora(text_encoder, recipe.text_encoder_lora)
-        adapted.append(text_encoder)
-    trained = nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}) if len(adapted) > 1 else unet
-    if train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if world > 1 and len(items) < data.batch_size:
-        raise ConfigError(
-            f"data.batch_size: {data.batch_size} is more than the {len(items)} images; with {world} processes "
-            "every batch must be full (lower the batch size)"
-        )
-    cache = _Cache(pipe, items, recipe) if data.cache else None
-    scheduler_config = pipe.scheduler.config
-    noise_scheduler = require("diffusers").DDPMScheduler.from_config(scheduler_config)
-    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
-    scaling = float(getattr(pipe.vae.config, "scaling_factor", 1.0))
+class StyleTask(Task):
+    """Give a diffusion model a style (:class:`~visionlora.train.recipe.DiffusionRecipe`)."""
 
-    batches = EpochBatches(len(items), data.batch_size, train.seed, drop_last=len(items) >= data.batch_size)
-    per_epoch = len(batches)
-    steps_per_epoch = math.ceil(per_epoch / train.grad_accum)
-    total = total_steps(train, steps_per_epoch)
-    check_fsdp(accelerator, unet)
-    kept = keep_whole(accelerator, unet)
-    guard = NonFiniteSteps(train.max_nonfinite_steps, out_dir)
-    unet_groups = param_groups(unet, train)
-    # The UNet's groups, then the text encoder's, in every mode: a checkpoint resumes in any of them.
-    text_groups = param_groups(text_encoder, train) if len(adapted) > 1 else []
-    averaged: list[torch.Tensor] = []  # gradients no wrapper syncs, averaged over processes at each step
-    if text_groups and is_fsdp(accelerator):
-        # accelerate's FSDP2 shards one model per prepare, with an optimizer over that model only. The
-        # UNet is sharded; the text encoder (small) stays whole on every process, its adapter's groups
-        # join the optimizer afterwards and its gradients are averaged by hand, as DDP would.
-        if accelerator.mixed_precision == "fp16":  # the grad scaler cannot unscale sharded and whole at once
+    recipe: DiffusionRecipe
+
+    def build(self, accelerator: Any) -> Built:
+        recipe, data, world = self.recipe, self.recipe.data, accelerator.num_processes
+        self.items = style_items(data.root, data.caption)
+        self.pipe = pipe = load_pipeline(recipe.model)
+        unet, device = pipe.unet, accelerator.device
+        for frozen in (pipe.vae, pipe.text_encoder):
+            frozen.requires_grad_(False)
+            frozen.to(device)
+        probe = recipe.lora.rank_by_resolution or recipe.lora.rank_budget is not None
+        latent_size = data.resolution // pipe.vae_scale_factor
+        apply_lora(unet, recipe.lora, example_input=example_input_for(unet, latent_size) if probe else None)
+        parts = {"unet": unet}
+        if recipe.text_encoder_lora is not None:
+            apply_lora(pipe.text_encoder, recipe.text_encoder_lora)
+            parts["text_encoder"] = pipe.text_encoder
+        if recipe.train.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if world > 1 and len(self.items) < data.batch_size:
             raise ConfigError(
-                "train.mixed_precision: fp16 (or auto on a GPU without bf16) cannot train text_encoder_lora under "
-                "FSDP; use bf16 or no, train under DDP (accelerate launch without --use_fsdp), or leave "
-                "text_encoder_lora out"
+                f"data.batch_size: {data.batch_size} is more than the {len(self.items)} images; with {world} "
+                "processes every batch must be full (lower the batch size)"
             )
-        model, optimizer = accelerator.prepare(unet, torch.optim.AdamW(unet_groups))
-        for text_group in text_groups:
-            optimizer.optimizer.add_param_group(text_group)
-        text_model, wrapped = text_encoder, [model]  # wrapped: what accelerate syncs (no_sync applies to)
-        averaged = [p for p in text_encoder.parameters() if p.requires_grad]
-    elif text_groups:
-        optimizer = torch.optim.AdamW([*unet_groups, *text_groups])
-        model, text_model, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-        wrapped = [model, text_model]
-    else:
-        model, optimizer = accelerator.prepare(unet, torch.optim.AdamW(unet_groups))
-        text_model, wrapped = None, [model]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, cosine_with_warmup(train.warmup_steps, total))
-    # After prepare: FSDP puts new (sharded) parameters in the modules, which are the ones that get gradients.
-    trainable = [p for p in trained.parameters() if p.requires_grad]
-    step, epoch, start_batch, losses, elapsed = 0, 0, 0, [], 0.0
-    if resume is not None:
-        state = restore(resume, out_dir, accelerator, trained, optimizer, scheduler)
-        step, epoch, start_batch, losses, elapsed = (
-            state["step"],
-            state["epoch"],
-            state["batch"],
-            state["losses"],
-            state["elapsed"],
-        )
-    bar = start_run(accelerator, recipe, out_dir, total, step, progress)
-    started = time.perf_counter() - elapsed
-    alphas_cumprod = noise_scheduler.alphas_cumprod
-    rank = accelerator.process_index
-    # A sharded UNet runs on every process at once; otherwise the main process samples alone.
-    samples_here = accelerator.is_main_process or is_fsdp(accelerator)
-    while step < total:
-        batches.set_position(epoch, start_batch)
-        model.train()
-        if text_model is not None:
-            text_model.train()
-        group: list[torch.Tensor] = []
-        for index, batch in enumerate(batches, start=start_batch):
-            share = len(batch) // world
-            mine = batch[rank * share : (rank + 1) * share]
-            flips = _flips(train.seed, epoch, mine, data.random_flip)
-            enc = cache.get(mine, flips) if cache is not None else _encode(pipe, items, mine, flips, recipe)
-            mean, std = enc.mean.to(device), enc.std.to(device)
-            # Every process draws the whole global batch's random numbers (same RNG state everywhere) and
-            # takes its share, so N processes train on exactly what one process would.
-            whole, own = (len(batch), *mean.shape[1:]), slice(rank * share, (rank + 1) * share)
-            latents = (mean + std * torch.randn(whole, device=device)[own]) * scaling
-            noise = torch.randn(whole, device=device)[own]
-            steps_all = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), device=device)
-            timesteps = steps_all[own]
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = noise_target(noise_scheduler, latents, noise, timesteps)
-            boundary, group_size = accumulation(index, per_epoch, train.grad_accum)
-            with contextlib.ExitStack() as syncing:
-                if not boundary:
-                    for part in wrapped:
-                        syncing.enter_context(accelerator.no_sync(part))
-                if text_model is not None:
-                    text = text_model(enc.ids.to(device))[0]
-                else:
-                    assert enc.text is not None
-                    text = enc.text.to(device)
-                prediction = model(noisy, timesteps, text).sample
-                mse = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
-                if train.min_snr_gamma is not None:
-                    mse = mse * min_snr_weights(alphas_cumprod, timesteps, train.min_snr_gamma, v_prediction)
-                loss = mse.mean()
-                accelerator.backward(loss / group_size)
-            group.append(loss.detach())
-            if not boundary:
-                continue
-            step_loss = optimizer_step(
-                accelerator, optimizer, scheduler, trainable, train.max_grad_norm, group, guard, step + 1, averaged
-            )
-            group = []
-            if step_loss is None:  # a NaN/Inf loss or gradient: skipped and not counted (see NonFiniteSteps)
-                continue
-            step += 1
-            losses.append(step_loss)
-            log_step(accelerator, bar, scheduler, train, step, step_loss)
-            if recipe.validation.every and step % recipe.validation.every == 0 and samples_here:
-                path = out_dir / "report" / f"samples-step{step:06d}.png"
-                _sample_grid(pipe, adapted, recipe, path, write=accelerator.is_main_process)
-            if checkpoint_due(train, step, total):
-                write_checkpoint(
-                    accelerator,
-                    out_dir,
-                    step,
-                    epoch,
-                    index + 1,
-                    trained,
-                    optimizer,
-                    scheduler,
-                    [],
-                    started,
-                    train,
-                    extra={"losses": losses},
-                )
-            if step >= total:
-                break
-        start_batch = 0
-        epoch += 1
-    bar.close()
-    seconds = time.perf_counter() - started
-    if samples_here:  # before the outputs: a sharded UNet samples on every process, so before it is gathered
-        _sample_grid(pipe, adapted, recipe, out_dir / "report" / "samples.png", write=accelerator.is_main_process)
-    adapted = [whole_model(unet, kept), *adapted[1:]]  # the UNet itself unless it is sharded
-    return _finish(accelerator, recipe, pipe, adapted, out_dir, losses, seconds, step, len(items))
+        self.cache = _Cache(pipe, self.items, recipe) if data.cache else None
+        self.noise_scheduler = require("diffusers").DDPMScheduler.from_config(pipe.scheduler.config)
+        self.v_prediction = self.noise_scheduler.config.prediction_type == "v_prediction"
+        self.scaling = float(getattr(pipe.vae.config, "scaling_factor", 1.0))
+        self.adapted = list(parts.values())
+        count = len(self.items)
+        return Built(parts, EpochBatches(count, data.batch_size, recipe.train.seed, drop_last=count >= data.batch_size))
 
+    def batches(self, run: Prepared, epoch: int) -> Any:
+        return run.batches
 
-def _finish(
-    accelerator: Any,
-    recipe: DiffusionRecipe,
-    pipe: Any,
-    adapted: list[nn.Module],
-    out_dir: Path,
-    losses: list[float],
-    seconds: float,
-    step: int,
-    images: int,
-) -> dict[str, Any]:
-    window = max(1, len(losses) // 10)
-    metrics: dict[str, Any] = {
-        "steps": step,
-        "images": images,
-        "loss_first": sum(losses[:window]) / window if losses else None,
-        "loss_last": sum(losses[-window:]) / window if losses else None,
-        "seconds": seconds,
-        "processes": accelerator.num_processes,
-        "distributed": str(accelerator.distributed_type.value),  # NO, MULTI_GPU, MULTI_CPU, FSDP, ...
-        "losses": losses,
-    }
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unet = adapted[0]
-        for part in adapted:
-            part.eval()
-        # The run holds its folder (see train/lock.py), so it replaces its own earlier outputs.
-        save_adapter(unet, out_dir / "adapter.safetensors", overwrite=True)
-        others = {"text_encoder": adapted[1]} if len(adapted) > 1 else {}
-        if others:
-            save_adapter(others["text_encoder"], out_dir / "adapter-text-encoder.safetensors", overwrite=True)
-        text = others.get("text_encoder")
-        for fmt in recipe.output.export:
-            if fmt not in PIPELINE_FORMATS:  # one model per folder or file
-                suffix = "" if fmt == "peft" else ".safetensors"
-                export_adapter(unet, out_dir / f"adapter-{fmt}{suffix}", format=fmt, overwrite=True)
-                if text is not None:
-                    export_adapter(text, out_dir / f"adapter-{fmt}-text-encoder{suffix}", format=fmt, overwrite=True)
-            else:  # diffusers and kohya files hold the whole pipeline's LoRA
-                export_adapter(
-                    unet, out_dir / f"adapter-{fmt}.safetensors", format=fmt, text_encoder=text, overwrite=True
-                )
-        folder = Path(recipe.model.pipeline)
-        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-        merged_dtype = dtypes[recipe.output.merged_dtype]
-        if folder.is_dir():
-            export_merged(unet, out_dir / "merged", pipeline=folder, dtype=merged_dtype, others=others, overwrite=True)
-        else:  # a single-file base gives a single-file checkpoint in the same layout
-            export_merged(
-                unet, out_dir / "merged.safetensors", pipeline=pipe, dtype=merged_dtype, others=others, overwrite=True
-            )
-        if losses:
-            plot_losses(losses, out_dir / "report" / "loss.png")
-        write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
-    accelerator.wait_for_everyone()
-    if recipe.train.log_with:
-        accelerator.end_training()
-    return metrics
+    def loss(self, run: Prepared, batch: Any, epoch: int) -> torch.Tensor:
+        recipe, accelerator = self.recipe, run.accelerator
+        device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+        share = len(batch) // world
+        own = slice(rank * share, (rank + 1) * share)
+        mine = batch[own]
+        flips = _flips(recipe.train.seed, epoch, mine, recipe.data.random_flip)
+        if self.cache is not None:
+            enc = self.cache.get(mine, flips)
+        else:
+            enc = _encode(self.pipe, self.items, mine, flips, recipe)
+        mean, std = enc.mean.to(device), enc.std.to(device)
+        # Every process draws the whole global batch's random numbers (same RNG state everywhere) and
+        # takes its share, so N processes train on exactly what one process would.
+        whole = (len(batch), *mean.shape[1:])
+        latents = (mean + std * torch.randn(whole, device=device)[own]) * self.scaling
+        noise = torch.randn(whole, device=device)[own]
+        scheduler = self.noise_scheduler
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), device=device)[own]
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = noise_target(scheduler, latents, noise, timesteps)
+        # A text encoder that trains encodes the captions at every step; a frozen one did with the latents.
+        text = run.models[1](enc.ids.to(device))[0] if len(run.models) > 1 else cast(torch.Tensor, enc.text).to(device)
+        prediction = run.models[0](noisy, timesteps, text).sample
+        mse = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+        gamma = recipe.train.min_snr_gamma
+        if gamma is not None:
+            mse = mse * min_snr_weights(scheduler.alphas_cumprod, timesteps, gamma, self.v_prediction)
+        return mse.mean()
+
+    def _samples_here(self, run: Prepared) -> bool:
+        # A sharded UNet runs on every process at once; otherwise the main process samples alone.
+        return bool(run.accelerator.is_main_process or is_fsdp(run.accelerator))
+
+    def after_step(self, run: Prepared, state: RunState) -> None:
+        every = self.recipe.validation.every
+        if every and state.step % every == 0 and self._samples_here(run):
+            report = run.out_dir / "report" / f"samples-step{state.step:06d}.png"
+            _sample_grid(self.pipe, self.adapted, self.recipe, report, write=run.accelerator.is_main_process)
+
+    def finish(self, run: Prepared, state: RunState) -> Outputs:
+        if self._samples_here(run):  # before the outputs: a sharded UNet samples on every process
+            report = run.out_dir / "report" / "samples.png"
+            _sample_grid(self.pipe, self.adapted, self.recipe, report, write=run.accelerator.is_main_process)
+        losses = state.losses
+        window = max(1, len(losses) // 10)
+        metrics: dict[str, Any] = {
+            "images": len(self.items),
+            "loss_first": sum(losses[:window]) / window if losses else None,
+            "loss_last": sum(losses[-window:]) / window if losses else None,
+            "losses": losses,
+        }
+        plots = {"loss.png": functools.partial(plot_losses, losses)} if losses else {}
+        folder = Path(self.recipe.model.pipeline)
+        if folder.is_dir():  # a copy of the pipeline with the merged parts
+            return Outputs(metrics, "merged", pipeline=folder, plots=plots)
+        return Outputs(metrics, "merged.safetensors", pipeline=self.pipe, plots=plots)  # the same single-file layout

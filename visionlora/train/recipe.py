@@ -42,6 +42,7 @@ __all__ = [
     "parse_recipe",
 ]
 
+
 @dataclass
 class ClassifierModel:
     """The network to adapt."""

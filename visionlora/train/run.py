@@ -1,15 +1,19 @@
-"""Run a recipe, whatever its task."""
+"""Run a recipe: the task its ``task`` names, through the one training loop."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from visionlora.train.lock import claim_output
-from visionlora.train.loop import is_main_process
-from visionlora.train.recipe import ClassifierRecipe, Recipe
+from visionlora.train.classifier import ClassifierTask
+from visionlora.train.diffusion import StyleTask
+from visionlora.train.loop import Task, run_loop
+from visionlora.train.recipe import Recipe
 
-__all__ = ["run_recipe"]
+__all__ = ["TASKS", "run_recipe"]
+
+TASKS: dict[str, type[Task]] = {"classifier": ClassifierTask, "diffusion-style": StyleTask}
+"""Task class by recipe ``task`` (the same names as :data:`~visionlora.train.recipe.RECIPES`)."""
 
 
 def run_recipe(
@@ -33,12 +37,5 @@ def run_recipe(
     Example:
         >>> metrics = vl.train.run_recipe(vl.train.load_recipe("recipes/classifier-resnet.yaml"))
     """
-    out_dir = Path(output or recipe.output.dir)
-    with claim_output(out_dir, main=is_main_process(), resume=resume, overwrite=overwrite):
-        if isinstance(recipe, ClassifierRecipe):
-            from visionlora.train.classifier import run_classifier
-
-            return run_classifier(recipe, output=out_dir, resume=resume, progress=progress)
-        from visionlora.train.diffusion import run_diffusion
-
-        return run_diffusion(recipe, output=out_dir, resume=resume, progress=progress)
+    task = TASKS[recipe.task](recipe)
+    return run_loop(task, output=output, resume=resume, progress=progress, overwrite=overwrite)
