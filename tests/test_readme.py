@@ -107,3 +107,15 @@ def test_readme_preset_example_runs_with_local_weights():
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["heads"] == ["fc"]
     assert len(vl.state.lora_layers(namespace["model"])) == 10  # layer4: 3 blocks x 3 convs + downsample
+
+
+def test_readme_recipe_key_table_is_the_one_the_dataclasses_give():
+    from visionlora.train.keys import keys_table, recipe_keys
+    from visionlora.train.recipe import RECIPES
+
+    text = (ROOT / "README.md").read_text()
+    found = re.search(r"<!-- recipe-keys:[^\n]*-->\n(.*?)<!-- /recipe-keys -->", text, flags=re.S)
+    assert found, "README.md has no recipe-keys block"
+    assert found.group(1) == keys_table(), "README.md's recipe keys are stale: run python -m visionlora.train.keys"
+    undocumented = [k.key for cls in RECIPES.values() for k in recipe_keys(cls) if not k.doc]
+    assert not undocumented, f"recipe fields without a docstring: {undocumented}"

@@ -60,12 +60,15 @@ class ClassifierData:
     """An ImageFolder-style dataset: ``root/train/<class>/*.png`` and ``root/val/...``, or one folder to split."""
 
     root: str
+    """A folder of class folders (``root/<class>/*.png``), or one with ``train/`` and ``val/`` folders of them."""
     val_fraction: float = 0.2
     """Share of the images held out for validation when ``root`` has no train/ and val/ folders."""
     image_size: int = 224
+    """Side of the square images the model sees, after resizing and cropping."""
     batch_size: int = 32
     """Global batch size (split over processes under ``accelerate launch``)."""
     num_workers: int = 0
+    """DataLoader worker processes (0: load in the training process)."""
     augment: bool = True
     """Random resized crops and horizontal flips for training (timm models: timm's own transforms)."""
     cache_features: bool = False
@@ -80,24 +83,31 @@ class Train:
     """Optimisation, schedule, checkpoints and logging."""
 
     epochs: int = 10
+    """Passes over the training data (unless ``max_steps`` is set)."""
     max_steps: int | None = None
-    """Train for exactly this many optimizer steps, as many epochs as that takes (None: ``epochs`` epochs)."""
+    """Train for exactly this many optimizer steps, as many epochs as that takes (null: ``epochs`` epochs)."""
     lr: float = 1e-3
     """Learning rate of the LoRA parameters."""
     head_lr: float = 1e-3
     """Learning rate of everything else that trains (a new head, ``trainable`` modules, biases)."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay, for every group."""
     warmup_steps: int = 0
+    """Optimizer steps of linear warm-up before the cosine decay to 0 at the last step."""
     grad_accum: int = 1
+    """Batches whose gradients are summed (averaged) into one optimizer step."""
     max_grad_norm: float | None = 1.0
+    """Clip the trained parameters' gradients to this total norm (null: no clipping)."""
     max_nonfinite_steps: int = 5
     """Skip an optimizer step whose loss or gradients are NaN/Inf; stop the run after this many in a row."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """``auto``: bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU."""
     seed: int = 0
+    """Seeds the initialisation, data order, augmentation and noise; the same seed gives the same run."""
     checkpoint_every: int | None = None
-    """Write a resumable checkpoint every this many optimizer steps (None: only at the end)."""
+    """Write a resumable checkpoint every this many optimizer steps (null: none; the results are written at the end)."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
     log_with: Literal["tensorboard"] | None = None
     """Also log metrics through accelerate's tracker (TensorBoard needs the ``tensorboard`` package)."""
 
@@ -107,9 +117,11 @@ class Output:
     """Where results go and in which formats the adapter is exported."""
 
     dir: str = "runs/visionlora"
+    """The run's output folder (``--output`` overrides it)."""
     export: list[AdapterFormat] = field(default_factory=list)
     """Other formats to write beside adapter.safetensors (e.g. ``[peft]``)."""
     merged_dtype: DtypeName = "fp32"
+    """dtype of the merged checkpoint's weights (the merge math runs in float32)."""
 
 
 @dataclass
@@ -117,11 +129,17 @@ class ClassifierRecipe:
     """Fine-tune an image classifier: new head for the dataset's classes, LoRA on the chosen layers."""
 
     task: Literal["classifier"]
+    """What the recipe trains; the other keys depend on it."""
     model: ClassifierModel
+    """The network to adapt and its weights."""
     data: ClassifierData
+    """The images, one folder per class."""
     lora: LoraConfig
+    """Which layers get LoRA and how (the keys of :class:`~visionlora.LoraConfig`); the new head trains too."""
     train: Train = field(default_factory=Train)
+    """Optimisation, schedule, checkpoints and logging."""
     output: Output = field(default_factory=Output)
+    """Where the results go and in which formats."""
 
     def __post_init__(self) -> None:
         _check_train(self.train)
@@ -207,12 +225,17 @@ class DiffusionData:
     """Style images with captions: ``<name>.txt`` beside each image, else ``caption`` for all."""
 
     root: str
+    """A folder of style images (``.png``, ``.jpg``, ``.jpeg``, ``.webp``, ``.bmp``), searched recursively."""
     caption: str | None = None
+    """The caption of every image without a ``.txt`` beside it (null: each needs one)."""
     resolution: int = 512
+    """Side of the square crops trained on, in pixels (a multiple of 8)."""
     batch_size: int = 4
     """Global batch size (split over processes under ``accelerate launch``)."""
     center_crop: bool = True
+    """Crop the middle of each resized image (false: a crop fixed per image by the seed)."""
     random_flip: bool = True
+    """Flip each image horizontally at random, per (epoch, image)."""
     cache: bool = True
     """Encode latents and captions once (the VAE and text encoder are frozen)."""
 
@@ -222,8 +245,9 @@ class DiffusionTrain(Train):
     """:class:`Train` plus the diffusion loss options."""
 
     min_snr_gamma: float | None = 5.0
-    """Min-SNR loss weighting (Hang et al. 2023) with this gamma; None: plain MSE."""
+    """Min-SNR loss weighting (Hang et al. 2023) with this gamma; null: plain MSE."""
     gradient_checkpointing: bool = False
+    """Recompute the UNet's activations in the backward pass: less memory, more time."""
 
 
 @dataclass
@@ -231,11 +255,15 @@ class Validation:
     """Fixed-seed sample grids, base vs adapted, for a few prompts."""
 
     prompts: list[str] = field(default_factory=list)
+    """One row of the sample grid per prompt (empty: no samples)."""
     seed: int = 0
+    """The seed of every sample, so base and adapted start from the same noise."""
     steps: int = 25
+    """Denoising steps per sample."""
     guidance_scale: float = 7.5
+    """Classifier-free guidance scale of the sampling pipeline."""
     every: int | None = None
-    """Also sample every this many steps (None: only at the end)."""
+    """Also sample every this many steps (null: only at the end)."""
 
 
 @dataclass
@@ -243,15 +271,22 @@ class DiffusionRecipe:
     """Give a diffusion model a style: LoRA on the UNet (attention, optionally LoCon convs)."""
 
     task: Literal["diffusion-style"]
+    """What the recipe trains; the other keys depend on it."""
     model: DiffusionModel
+    """The Stable Diffusion base."""
     data: DiffusionData
+    """The style images and their captions."""
     lora: LoraConfig
+    """LoRA on the UNet (the keys of :class:`~visionlora.LoraConfig`), e.g. ``targets: preset:unet-attention``."""
     text_encoder_lora: LoraConfig | None = None
     """LoRA for the text encoder too (e.g. ``targets: ["*.self_attn.*_proj"]``); its captions are then
     encoded every step rather than cached."""
     train: DiffusionTrain = field(default_factory=DiffusionTrain)
+    """Optimisation, schedule, checkpoints and logging, plus the diffusion loss options."""
     validation: Validation = field(default_factory=Validation)
+    """Sample grids, base vs adapted."""
     output: Output = field(default_factory=lambda: Output(export=["diffusers", "kohya"]))
+    """Where the results go and in which formats."""
 
     def __post_init__(self) -> None:
         _check_train(self.train)
