@@ -390,3 +390,16 @@ def test_the_depthwise_hint_is_only_given_for_grouped_convs():
     with pytest.warns(UserWarning) as record:
         vl.apply_lora(nn.Sequential(nn.Linear(4, 2)), vl.LoraConfig(targets="0", rank=2))
     assert not any("conv_groups" in str(w.message) for w in record)
+
+
+def test_attach_refuses_values_that_miss_a_layer_or_name_nothing_before_any_change():
+    from visionlora.inject import attach, match_targets
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    before = _state(model)
+    cfg = vl.LoraConfig(targets="*", rank=2)
+    matches = match_targets(model, cfg)
+    values = {"0.lora_A.weight": torch.zeros(2, 4), "0.lora_B.weight": torch.zeros(4, 2), "9.weight": torch.zeros(1)}
+    with pytest.raises(vl.AdapterError, match=r"missing \['1.lora_A.weight', '1.lora_B.weight'\], naming .*'9.weight'"):
+        attach(model, matches, cfg, "default", values=values)
+    assert _unchanged(model, before) and vl.list_adapters(model) == []

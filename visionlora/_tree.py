@@ -1,15 +1,24 @@
-"""Small helpers over a module tree, shared by inject and models (they build only on layers and errors)."""
+"""Small helpers over a module tree: names, replacement, and which layers can be adapted where they sit."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
 
 from torch import nn
 
-from visionlora.errors import UnsupportedModuleError
-from visionlora.layers import LoraLayer, layer_kind
+from visionlora.errors import TargetError, UnsupportedModuleError
+from visionlora.layers import LoraLayer, base_layer, layer_kind
 
-__all__ = ["adaptable_kind", "from_diffusers", "is_under", "iter_modules", "replace_module", "require_module"]
+__all__ = [
+    "adaptable_kind",
+    "check_placement",
+    "from_diffusers",
+    "is_under",
+    "iter_modules",
+    "replace_module",
+    "require_module",
+]
 
 
 def from_diffusers(module: nn.Module) -> bool:
@@ -65,3 +74,35 @@ def adaptable_kind(name: str, module: nn.Module, by_name: dict[str, nn.Module]) 
     if isinstance(parent, _READS_CHILD_WEIGHTS):
         return None
     return layer_kind(module)
+
+
+def check_placement(model: nn.Module, selected: dict[str, nn.Module]) -> None:
+    """Refuse selected layers that lie inside another selected one, that are the same module object as
+    another path of the model, or whose weight is tied to another parameter.
+
+    Raises:
+        TargetError: naming the layer and the other path or parameter.
+    """
+    paths: defaultdict[int, list[str]] = defaultdict(list)
+    for name, module in iter_modules(model):
+        paths[id(module)].append(name)
+    owners: defaultdict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)].append(name)
+    for name, module in selected.items():
+        outer = [o for o in selected if name.startswith(o + ".")]
+        if outer:
+            raise TargetError(f"{name!r} lies inside {outer[0]!r}, which is adapted too; adapt one of them")
+        others = [p for p in paths[id(module)] if p != name]
+        if others:
+            raise TargetError(
+                f"{name!r} is the same module object as {others[0]!r}; a shared module cannot be adapted "
+                "under one name only (the other path would run without the adapter)"
+            )
+        weight = base_layer(module).weight
+        if len(owners[id(weight)]) > 1:
+            tied = [o for o in owners[id(weight)] if not o.startswith(name + ".")] or owners[id(weight)]
+            raise TargetError(
+                f"{name!r}: its weight is tied to {tied[-1]!r}; merging would change both, so tied weights "
+                "cannot be adapted"
+            )

@@ -126,6 +126,10 @@ def _add_overwrite(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_component(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--component", choices=list(COMPONENTS), help=help)
+
+
 def _export(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
     out = export_adapter(
@@ -233,11 +237,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Read FILE (checked, never unpickled) and describe the adapter it holds.",
     )
     inspect.add_argument("file", help="an adapter: visionlora, diffusers or kohya file, or a PEFT folder")
-    inspect.add_argument(
-        "--component",
-        choices=list(COMPONENTS),
-        help="the part of a diffusers/kohya pipeline file to show (default: the UNet's)",
-    )
+    _add_component(inspect, "the part of a diffusers/kohya pipeline file to show (default: the UNet's)")
     inspect.set_defaults(run=_inspect)
 
     export = commands.add_parser(
@@ -255,11 +255,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a text encoder's adapter to put in the same diffusers/kohya file (a pipeline LoRA)",
     )
-    export.add_argument(
-        "--component",
-        choices=list(COMPONENTS),
-        help="export only this part of a diffusers/kohya pipeline file (needed for peft and visionlora output)",
-    )
+    _add_component(export, "export only this part of a diffusers/kohya pipeline file (peft/visionlora need one)")
     _add_overwrite(export)
     export.set_defaults(run=_export)
 

@@ -19,15 +19,15 @@ from torch import Tensor, nn
 
 from visionlora.layers import FastPath, LoraConv, LoraLayer, LoraLinear, conv_apply
 
-__all__ = ["conv_gemm", "fast_path_for", "linear_merged_weight"]
+__all__ = ["conv_gemm", "fast_path_for", "linear_fast"]
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
 
 
 def fast_path_for(layer: LoraLayer) -> FastPath | None:
-    """The fast path for ``layer``'s class: :func:`linear_merged_weight` or :func:`conv_gemm`."""
+    """The fast path for ``layer``'s class: :func:`linear_fast` or :func:`conv_gemm`."""
     if isinstance(layer, LoraLinear):
-        return linear_merged_weight
+        return linear_fast
     if isinstance(layer, LoraConv):
         return conv_gemm
     return None
@@ -37,41 +37,53 @@ def fast_path_for(layer: LoraLayer) -> FastPath | None:
 # Linear: one GEMM on W + Σ s·B·A, with a backward of its own
 
 
-def linear_merged_weight(layer: LoraLayer, x: Tensor) -> Tensor | None:
-    """y = x (W + Σ sᵢ Bᵢ Aᵢ)ᵀ + bias, with the gradients of the two-GEMM LoRA formula.
+def linear_fast(layer: LoraLayer, x: Tensor) -> Tensor | None:
+    """y = x (W + Σ sᵢ Bᵢ Aᵢ)ᵀ + bias, with the gradients of the two-GEMM LoRA formula; where that
+    cannot run, base(x) with each branch added into it by one ``addmm`` (:func:`_linear_added`).
 
-    Runs in float32/float64 without autocast, active dropout or torch.func transforms (which need
-    a ``setup_context`` Function); in fp16/bf16 the reference adds the branch to the output, so an
-    update too small to show in a low-precision W still shows in y. Forming W + s·B·A costs
+    The merged-weight form (:class:`_LinearLora`) runs in float32/float64 without active dropout
+    or torch.func transforms (which need a ``setup_context`` Function). Forming W + s·B·A costs
     out·r·in, far less than the two thin GEMMs over every token that x Aᵀ Bᵀ needs. Measured on
     the benchmark's UNet (56 LoRA Linears, batch 4 at 32×32): the training step went from 1.10
     to 1.026 of the floor (no weight gradients) with this form, and to 1.015 with its backward's
     token sums split over threads (:func:`_tall_t_mm`) and the combined ``forward(ctx)`` form,
     since torch binds a ``setup_context`` Function's arguments through ``inspect.signature`` on
-    every call (13 µs per layer, as much as the GEMMs of a small layer).
+    every call (13 µs per layer, as much as the GEMMs of a small layer). In fp16/bf16 the branch
+    is added to the output instead, so an update too small to show in a low-precision W still
+    shows in y. Under autocast, or with inputs or adapters in another dtype, the reference runs.
     """
     weight = layer.base.weight
     dtype = weight.dtype
-    if (
-        dtype not in _EXACT_DTYPES
-        or x.dtype != dtype
-        or torch.is_autocast_enabled(x.device.type)
-        or torch._C._are_functorch_transforms_active()  # vmap/grad need a setup_context Function
-    ):
+    if x.dtype != dtype or torch.is_autocast_enabled(x.device.type):
         return None
-    scales, ab = [], []
-    for name, w in layer.active.items():
-        adapter = layer.adapter(name)
-        a, b = adapter.lora_A, adapter.lora_B
-        if (adapter.dropout and layer.training) or a.dtype != dtype or b.dtype != dtype:
-            return None
-        scales.append(w * adapter.scale)
-        ab += [a, b]
-    return _LinearLora.apply(x, weight, layer.base.bias, tuple(scales), *ab)
+    adapters = [(layer.adapter(name), w) for name, w in layer.active.items()]
+    if any(ad.lora_A.dtype != dtype or ad.lora_B.dtype != dtype for ad, _ in adapters):
+        return None
+    dropout = any(ad.dropout and layer.training for ad, _ in adapters)
+    if dtype not in _EXACT_DTYPES or dropout or torch._C._are_functorch_transforms_active():
+        return _linear_added(layer, x, adapters)
+    scales = tuple(w * ad.scale for ad, w in adapters)
+    ab = [t for ad, _ in adapters for t in (ad.lora_A, ad.lora_B)]
+    return _LinearLora.apply(x, weight, layer.base.bias, scales, *ab)
+
+
+def _linear_added(layer: LoraLayer, x: Tensor, adapters: list[tuple[Any, float]]) -> Tensor | None:
+    """base(x) + s · (x Aᵀ) Bᵀ with the branch's product added into the output by one ``addmm``: one
+    rounding of the sum where the reference rounds the branch and then the sum, and one kernel over
+    the output fewer (on CPU in fp16/bf16 it measured the same time as the reference, 0.99–1.00)."""
+    if x.dim() < 2:
+        return None
+    y = layer.base(x)
+    for adapter, w in adapters:
+        h = F.dropout(x, adapter.dropout, True) if adapter.dropout and layer.training else x
+        u = F.linear(h, adapter.lora_A)
+        b_t, scale = adapter.lora_B.t(), w * adapter.scale
+        y = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b_t, alpha=scale).view(y.shape)
+    return y
 
 
 class _LinearLora(torch.autograd.Function):
-    """The autograd Function of :func:`linear_merged_weight`.
+    """The merged-weight form of :func:`linear_fast`.
 
     With g the output gradient and u = x Aᵀ, v = g B, the backward needs no weight gradient of
     the base:
@@ -155,37 +167,40 @@ def conv_gemm(layer: LoraLayer, x: Tensor) -> Tensor | None:
     """base(x) + Σ s·B(A(x)), with B (and A, for a pointwise conv) run as batched GEMMs.
 
     Per sample, B is an (out × r) matrix on h's (r × positions), and so is A on x's
-    (in × positions) when the conv is pointwise (1×…×1, stride 1, unpadded); B's product is added
-    into the base output by one ``baddbmm``, with B's matrix a stride-0 view per sample (nothing
-    is copied). Other geometries run A through the base's own geometry (:func:`conv_apply`).
-    Forward and backward of B on 4×4 maps, batch 8: 8 → 2048 channels 408 µs as a conv, 341 µs
-    as a GEMM; 8 → 512 channels 182 vs 89 µs. The resnet50 benchmark step went from 0.99–1.00 of
-    PEFT's to 0.97–0.98 with it, saving the same tensors for backward.
+    (in × positions) when the conv is pointwise (1×…×1, stride 1, unpadded) and x is contiguous;
+    B's product is added into the base output by one ``baddbmm``, with B's matrix a stride-0 view
+    per sample (nothing is copied). Other geometries run A through the base's own geometry
+    (:func:`conv_apply`). Forward and backward of B on 4×4 maps, batch 8: 8 → 2048 channels 408 µs
+    as a conv, 341 µs as a GEMM; 8 → 512 channels 182 vs 89 µs. The resnet50 benchmark step went
+    from 0.99–1.00 of PEFT's to 0.97–0.98 with it, saving the same tensors for backward.
 
     Runs only on CPU, for ungrouped convs (a grouped GEMM would copy the weights per sample and
-    keep the copies for backward) on batched, non-empty, contiguous input in the adapters' dtype
-    without autocast, with at most 16 samples, or pointwise with at least 49 positions per
-    sample (:data:`_GEMM_MAX_BATCH`, :data:`_GEMM_MIN_POSITIONS`). A strided pointwise conv keeps
-    the conv: the GEMM would keep a strided copy of x for backward, where the conv keeps x.
+    keep the copies for backward) on batched, non-empty input in the adapters' dtype without
+    autocast, with at most 16 samples, or pointwise with at least 49 positions per sample
+    (:data:`_GEMM_MAX_BATCH`, :data:`_GEMM_MIN_POSITIONS`). A strided pointwise conv keeps the
+    conv: the GEMM would keep a strided copy of x for backward, where the conv keeps x. Where the
+    base output is not contiguous (channels-last), the branches are added the reference way.
     """
     base = cast(nn.Conv1d | nn.Conv2d | nn.Conv3d, layer.base)
-    adapters = [(layer.adapter(name), w) for name, w in layer.active.items()]
-    if base.groups != 1 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
+    if base.groups != 1 or x.device.type != "cpu" or x.dim() != base.weight.dim() or x.numel() == 0:
         return None
-    if x.dim() != base.weight.dim() or torch.is_autocast_enabled("cpu"):
+    pointwise = _pointwise(base) and x.is_contiguous()
+    few = x.shape[0] <= _GEMM_MAX_BATCH or (pointwise and math.prod(x.shape[2:]) >= _GEMM_MIN_POSITIONS)
+    if not few or torch.is_autocast_enabled("cpu"):
         return None
-    if any(ad.lora_A.dtype != x.dtype or ad.lora_B.dtype != x.dtype for ad, _ in adapters):
-        return None
-    pointwise = _pointwise(base)
-    if not (x.shape[0] <= _GEMM_MAX_BATCH or (pointwise and math.prod(x.shape[2:]) >= _GEMM_MIN_POSITIONS)):
-        return None
+    adapters = []
+    for name, w in layer.active.items():
+        adapter = layer.adapter(name)
+        if adapter.lora_A.dtype != x.dtype or adapter.lora_B.dtype != x.dtype:
+            return None
+        adapters.append((adapter, w))
     y = base(x)
-    if y.dtype != x.dtype or not y.is_contiguous():
-        return None  # never seen: a contiguous input gives a contiguous output of its dtype
+    if y.dtype != x.dtype or not y.is_contiguous():  # channels-last: no per-sample matrix view of y
+        return layer.add_branches(y, x)
     n = y.shape[0]
     for adapter, w in adapters:
         a, b = adapter.lora_A, adapter.lora_B
-        h = F.dropout(x, adapter.dropout, layer.training)
+        h = F.dropout(x, adapter.dropout, True) if adapter.dropout and layer.training else x
         if pointwise:
             ha = torch.bmm(_per_sample(a, n), h.view(n, h.shape[1], -1))
         else:

@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import difflib
 import warnings
-from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from visionlora._tree import adaptable_kind, is_under, iter_modules, replace_module
+from visionlora._tree import adaptable_kind, check_placement, is_under, iter_modules, replace_module
 from visionlora.config import LoraConfig, is_exact_name, pattern_matches
 from visionlora.errors import AdapterError, ConfigError, TargetError, UnsupportedModuleError
 from visionlora.fastpaths import fast_path_for
@@ -94,30 +93,10 @@ class Match:
 
 
 def check_selected(model: nn.Module, selected: dict[str, nn.Module], adapter_name: str) -> None:
-    """Refuse layers that are shared, whose weight is tied to another parameter, or that have ``adapter_name``."""
-    paths: defaultdict[int, list[str]] = defaultdict(list)
-    for name, module in iter_modules(model):
-        paths[id(module)].append(name)
-    owners: defaultdict[int, list[str]] = defaultdict(list)
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners[id(param)].append(name)
+    """Refuse layers that are nested, shared or tied (see :func:`~visionlora._tree.check_placement`),
+    or that already have ``adapter_name``."""
+    check_placement(model, selected)
     for name, module in selected.items():
-        outer = [o for o in selected if name.startswith(o + ".")]
-        if outer:
-            raise TargetError(f"{name!r} lies inside {outer[0]!r}, which is adapted too; adapt one of them")
-        others = [p for p in paths[id(module)] if p != name]
-        if others:
-            raise TargetError(
-                f"{name!r} is the same module object as {others[0]!r}; a shared module cannot be adapted "
-                "under one name only (the other path would run without the adapter)"
-            )
-        weight = base_layer(module).weight
-        if len(owners[id(weight)]) > 1:
-            tied = [o for o in owners[id(weight)] if not o.startswith(name + ".")] or owners[id(weight)]
-            raise TargetError(
-                f"{name!r}: its weight is tied to {tied[-1]!r}; merging would change both, so tied weights "
-                "cannot be adapted"
-            )
         if isinstance(module, LoraLayer) and adapter_name in module.adapters:
             raise AdapterError(
                 f"{name!r} already has adapter {adapter_name!r}; pass adapter_name='<new name>' to add another adapter"
@@ -221,7 +200,7 @@ def match_targets(
 
 
 def check_wrappable(matches: list[Match], dropout: float) -> None:
-    """Raise now, before any change, for anything :func:`add_adapters` would refuse."""
+    """Raise now, before any change, for anything :func:`attach` would refuse."""
     for m in matches:
         layer = m.module if isinstance(m.module, LoraLayer) else wrap_layer(m.module, m.name)
         try:
@@ -322,6 +301,8 @@ def attach(
     adapter tensor is built before the first one is attached, so a failure (out of memory, say)
     leaves the model unchanged. New wrappers take the model's disabled state.
     """
+    if values is not None:
+        _check_values(model, matches, values)
     init = _leave_empty if values is not None else _INITS[cfg.init]
     disabled = any(layer.disabled for _, layer in lora_layers(model))
     built = []
@@ -357,6 +338,15 @@ def _new_adapter(
     adapter = LoraAdapter(a, b, rank=m.rank, alpha=m.alpha, rslora=cfg.rslora, dropout=cfg.dropout)
     adapter.resolution = m.resolution
     return adapter
+
+
+def _check_values(model: nn.Module, matches: list[Match], values: Mapping[str, torch.Tensor]) -> None:
+    """Refuse, before any change, values that miss a matched layer's A or B or name nothing in the model."""
+    lora = {f"{m.name}.lora_{ab}.weight" for m in matches for ab in "AB"}
+    known = lora | set(original_parameters(model)) | set(original_buffers(model))
+    missing, unknown = sorted(lora - set(values)), sorted(set(values) - known)
+    if missing or unknown:
+        raise AdapterError(f"adapter values: missing {missing[:10]}, naming no tensor of the model {unknown[:10]}")
 
 
 def _copy_in(model: nn.Module, adapters: list[tuple[str, LoraAdapter]], values: Mapping[str, torch.Tensor]) -> None:

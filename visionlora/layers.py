@@ -23,10 +23,9 @@ Conv and Linear subclasses whose ``forward`` transforms the weight or the input 
 StdConv2d, ScaledStdConv2d, Conv2dSame) are adapted in weight space: their own forward runs on
 W + ΔW, so merging (W <- W + ΔW) gives the same outputs by construction.
 
-This module is the reference: :meth:`LoraLayer.forward` is the formula above, written plainly.
-Faster forms that were measured to pay on some hardware live in :mod:`visionlora.fastpaths`; a
-layer gets one when it is wrapped (``fast=``), tries it with one call per forward, and runs the
-reference wherever it declines.
+This module is the reference (:meth:`LoraLayer.forward` is the formula above); forms measured to
+be faster live in :mod:`visionlora.fastpaths`, and a layer wrapped by ``apply_lora`` tries its
+one with one call per forward, running the reference wherever it declines.
 """
 
 from __future__ import annotations
@@ -188,12 +187,9 @@ def transforms_weight_or_input(base: nn.Module) -> bool:
 
 
 def conv_apply(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor, weight: Tensor) -> Tensor:
-    """``conv``'s own geometry run with another ``weight`` and no bias.
-
-    torch's ``_conv_forward`` applies stride, padding (ints, tuples, ``'same'``, ``'valid'``),
-    dilation, ``padding_mode`` and groups exactly as for the base weight; this is the one place
-    visionlora calls that private method, so none of those fields is ever copied by hand.
-    """
+    """``conv``'s own geometry (stride, padding incl. ``'same'``/``'valid'``, dilation, ``padding_mode``,
+    groups) run with another ``weight`` and no bias: the one call of torch's private ``_conv_forward``,
+    so none of those fields is ever copied by hand."""
     return conv._conv_forward(x, weight, None)
 
 
@@ -249,6 +245,7 @@ class LoraLayer(nn.Module, abc.ABC):
 
     base: AdaptableLayer
     _original_weight: Tensor | None
+    fast: FastPath | None = None
 
     def __init__(self, base: AdaptableLayer, fast: FastPath | None = None) -> None:
         super().__init__()
@@ -344,7 +341,10 @@ class LoraLayer(nn.Module, abc.ABC):
             return functional_call(self.base, {"weight": weight + self.delta_weight(weight.dtype)}, (x,))
         if self.fast is not None and (fast := self.fast(self, x)) is not None:
             return fast
-        y = self.base(x)
+        return self.add_branches(self.base(x), x)
+
+    def add_branches(self, y: Tensor, x: Tensor) -> Tensor:
+        """``y`` (the base output for ``x``) + Σ weight · scale · B(A(dropout(x))) over the active adapters."""
         for name, w in self.active.items():
             adapter = self.adapter(name)
             a, b = adapter.lora_A, adapter.lora_B
@@ -356,6 +356,10 @@ class LoraLayer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def delta(self, a: Tensor, b: Tensor, scale: float) -> Tensor:
         """ΔW = scale · B·A of one adapter, in the base weight's shape."""
+
+    def add_delta(self, weight: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+        """``weight`` + ΔW of one adapter, as a new tensor (the merge's sum)."""
+        return weight + self.delta(a, b, scale)
 
     @abc.abstractmethod
     def branch(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -376,17 +380,16 @@ class LoraLinear(LoraLayer):
     def delta(self, a: Tensor, b: Tensor, scale: float) -> Tensor:
         return linear_delta(a, b, scale)
 
+    def add_delta(self, weight: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+        return torch.addmm(weight, b, a, alpha=scale)  # one kernel, the sum the Linear fast path forms too
+
     def branch(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         return F.linear(F.linear(x, a), b)
 
 
 class LoraConv(LoraLayer):
-    """LoRA on an ``nn.Conv1d/2d/3d``.
-
-    Per-group layout: A runs through the base's own geometry, then B as a grouped 1×1 conv.
-    Shared layout (grouped convs only): ΔW = B·A, small for depthwise convs, runs through the
-    base's own geometry.
-    """
+    """LoRA on an ``nn.Conv1d/2d/3d``: A through the base's own geometry, then B as a grouped 1×1 conv
+    (the shared layout runs the small ΔW = B·A through the base's geometry instead)."""
 
     base: nn.Conv1d | nn.Conv2d | nn.Conv3d
 

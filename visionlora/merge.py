@@ -37,7 +37,11 @@ def merged_weight(layer: LoraLayer) -> Tensor:
         MergeError: if the result holds NaN or Inf (fp16 overflow included).
     """
     weight = layer.base.weight
-    new = (weight.detach().float() + layer.delta_weight(torch.float32)).to(weight.dtype)
+    new = weight.detach().float()
+    for name, w in layer.active.items():
+        adapter = layer.adapter(name)
+        new = layer.add_delta(new, adapter.lora_A.float(), adapter.lora_B.float(), w * adapter.scale)
+    new = new.to(weight.dtype)
     if not all_finite(new):
         raise MergeError(
             f"merging into {type(layer.base).__name__} weight {tuple(weight.shape)} ({weight.dtype}) "

@@ -280,7 +280,7 @@ def test_text_encoder_lora_under_fsdp_in_fp16_is_refused_by_name_before_training
     monkeypatch.setattr(loop, "make_accelerator", FSDPAccelerator)
     recipe = _recipe(style, max_steps=1)
     recipe.text_encoder_lora = vl.LoraConfig(targets=["*.self_attn.q_proj"], rank=2)
-    message = r"fp16 .* cannot train the text_encoder adapter beside the sharded unet under FSDP; use bf16"
+    message = r"fp16 .* cannot train the text_encoder adapter \(text_encoder_lora\) beside the sharded unet under FSDP"
     with pytest.raises(vl.ConfigError, match=message):
         run_recipe(recipe, output=tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -15,10 +15,11 @@ from torch import nn
 
 import visionlora as vl
 from visionlora.train.data import EpochBatches
-from visionlora.train.loop import Built, Prepared, RunState, Task, run_loop
+from visionlora.train.loop import run_loop
 from visionlora.train.outputs import Outputs
 from visionlora.train.recipe import RECIPES, Output, Train
 from visionlora.train.run import TASKS
+from visionlora.train.task import Built, Prepared, RunState, Task
 
 pytest.importorskip("accelerate")
 

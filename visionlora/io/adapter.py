@@ -225,7 +225,7 @@ def require_finite(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, to
     """``tensors``, if every floating one is finite (after a cast to fp16, say); else an error naming them."""
     bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if bad:
-        raise file_error(path, f"the export would hold NaN/Inf in {bad[:10]} (fp16 overflow?); nothing was written")
+        raise file_error(path, f"nothing was written: NaN/Inf in {bad[:10]} (after a cast to fp16, an overflow?)")
     return tensors
 
 

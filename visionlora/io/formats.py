@@ -307,7 +307,6 @@ def save_adapter(
         >>> vl.save_adapter(model, "adapter.safetensors", overwrite=True)  # replace the earlier one
     """
     path = Path(path)
-    refuse_existing(path, overwrite)
     return write_adapter(adapter_record(model, path, adapter_name), overwrite=overwrite)
 
 
@@ -357,10 +356,13 @@ def export_adapter(
     fmt = _format(format)
     _check_component(component)
     if text_encoder is not None and not fmt.pipeline:
+        pipeline = " or ".join(repr(name) for name in PIPELINE_FORMATS)
         raise ConfigError(
             f"text_encoder=: the {format} format holds one model's adapter; export the text encoder to a path "
-            f"of its own, or use format={PIPELINE_FORMATS[0]!r} or {PIPELINE_FORMATS[1]!r} for one pipeline file"
+            f"of its own, or use format={pipeline} for one pipeline file"
         )
+    if text_encoder is not None and component is not None:
+        raise ConfigError("component= exports one part of a pipeline file; text_encoder= adds a part: give one")
     path = Path(path)
     _refuse_existing(fmt, path, overwrite)
     model_state: dict[str, torch.Tensor] | None = None

@@ -52,22 +52,17 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.
         if key in top:
             out[top[key]] = value
             continue
-        if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
-            block = 1 + b * per + i
-            new = f"input_blocks.{block}.0.{_renamed(rest, _RESNET)}" if kind == "resnets" else None
-            out[new or f"input_blocks.{block}.1.{rest}"] = value
+        if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            down, kind, rest = m[1] == "down", m[3], m[5]
+            block = int(m[2]) * per + int(m[4]) + (1 if down else 0)  # input_blocks.0 is the stem conv
+            position = f"{block}.0.{_renamed(rest, _RESNET)}" if kind == "resnets" else f"{block}.1.{rest}"
+            out[f"{'input' if down else 'output'}_blocks.{position}"] = value
         elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", key):
             out[f"input_blocks.{1 + int(m[1]) * per + per - 1}.0.op.{m[2]}"] = value
         elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
             out[f"middle_block.{2 * int(m[1])}.{_renamed(m[2], _RESNET)}"] = value
         elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
             out[f"middle_block.1.{m[1]}"] = value
-        elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
-            block = b * per + i
-            new = f"output_blocks.{block}.0.{_renamed(rest, _RESNET)}" if kind == "resnets" else None
-            out[new or f"output_blocks.{block}.1.{rest}"] = value
         elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", key):
             b = int(m[1])
             out[f"output_blocks.{b * per + per - 1}.{2 if b in with_attention else 1}.conv.{m[2]}"] = value

@@ -287,6 +287,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     rank: int = 0,
     stateful: Mapping[str, Any] | None = None,
+    check_state: Callable[[dict[str, Any]], object] | None = None,
 ) -> dict[str, Any]:
     """Restore model tensors, optimizer and this process's RNG from ``folder``; return its ``state.json``.
 
@@ -295,13 +296,16 @@ def load_checkpoint(
 
     ``stateful`` maps ``state.json`` keys to objects with ``state_dict``/``load_state_dict`` (the
     LR scheduler, the grad scaler) restored from them; a key stored as null is skipped. Everything
-    is read and checked before anything changes: on any error the model, optimizer, RNG and those
-    objects are left as they were.
+    is read and checked before anything changes (``state.json`` by ``check_state`` too, which
+    raises on a state it refuses): on any error the model, optimizer, RNG and those objects are
+    left as they were.
 
     Raises:
         AdapterFileError: the folder is incomplete, malformed, or does not fit this run.
     """
     state = _read_state(folder)
+    if check_state is not None:
+        check_state(state)
     trainable, _ = read_safetensors(folder / "trainable.safetensors")
     opt_tensors, opt_header = read_safetensors(folder / "optimizer.safetensors")
     rng_file = folder / f"rng-{rank}.safetensors"

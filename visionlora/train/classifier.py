@@ -23,10 +23,10 @@ from visionlora.models.heads import replace_head
 from visionlora.models.loading import build_model
 from visionlora.prefix import split_frozen_prefix
 from visionlora.train.data import EpochBatches, classifier_datasets, classifier_transforms, set_epoch
-from visionlora.train.loop import Built, Prepared, RunState, Task
 from visionlora.train.outputs import Outputs
 from visionlora.train.recipe import ClassifierData, ClassifierModel, ClassifierRecipe
 from visionlora.train.report import confusion_matrix, macro_f1, plot_confusion, plot_curves
+from visionlora.train.task import Built, Prepared, RunState, Task
 
 __all__ = ["ClassifierTask", "build_classifier"]
 

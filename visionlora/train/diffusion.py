@@ -23,11 +23,11 @@ from visionlora.errors import ConfigError
 from visionlora.inject import apply_lora
 from visionlora.models.loading import example_input_for
 from visionlora.train.data import EpochBatches, mix_seed
-from visionlora.train.loop import Built, Prepared, RunState, Task
 from visionlora.train.outputs import Outputs
 from visionlora.train.recipe import DiffusionModel, DiffusionRecipe
 from visionlora.train.report import plot_losses
 from visionlora.train.sharding import is_fsdp
+from visionlora.train.task import Built, Prepared, RunState, Task
 
 __all__ = ["StyleTask", "load_pipeline", "min_snr_weights", "noise_target", "style_items"]
 
@@ -253,7 +253,8 @@ class StyleTask(Task):
         self.scaling = float(getattr(pipe.vae.config, "scaling_factor", 1.0))
         self.adapted = list(parts.values())
         count = len(self.items)
-        return Built(parts, EpochBatches(count, data.batch_size, recipe.train.seed, drop_last=count >= data.batch_size))
+        batches = EpochBatches(count, data.batch_size, recipe.train.seed, drop_last=count >= data.batch_size)
+        return Built(parts, batches, sections={"unet": "lora", "text_encoder": "text_encoder_lora"})
 
     def batches(self, run: Prepared, epoch: int) -> Any:
         return run.batches

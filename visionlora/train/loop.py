@@ -1,14 +1,14 @@
 """The one training loop every task runs: accumulation, clipping, NaN/Inf skipping, logging,
 checkpoints, resume and the output folder's lock.
 
-A task (:class:`Task`; the classifier and style tasks today) supplies only what differs: what it
+A task (:class:`~visionlora.train.task.Task`; the classifier and style tasks today) supplies only what differs: what it
 builds (models with adapters, data, the batch order), the loss of a batch, what happens after a
 step or an epoch (samples, validation), and what its results are. :func:`run_loop` does the rest:
 
 1. take the output folder (:func:`~visionlora.train.lock.claim_output`), make the accelerator, seed;
 2. ``task.build`` the models; give them one AdamW (LoRA parameters at ``train.lr``, the rest at
    ``train.head_lr``) and the cosine schedule, and ``accelerator.prepare`` them;
-3. resume from a checkpoint if asked (:class:`RunState` says where the run was);
+3. resume from a checkpoint if asked (:class:`~visionlora.train.task.RunState` says where the run was);
 4. per batch: ``task.loss`` and backward (gradients accumulate over ``train.grad_accum`` batches);
    per group, one :func:`~visionlora.train.optim.optimizer_step`, skipped if NaN/Inf; a checkpoint
    every ``train.checkpoint_every`` steps; per epoch, ``task.after_epoch``;
@@ -18,12 +18,10 @@ step or an epoch (samples, validation), and what its results are. :func:`run_loo
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import math
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +29,9 @@ import torch
 from torch import nn
 
 from visionlora._deps import require
-from visionlora.config import is_finite_number
-from visionlora.errors import AdapterFileError, ConfigError
+from visionlora.errors import ConfigError
 from visionlora.io.files import write_text
 from visionlora.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from visionlora.train.data import EpochBatches
 from visionlora.train.lock import claim_output
 from visionlora.train.optim import (
     NonFiniteSteps,
@@ -45,121 +41,12 @@ from visionlora.train.optim import (
     param_groups,
     total_steps,
 )
-from visionlora.train.outputs import Outputs, check_outputs, write_outputs
+from visionlora.train.outputs import check_outputs, write_outputs
 from visionlora.train.recipe import dump_recipe
 from visionlora.train.sharding import check_fsdp, is_fsdp, keep_whole, whole_model
+from visionlora.train.task import Built, Prepared, RunState, Task
 
-__all__ = ["Built", "Prepared", "RunState", "Task", "is_main_process", "make_accelerator", "run_loop"]
-
-
-@dataclass
-class RunState:
-    """Where a run is and what it has logged: saved in every checkpoint, restored on resume."""
-
-    step: int = 0
-    """Optimizer steps applied (a step skipped for NaN/Inf does not count)."""
-    epoch: int = 0
-    batch: int = 0
-    """Batches of ``epoch`` already consumed."""
-    elapsed: float = 0.0
-    """Seconds spent training, as of the last checkpoint."""
-    losses: list[float] = field(default_factory=list)
-    """The loss of each applied step, averaged over processes."""
-    history: list[dict[str, Any]] = field(default_factory=list)
-    """One entry per epoch that a task validated after (``task.after_epoch``)."""
-
-    @classmethod
-    def from_checkpoint(cls, state: dict[str, Any], where: Path) -> RunState:
-        """The run state a checkpoint's ``state.json`` holds.
-
-        Raises:
-            AdapterFileError: an entry is missing or of the wrong type.
-        """
-        checks = {
-            "step": lambda v: isinstance(v, int) and v >= 0,
-            "epoch": lambda v: isinstance(v, int) and v >= 0,
-            "batch": lambda v: isinstance(v, int) and v >= 0,
-            "elapsed": lambda v: is_finite_number(v) and v >= 0,
-            "losses": lambda v: isinstance(v, list) and all(is_finite_number(x) for x in v),
-            "history": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
-        }
-        bad = [k for k, ok in checks.items() if k not in state or isinstance(state[k], bool) or not ok(state[k])]
-        if bad:
-            raise AdapterFileError(f"{where}/state.json: entries {bad} are missing or not what a run writes")
-        return cls(**{f.name: state[f.name] for f in fields(cls)})
-
-
-@dataclass
-class Built:
-    """A task's models and data, built and adapted but not yet prepared by accelerate."""
-
-    parts: dict[str, nn.Module]
-    """Each adapted model by part name, the main one first (``model``; or ``unet``, ``text_encoder``).
-    Checkpoints hold their trained tensors and the run's results are written from them."""
-    batches: EpochBatches
-    """The order of the global batches (each process takes its share)."""
-    loaders: list[Any] = field(default_factory=list)
-    """DataLoaders accelerate splits over the processes (with ``batches`` as the first's batch sampler)."""
-    runs: nn.Module | None = None
-    """What runs in place of the main part, e.g. its layers after a cached frozen prefix."""
-
-    def models(self) -> list[nn.Module]:
-        """The models that train, as they run: the main one (or ``runs``) first."""
-        first, *others = self.parts.values()
-        return [self.runs if self.runs is not None else first, *others]
-
-
-@dataclass
-class Prepared:
-    """The run as accelerate prepared it; what a task's loss and hooks work with."""
-
-    accelerator: Any
-    out_dir: Path
-    models: list[nn.Module]
-    """:meth:`Built.models` as accelerate wrapped them (DDP, FSDP), in the same order."""
-    loaders: list[Any]
-    optimizer: Any
-    scheduler: Any
-    params: list[nn.Parameter]
-    """Every parameter that trains."""
-    synced: list[nn.Module]
-    """The wrapped models whose gradients accelerate syncs (``no_sync`` while accumulating)."""
-    averaged: list[torch.Tensor]
-    """Parameters no wrapper syncs: their gradients are averaged over processes at each step."""
-    batches: EpochBatches
-    per_epoch: int
-    """Batches in a whole epoch."""
-
-
-class Task(abc.ABC):
-    """What one kind of training run supplies to :func:`run_loop`; the recipe's ``train`` and
-    ``output`` sections are the loop's, everything else is the task's."""
-
-    def __init__(self, recipe: Any) -> None:
-        self.recipe = recipe
-
-    @abc.abstractmethod
-    def build(self, accelerator: Any) -> Built:
-        """Load the model(s) and data and add the adapters (after the run is seeded)."""
-
-    @abc.abstractmethod
-    def batches(self, run: Prepared, epoch: int) -> Iterable[Any]:
-        """The batches of ``epoch`` (``run.batches`` is already positioned after those done)."""
-
-    @abc.abstractmethod
-    def loss(self, run: Prepared, batch: Any, epoch: int) -> torch.Tensor:
-        """This process's loss on its share of ``batch`` (a scalar that backward runs from)."""
-
-    def after_step(self, run: Prepared, state: RunState) -> None:  # noqa: B027 (optional hook)
-        """Called after each applied optimizer step (e.g. sample grids every N steps)."""
-
-    def after_epoch(self, run: Prepared, state: RunState) -> dict[str, Any] | None:
-        """Called at the end of each epoch; an entry returned goes into ``state.history`` and the logs."""
-        return None
-
-    @abc.abstractmethod
-    def finish(self, run: Prepared, state: RunState) -> Outputs:
-        """The task's own metrics, report plots and merged-checkpoint target, after the last step."""
+__all__ = ["is_main_process", "make_accelerator", "run_loop"]
 
 
 def _mixed_precision(choice: str) -> str:
@@ -223,21 +110,23 @@ def _train(task: Task, out_dir: Path, resume: str | None, progress: bool) -> dic
         raise ConfigError(f"data.batch_size: {batch_size} does not split over {world} processes")
     built = task.build(accelerator)
     check_outputs(recipe.output, built.parts)
+    check_fsdp(accelerator, built.models()[0])  # before anything is copied or sharded
     kept = keep_whole(accelerator, next(iter(built.parts.values())))
     run = _prepare(accelerator, built, train, out_dir)
-    total = total_steps(train, math.ceil(run.per_epoch / train.grad_accum))
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        run.optimizer.optimizer, cosine_with_warmup(train.warmup_steps, total)
-    )
     saved = _saved(built)
     state = RunState()
     if resume is not None:
-        stateful = {"scheduler": run.scheduler, "scaler": accelerator.scaler}  # checked with the rest first
         folder = _resume_folder(resume, out_dir)
         loaded = load_checkpoint(
-            folder, model=saved, optimizer=run.optimizer.optimizer, rank=accelerator.process_index, stateful=stateful
+            folder,
+            model=saved,
+            optimizer=run.optimizer.optimizer,
+            rank=accelerator.process_index,
+            stateful={"scheduler": run.scheduler, "scaler": accelerator.scaler},  # checked with the rest first
+            check_state=lambda found: RunState.from_checkpoint(found, folder),
         )
         state = RunState.from_checkpoint(loaded, folder)
+    total = run.total
     bar = _start(accelerator, recipe, out_dir, total, state.step, progress)
     started = time.perf_counter() - state.elapsed
     guard = NonFiniteSteps(train.max_nonfinite_steps, out_dir)
@@ -308,10 +197,12 @@ def _train(task: Task, out_dir: Path, resume: str | None, progress: bool) -> dic
 
 
 def _prepare(accelerator: Any, built: Built, train: Any, out_dir: Path) -> Prepared:
-    """One AdamW over every model's groups, and ``accelerator.prepare`` (the scheduler comes after)."""
+    """One AdamW over every model's groups, the cosine schedule, and ``accelerator.prepare``."""
     models = built.models()
-    check_fsdp(accelerator, models[0])
     groups = [param_groups(model, train) for model in models]
+    per_epoch = len(built.batches)  # at position 0: a whole epoch
+    total = total_steps(train, math.ceil(per_epoch / train.grad_accum))
+    schedule = cosine_with_warmup(train.warmup_steps, total)
     averaged: list[torch.Tensor] = []
     if len(models) > 1 and is_fsdp(accelerator):
         # accelerate's FSDP2 shards one model per prepare, with an optimizer over that model only. The
@@ -319,30 +210,40 @@ def _prepare(accelerator: Any, built: Built, train: Any, out_dir: Path) -> Prepa
         # groups join the optimizer afterwards and their gradients are averaged by hand, as DDP would.
         if accelerator.mixed_precision == "fp16":  # the grad scaler cannot unscale sharded and whole at once
             first, *others = built.parts
+            keys = " and ".join(built.sections.get(part, part) for part in others)
             raise ConfigError(
                 f"train.mixed_precision: fp16 (or auto on a GPU without bf16) cannot train the {' and '.join(others)} "
-                f"adapter beside the sharded {first} under FSDP; use bf16 or no, train under DDP (accelerate launch "
-                "without --use_fsdp), or adapt the main model alone"
+                f"adapter ({keys}) beside the sharded {first} under FSDP; use bf16 or no, train under DDP "
+                f"(accelerate launch without --use_fsdp), or leave {keys} out"
             )
         first, optimizer, *loaders = accelerator.prepare(models[0], torch.optim.AdamW(groups[0]), *built.loaders)
         for group in (g for model_groups in groups[1:] for g in model_groups):
             optimizer.optimizer.add_param_group(group)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, schedule)  # after every group is in
         wrapped, synced = [first, *models[1:]], [first]
         averaged = [p for model in models[1:] for p in model.parameters() if p.requires_grad]
     else:
-        optimizer = torch.optim.AdamW([g for model_groups in groups for g in model_groups])
-        prepared = accelerator.prepare(*models, optimizer, *built.loaders)
-        wrapped, optimizer, loaders = (
-            list(prepared[: len(models)]),
-            prepared[len(models)],
-            list(prepared[len(models) + 1 :]),
-        )
+        raw = torch.optim.AdamW([g for model_groups in groups for g in model_groups])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(raw, schedule)  # as accelerate's examples: before prepare
+        prepared = accelerator.prepare(*models, raw, *built.loaders)
+        n = len(models)
+        wrapped, optimizer, loaders = list(prepared[:n]), prepared[n], list(prepared[n + 1 :])
         synced = wrapped
     # After prepare: FSDP puts new (sharded) parameters in the modules, which are the ones that get gradients.
     params = [p for model in models for p in model.parameters() if p.requires_grad]
-    per_epoch = len(built.batches)  # at position 0: a whole epoch
     return Prepared(
-        accelerator, out_dir, wrapped, loaders, optimizer, None, params, synced, averaged, built.batches, per_epoch
+        accelerator=accelerator,
+        out_dir=out_dir,
+        models=wrapped,
+        loaders=loaders,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        params=params,
+        synced=synced,
+        averaged=averaged,
+        batches=built.batches,
+        per_epoch=per_epoch,
+        total=total,
     )
 
 

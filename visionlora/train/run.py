@@ -7,8 +7,9 @@ from typing import Any
 
 from visionlora.train.classifier import ClassifierTask
 from visionlora.train.diffusion import StyleTask
-from visionlora.train.loop import Task, run_loop
+from visionlora.train.loop import run_loop
 from visionlora.train.recipe import Recipe
+from visionlora.train.task import Task
 
 __all__ = ["TASKS", "run_recipe"]
 
