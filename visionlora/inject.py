@@ -343,18 +343,20 @@ def _new_adapter(
 def _check_values(model: nn.Module, matches: list[Match], values: Mapping[str, torch.Tensor]) -> None:
     """Refuse, before any change, values that miss a matched layer's A or B or name nothing in the model."""
     lora = {f"{m.name}.lora_{ab}.weight" for m in matches for ab in "AB"}
-    known = lora | set(original_parameters(model)) | set(original_buffers(model))
-    missing, unknown = sorted(lora - set(values)), sorted(set(values) - known)
+    missing, others = sorted(lora - set(values)), set(values) - lora
+    unknown = sorted(others - set(original_parameters(model)) - set(original_buffers(model))) if others else []
     if missing or unknown:
         raise AdapterError(f"adapter values: missing {missing[:10]}, naming no tensor of the model {unknown[:10]}")
 
 
 def _copy_in(model: nn.Module, adapters: list[tuple[str, LoraAdapter]], values: Mapping[str, torch.Tensor]) -> None:
     """Copy ``values`` into the new adapters' A and B and the model's parameters and buffers."""
-    tensors = {**original_parameters(model), **original_buffers(model)}
+    tensors: dict[str, torch.Tensor] = {}
     for name, adapter in adapters:
         tensors[f"{name}.lora_A.weight"] = adapter.lora_A
         tensors[f"{name}.lora_B.weight"] = adapter.lora_B
+    if set(values) - set(tensors):  # trained modules, biases or buffers too: find them by their original names
+        tensors.update({**original_parameters(model), **original_buffers(model), **tensors})
     with torch.no_grad():
         for key, value in values.items():
             tensors[key].copy_(value)

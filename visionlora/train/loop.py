@@ -1,14 +1,15 @@
 """The one training loop every task runs: accumulation, clipping, NaN/Inf skipping, logging,
 checkpoints, resume and the output folder's lock.
 
-A task (:class:`~visionlora.train.task.Task`; the classifier and style tasks today) supplies only what differs: what it
-builds (models with adapters, data, the batch order), the loss of a batch, what happens after a
-step or an epoch (samples, validation), and what its results are. :func:`run_loop` does the rest:
+A task (:class:`~visionlora.train.task.Task`; the classifier and style tasks today) supplies
+only what differs: what it builds (models with adapters, data, the batch order), the loss of a
+batch, what happens after a step or an epoch (samples, validation), and what its results are.
+:func:`run_loop` does the rest:
 
 1. take the output folder (:func:`~visionlora.train.lock.claim_output`), make the accelerator, seed;
 2. ``task.build`` the models; give them one AdamW (LoRA parameters at ``train.lr``, the rest at
    ``train.head_lr``) and the cosine schedule, and ``accelerator.prepare`` them;
-3. resume from a checkpoint if asked (:class:`~visionlora.train.task.RunState` says where the run was);
+3. resume from a checkpoint if asked (its :class:`~visionlora.train.task.RunState` says where);
 4. per batch: ``task.loss`` and backward (gradients accumulate over ``train.grad_accum`` batches);
    per group, one :func:`~visionlora.train.optim.optimizer_step`, skipped if NaN/Inf; a checkpoint
    every ``train.checkpoint_every`` steps; per epoch, ``task.after_epoch``;
