@@ -38,7 +38,7 @@ from visionlora.io.diffusers_lora import LORA_WEIGHTS_FILE, diffusers_tensors, r
 from visionlora.io.diffusers_lora import components_in as diffusers_components
 from visionlora.io.files import atomic_folder, read_safetensors, refuse_existing, write_safetensors, write_text
 from visionlora.io.kohya import components_in as kohya_components
-from visionlora.io.kohya import is_kohya, kohya_tensors, read_kohya
+from visionlora.io.kohya import is_kohya, kohya_tensors, read_kohya, resolve_names
 from visionlora.io.peft import CONFIG_FILE as PEFT_CONFIG
 from visionlora.io.peft import WEIGHTS_FILE as PEFT_WEIGHTS
 from visionlora.io.peft import peft_tensors, read_peft
@@ -80,6 +80,8 @@ class Format:
     """It can hold trained non-LoRA tensors (a new head, BatchNorm statistics), not LoRA weights only."""
     runs_lora_layers: bool = False
     """Its tools run LoRA through PEFT's layers (not on merged weights), so conv geometry matters on load."""
+    fit_names: Callable[[AdapterFile, nn.Module], AdapterFile] | None = None
+    """Maps the module names a file could not keep onto a model's (kohya's flattened ones); None: exact."""
     weights_file: str | None = None
     """The weights' file name inside a folder of this format."""
     folder_marker: str | None = None
@@ -145,6 +147,7 @@ FORMAT_TABLE: dict[str, Format] = {
             detect=lambda source: is_kohya(source.tensors),
             components=lambda source: kohya_components(source.tensors),
             holds_extras=False,
+            fit_names=resolve_names,
         ),
     )
 }

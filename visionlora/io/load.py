@@ -14,7 +14,6 @@ from visionlora.errors import AdapterError, VisionLoraError
 from visionlora.inject import Match, attach, check_selected, check_wrappable
 from visionlora.io.adapter import AdapterFile, file_error, geometry_of
 from visionlora.io.formats import FORMAT_TABLE, read_adapter
-from visionlora.io.kohya import resolve_names
 from visionlora.layers import base_layer, lora_shapes
 from visionlora.state import adapter_state, check_adapter_name, original_buffers, original_parameters, require_unmerged
 
@@ -122,7 +121,9 @@ def load_adapter(
     """
     if adapter_name is not None:
         check_adapter_name(adapter_name)
-    file = _sort_state(resolve_names(read_adapter(path, component=component), model), model)
+    file = read_adapter(path, component=component)
+    fit_names = FORMAT_TABLE[file.format].fit_names
+    file = _sort_state(fit_names(file, model) if fit_names is not None else file, model)
     logger.info("%s: read as a %s adapter with %d LoRA layers", file.path, file.format, len(file.layers))
     name = adapter_name or file.adapter_name
     require_unmerged(model, "load an adapter")
