@@ -8,16 +8,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from torch import nn
-
-from visionlora._tree import from_diffusers
+from visionlora.classify import fit_adapter_head
 from visionlora.config import DTYPES, LoraConfig
 from visionlora.errors import ConfigError, VisionLoraError
 from visionlora.inject import apply_lora
 from visionlora.io import (
     COMPONENTS,
     FORMATS,
-    AdapterFile,
     export_adapter,
     export_merged,
     file_components,
@@ -25,7 +22,6 @@ from visionlora.io import (
     read_adapter,
 )
 from visionlora.io.weights import load_base
-from visionlora.models.heads import classifier_names, replace_head
 from visionlora.models.loading import SOURCES, build_model, example_input_for
 from visionlora.models.presets import PRESETS, fitting_presets
 from visionlora.summary import summary
@@ -73,21 +69,9 @@ def _targets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _match_head(model: nn.Module, adapter: AdapterFile) -> None:
-    """Give a classifier base the adapter's class count when the adapter was trained with a new head."""
-    if not adapter.extra or from_diffusers(model):
-        return
-    params = dict(model.named_parameters())
-    for head in classifier_names(model):
-        key = f"{head}.weight"
-        if key in adapter.tensors and key in params and adapter.tensors[key].shape[0] != params[key].shape[0]:
-            replace_head(model, adapter.tensors[key].shape[0])
-            return
-
-
 def _merge(args: argparse.Namespace) -> int:
     model = load_base(args.base, arch=args.arch)
-    _match_head(model, read_adapter(args.adapter))
+    fit_adapter_head(model, read_adapter(args.adapter))
     load_adapter(model, args.adapter)
     pipeline = args.base if (Path(args.base) / "model_index.json").is_file() else None
     dtype = DTYPES[args.dtype] if args.dtype else None

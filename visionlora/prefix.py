@@ -26,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from visionlora.errors import ConfigError
 
-__all__ = ["FrozenSplit", "split_frozen_prefix"]
+__all__ = ["FrozenSplit", "frozen_batchnorms", "recalibrate_batchnorm", "split_frozen_prefix"]
 
 
 @dataclass
@@ -63,25 +63,42 @@ class FrozenSplit:
         uncached run's running statistics drift to when it trains on the same images. Use it before
         :meth:`features` when the images differ from what the network was trained on.
         """
-        norms = [m for m in self.prefix.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-        if not norms:
-            return 0
-        modes = {m: m.training for m in self.prefix.modules()}
-        momenta = [m.momentum for m in norms]
-        self.prefix.eval()
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches
-            m.train()
-        try:
+        return recalibrate_batchnorm(self.prefix, batches)
+
+
+def frozen_batchnorms(model: nn.Module) -> list[_BatchNorm]:
+    """``model``'s BatchNorm layers that keep running statistics and have no trainable parameter."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats and not any(p.requires_grad for p in m.parameters())
+    ]
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate the running statistics of ``model``'s frozen BatchNorms (:func:`frozen_batchnorms`)
+    as their average over ``batches`` (AdaBN), with every other layer in eval mode and no autograd;
+    return how many layers. Each layer's mode and momentum are restored afterwards."""
+    norms = frozen_batchnorms(model)
+    if not norms:
+        return 0
+    modes = {m: m.training for m in model.modules()}
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+        m.train()
+    try:
+        with torch.no_grad():
             for x in batches:
-                self.prefix(x)
-        finally:
-            for norm, momentum in zip(norms, momenta, strict=True):
-                norm.momentum = momentum
-            for module, mode in modes.items():
-                module.train(mode)
-        return len(norms)
+                model(x)
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        for module, mode in modes.items():
+            module.train(mode)
+    return len(norms)
 
 
 class _BlockTracer(fx.Tracer):

@@ -32,6 +32,7 @@ def test_a_run_writes_adapter_merged_checkpoint_metrics_recipe_and_report(digits
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter-peft",
         "adapter.safetensors",
+        "best",
         "merged.safetensors",
         "metrics.json",
         "recipe.yaml",
@@ -41,7 +42,7 @@ def test_a_run_writes_adapter_merged_checkpoint_metrics_recipe_and_report(digits
     assert 0.0 <= metrics["val_accuracy"] <= 1.0 and 0 < metrics["trainable_percent"] < 5
     assert json.loads((out / "metrics.json").read_text())["val_macro_f1"] == metrics["val_macro_f1"]
     assert sum(map(sum, metrics["confusion"])) == 9  # 25% of 36 images
-    for png in ("curves.png", "confusion.png"):
+    for png in ("curves.png", "confusion.png", "worst.png"):
         assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_recipe(out / "recipe.yaml") == recipe
     # The merged checkpoint is a plain ResNet-18 with a 3-class head and the adapter's outputs.

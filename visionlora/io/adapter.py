@@ -153,6 +153,8 @@ class Parts:
     dtype: torch.dtype | None = None
     model_state: dict[str, torch.Tensor] | None = None
     """The model's :func:`~visionlora.state.original_state_dict`, when exporting from a model."""
+    header: Mapping[str, str] = field(default_factory=dict)
+    """More header entries for the weights file (e.g. a classifier's class names); the format's own win."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -274,32 +274,38 @@ def write_export(fmt: Format, parts: Parts, path: str | os.PathLike[str], *, ove
     path = Path(path)
     _refuse_existing(fmt, path, overwrite)
     payload = fmt.to_tensors(parts)
+    header = {**parts.header, **payload.header}
     tensors = require_finite(next(iter(parts.records.values())).path, payload.tensors)
     if fmt.folder_marker is not None and fmt.weights_file is not None:  # a folder format
         with atomic_folder(path, fmt.folder_marker, overwrite=overwrite) as staging:
-            write_safetensors(staging / fmt.weights_file, tensors, payload.header)
+            write_safetensors(staging / fmt.weights_file, tensors, header)
             for name, text in payload.files.items():
                 write_text(staging / name, text)
         return path
     if fmt.weights_file is not None and path.is_dir():
         path = path / fmt.weights_file
-    return write_safetensors(path, tensors, payload.header, overwrite=overwrite)
+    return write_safetensors(path, tensors, header, overwrite=overwrite)
 
 
-def write_adapter(file: AdapterFile, *, overwrite: bool = False) -> Path:
+def write_adapter(file: AdapterFile, *, overwrite: bool = False, header: Mapping[str, str] | None = None) -> Path:
     """Write a record to ``file.path`` as a visionlora adapter file (atomically, self-describing)."""
-    return write_export(FORMAT_TABLE["visionlora"], Parts({COMPONENTS[0]: file}), file.path, overwrite=overwrite)
+    parts = Parts({COMPONENTS[0]: file}, header=header or {})
+    return write_export(FORMAT_TABLE["visionlora"], parts, file.path, overwrite=overwrite)
 
 
 def save_adapter(
-    model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str = "default", overwrite: bool = False
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    adapter_name: str = "default",
+    overwrite: bool = False,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write adapter ``adapter_name`` (LoRA weights + trainable modules and biases) to ``path``.
 
-    Buffers that changed since LoRA was first added to the model (BatchNorm running statistics
-    updated by training in train mode) are saved too, so the file reproduces the trained model
-    on the base it was trained from. The write is atomic; the config and each layer's name,
-    kind, rank and alpha go in the file's metadata. Returns the path.
+    Buffers that changed since LoRA was added (BatchNorm statistics of a run in train mode) are
+    saved too, so the file reproduces the trained model on its base. The write is atomic; the
+    config and each layer's kind, rank and alpha go in the header, beside ``metadata``. Returns the path.
 
     Raises:
         AdapterFileError: ``path`` exists and ``overwrite`` is off, a tensor holds NaN/Inf, or the
@@ -310,7 +316,7 @@ def save_adapter(
         >>> vl.save_adapter(model, "adapter.safetensors", overwrite=True)  # replace the earlier one
     """
     path = Path(path)
-    return write_adapter(adapter_record(model, path, adapter_name), overwrite=overwrite)
+    return write_adapter(adapter_record(model, path, adapter_name), overwrite=overwrite, header=metadata)
 
 
 def export_adapter(

@@ -76,6 +76,7 @@ def export_merged(
     pipeline: str | os.PathLike[str] | Any = None,
     component: str = "unet",
     others: Mapping[str, nn.Module] | None = None,
+    metadata: Mapping[str, str] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write the adapted model as a plain checkpoint of its original architecture (see the module docstring).
@@ -85,7 +86,8 @@ def export_merged(
     model; ``others`` merges more components the same way (e.g. ``{"text_encoder": text_encoder}``
     for a text encoder with LoRA). A ``path`` ending in ``.safetensors`` with ``pipeline`` (its
     folder, or the loaded pipeline, e.g. from a single-file checkpoint) gets one original-layout
-    SD 1.x checkpoint of the whole pipeline instead. Otherwise ``path`` is a ``.safetensors`` file. Files are written
+    SD 1.x checkpoint of the whole pipeline instead. Otherwise ``path`` is a ``.safetensors`` file, whose
+    header also gets ``metadata`` (e.g. a classifier's class names). Files are written
     atomically and a folder appears complete or not at all. The models are not changed. Returns ``path``.
 
     Raises:
@@ -105,7 +107,10 @@ def export_merged(
         if pipeline is not None or others:
             raise ConfigError(f"pipeline= and others= are for diffusers models; {type(model).__name__} is one file")
         refuse_existing(path, overwrite)
-        return write_safetensors(path, merged_state_dict(model, dtype=dtype), {"format": "pt"}, overwrite=overwrite)
+        header = {**(metadata or {}), "format": "pt"}
+        return write_safetensors(path, merged_state_dict(model, dtype=dtype), header, overwrite=overwrite)
+    if metadata:
+        raise ConfigError("metadata= is for a single .safetensors checkpoint; a diffusers model is written as a folder")
     if pipeline is None:
         if others:
             raise ConfigError("others= needs pipeline= (the pipeline folder the components came from)")

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionlora.errors import AdapterFileError, ConfigError
+from visionlora._tree import from_diffusers
+from visionlora.errors import AdapterFileError, ConfigError, UnsupportedModuleError
 from visionlora.io.files import read_safetensors
+from visionlora.models.heads import classifier_names, replace_head
 from visionlora.models.loading import build_model
 
-__all__ = ["load_base", "read_state_dict"]
+__all__ = ["fit_head", "load_base", "read_state_dict"]
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -56,18 +58,35 @@ def _check_weights(path: str, state: dict[str, torch.Tensor], current: dict[str,
             raise AdapterFileError(f"{path}: tensor {key!r} holds NaN or Inf (in the model's {target.dtype})")
 
 
+def fit_head(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give ``model`` a head of the class count ``state``'s head weight has (a fine-tuned base), if it differs."""
+    if from_diffusers(model):
+        return
+    current = model.state_dict()
+    try:
+        heads = classifier_names(model)
+    except UnsupportedModuleError:
+        return
+    for head in heads:
+        key = f"{head}.weight"
+        if key in state and key in current and state[key].ndim >= 1 and state[key].shape[0] != current[key].shape[0]:
+            replace_head(model, int(state[key].shape[0]))
+            return
+
+
 def load_base(spec: str, *, arch: str | None = None, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """The base model for a merge: a model spec with its pretrained weights, or ``arch`` + a weights file.
 
     ``spec`` is a torchvision/timm name (its pretrained weights are fetched by those libraries), a
     diffusers folder (read from disk), or a ``.safetensors`` / ``.pt`` state dict for the
-    architecture ``arch`` (loaded strictly).
+    architecture ``arch`` (loaded strictly, after the head is resized to the file's class count).
     """
     if Path(spec).is_file():
         if arch is None:
             raise ConfigError(f"{spec!r} is a weights file: give the architecture too (e.g. --arch resnet50)")
         model = build_model(arch, kwargs=kwargs)
         state = read_state_dict(spec)
+        fit_head(model, state)
         _check_weights(spec, state, model.state_dict())
         try:
             model.load_state_dict(state, strict=True)

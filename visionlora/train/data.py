@@ -8,17 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import Dataset, Sampler, Subset
 
 from visionlora._deps import require
 from visionlora.errors import ConfigError
 from visionlora.train.recipe import ClassifierData
 
-__all__ = ["EpochBatches", "classifier_datasets", "classifier_transforms", "mix_seed", "set_epoch", "targets_of"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["EpochBatches", "class_weights", "classifier_datasets", "mix_seed", "set_epoch", "targets_of"]
 
 
 def mix_seed(*parts: int) -> int:
@@ -33,11 +29,15 @@ class EpochBatches(Sampler[list[int]]):
     """Shuffled batches whose order depends only on (seed, epoch); ``start`` skips batches already done.
 
     Every process builds the same order; accelerate splits each batch between processes, so the
-    global batch is the same with 1 or N processes.
+    global batch is the same with 1 or N processes. With ``weights`` (one per sample) each epoch
+    draws ``size`` samples with replacement in proportion to them instead of a permutation.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, drop_last: bool = False) -> None:
+    def __init__(
+        self, size: int, batch_size: int, seed: int, drop_last: bool = False, weights: Sequence[float] | None = None
+    ) -> None:
         self.size, self.batch_size, self.seed, self.drop_last = size, batch_size, seed, drop_last
+        self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
         self.epoch, self.start = 0, 0
 
     def set_position(self, epoch: int, start: int = 0) -> None:
@@ -45,7 +45,11 @@ class EpochBatches(Sampler[list[int]]):
         self.epoch, self.start = epoch, start
 
     def _batches(self) -> list[list[int]]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch)))
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+        else:
+            order = torch.randperm(self.size, generator=generator)
         batches = [b.tolist() for b in order.split(self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
@@ -58,21 +62,12 @@ class EpochBatches(Sampler[list[int]]):
         return len(self._batches()) - self.start
 
 
-def classifier_transforms(model: nn.Module, image_size: int, augment: bool) -> tuple[Any, Any]:
-    """(train, val) transforms: timm's from the model's data config for timm models, else ImageNet-style."""
-    T = require("torchvision.transforms")
-    if getattr(model, "pretrained_cfg", None) is not None:
-        timm_data = require("timm.data")
-        config = timm_data.resolve_data_config({"input_size": (3, image_size, image_size)}, model=model)
-        return timm_data.create_transform(**config, is_training=augment), timm_data.create_transform(**config)
-    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    resize = [T.Resize(max(image_size, round(image_size * 256 / 224))), T.CenterCrop(image_size)]
-    train = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] if augment else resize
-    return T.Compose([T.Lambda(_rgb), *train, *normalize]), T.Compose([T.Lambda(_rgb), *resize, *normalize])
-
-
-def _rgb(image: Any) -> Any:
-    return image.convert("RGB")
+def class_weights(labels: Sequence[int]) -> list[float]:
+    """Per-sample weights inversely proportional to the size of each sample's class (balanced sampling)."""
+    counts: dict[int, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return [1.0 / counts[label] for label in labels]
 
 
 class _Transformed(Dataset[tuple[torch.Tensor, int]]):

@@ -39,8 +39,8 @@ from visionlora.train.optim import (
     accumulation,
     cosine_with_warmup,
     optimizer_step,
-    param_groups,
     total_steps,
+    warmup_steps,
 )
 from visionlora.train.outputs import check_outputs, write_outputs
 from visionlora.train.recipe import dump_recipe
@@ -113,7 +113,7 @@ def _train(task: Task, out_dir: Path, resume: str | None, progress: bool) -> dic
     check_outputs(recipe.output, built.parts)
     check_fsdp(accelerator, built.models()[0])  # before anything is copied or sharded
     kept = keep_whole(accelerator, next(iter(built.parts.values())))
-    run = _prepare(accelerator, built, train, out_dir)
+    run = _prepare(task, accelerator, built, train, out_dir)
     saved = _saved(built)
     state = RunState()
     if resume is not None:
@@ -134,8 +134,7 @@ def _train(task: Task, out_dir: Path, resume: str | None, progress: bool) -> dic
     seen = 0
     while state.step < total:
         run.batches.set_position(state.epoch, state.batch)
-        for model in run.models:
-            model.train()
+        task.train_mode(run)
         group: list[torch.Tensor] = []
         for index, batch in enumerate(task.batches(run, state.epoch), start=state.batch):
             boundary, group_size = accumulation(index, run.per_epoch, train.grad_accum)
@@ -179,6 +178,8 @@ def _train(task: Task, out_dir: Path, resume: str | None, progress: bool) -> dic
             if train.log_with:
                 accelerator.log({k: v for k, v in entry.items() if k not in ("epoch", "step")}, step=state.step)
         state.epoch += 1
+        if entry is not None and task.should_stop(state):
+            break
     bar.close()
     seconds = time.perf_counter() - started
     outputs = task.finish(run, state)  # samples from a sharded model run on every process, before it is gathered
@@ -197,13 +198,13 @@ def _train(task: Task, out_dir: Path, resume: str | None, progress: bool) -> dic
     return metrics
 
 
-def _prepare(accelerator: Any, built: Built, train: Any, out_dir: Path) -> Prepared:
+def _prepare(task: Task, accelerator: Any, built: Built, train: Any, out_dir: Path) -> Prepared:
     """One AdamW over every model's groups, the cosine schedule, and ``accelerator.prepare``."""
     models = built.models()
-    groups = [param_groups(model, train) for model in models]
+    groups = [task.param_groups(model) for model in models]
     per_epoch = len(built.batches)  # at position 0: a whole epoch
     total = total_steps(train, math.ceil(per_epoch / train.grad_accum))
-    schedule = cosine_with_warmup(train.warmup_steps, total)
+    schedule = cosine_with_warmup(warmup_steps(train, total), total)
     averaged: list[torch.Tensor] = []
     if len(models) > 1 and is_fsdp(accelerator):
         # accelerate's FSDP2 shards one model per prepare, with an optimizer over that model only. The
@@ -249,8 +250,11 @@ def _prepare(accelerator: Any, built: Built, train: Any, out_dir: Path) -> Prepa
 
 
 def _saved(built: Built) -> nn.Module:
-    """What a checkpoint holds the trained tensors of: the one part, or all of them by part name."""
-    return next(iter(built.parts.values())) if len(built.parts) == 1 else nn.ModuleDict(built.parts)
+    """What a checkpoint holds the trained tensors of: the one part, or all of them (and the task's
+    ``kept`` state) by name."""
+    if len(built.parts) == 1 and not built.kept:
+        return next(iter(built.parts.values()))
+    return nn.ModuleDict({**built.parts, **built.kept})
 
 
 def _resume_folder(resume: str, out_dir: Path) -> Path:

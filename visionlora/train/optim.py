@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionlora._deps import require
 from visionlora.errors import ConfigError, TrainingError
 from visionlora.state import lora_layers
 from visionlora.train.checkpoint import latest_checkpoint
@@ -23,12 +24,16 @@ __all__ = [
     "NonFiniteSteps",
     "accumulation",
     "cosine_with_warmup",
+    "layer_ids",
     "optimizer_step",
     "param_groups",
     "total_steps",
+    "warmup_steps",
 ]
 
 logger = logging.getLogger(__name__)
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 def cosine_with_warmup(warmup: int, total: int) -> Any:
@@ -43,16 +48,71 @@ def cosine_with_warmup(warmup: int, total: int) -> Any:
     return factor
 
 
-def param_groups(model: nn.Module, train: Train) -> list[dict[str, Any]]:
-    """AdamW groups: the LoRA parameters at ``train.lr``, everything else that trains at ``train.head_lr``."""
+def warmup_steps(train: Train, total: int) -> int:
+    """Warm-up steps of a run of ``total`` steps: ``train.warmup_steps`` if set, else its fraction."""
+    return train.warmup_steps if train.warmup_steps is not None else round(train.warmup_fraction * total)
+
+
+def _no_decay(name: str, param: nn.Parameter, norms: set[str]) -> bool:
+    """Biases, norm weights and other 1-D parameters (timm's rule), never LoRA matrices."""
+    return param.ndim <= 1 or name.rsplit(".", 1)[0] in norms
+
+
+def param_groups(
+    model: nn.Module,
+    train: Train,
+    *,
+    head: Sequence[str] = (),
+    layer_decay: float | None = None,
+    decay_norm_and_bias: bool = True,
+) -> list[dict[str, Any]]:
+    """AdamW groups of ``model``'s trained parameters: LoRA matrices and (without LoRA) the body at
+    ``train.lr``, everything else (the ``head`` modules, ``trainable`` modules, biases) at ``train.head_lr``.
+
+    With ``layer_decay`` each parameter's LR is also scaled by ``layer_decay ** (last - layer)``, the
+    layer counted by :func:`layer_ids` (the head is the last); without ``decay_norm_and_bias``, biases
+    and norm weights get no weight decay. Groups come in a fixed order, so a checkpoint's optimizer
+    state fits the same run rebuilt.
+    """
     lora_ids = {id(p) for _, layer in lora_layers(model) for p in layer.adapters.parameters()}
-    trained = [p for p in model.parameters() if p.requires_grad]
-    lora = [p for p in trained if id(p) in lora_ids]
-    other = [p for p in trained if id(p) not in lora_ids]
-    groups = [{"params": lora, "lr": train.lr, "weight_decay": train.weight_decay}]
-    if other:
-        groups.append({"params": other, "lr": train.head_lr, "weight_decay": train.weight_decay})
-    return groups
+    norms = {n for n, m in model.named_modules() if isinstance(m, _NORMS)}
+    layers = layer_ids(model) if layer_decay is not None else {}
+    last = max(layers.values(), default=0)
+    in_head = tuple(f"{h}." for h in head)
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        body = id(param) in lora_ids or (not lora_ids and not name.startswith(in_head))
+        lr = train.lr if body else train.head_lr
+        if layer_decay is not None and not name.startswith(in_head):
+            lr *= layer_decay ** (last - layers.get(name, last))
+        decay = 0.0 if not decay_norm_and_bias and _no_decay(name, param, norms) else train.weight_decay
+        groups.setdefault((lr, decay), []).append(param)
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+
+
+def layer_ids(model: nn.Module) -> dict[str, int]:
+    """Depth of each parameter, for layer-wise LR decay: timm's own grouping (``group_matcher``) for
+    timm models; else each top-level module is one layer and each block of a top-level
+    ``nn.Sequential``/``ModuleList`` (a ResNet stage's blocks) one more."""
+    matcher = getattr(model, "group_matcher", None)
+    if callable(matcher):
+        grouped = require("timm.models").group_parameters(model, matcher(coarse=False))
+        return {name: i for i, names in enumerate(grouped.values()) for name in names}
+    ids: dict[str, int] = {}
+    depth = 0
+    for child_name, child in model.named_children():
+        blocks = list(child.named_children()) if isinstance(child, (nn.Sequential, nn.ModuleList)) else []
+        for block_name, block in blocks or [("", child)]:
+            prefix = f"{child_name}.{block_name}." if block_name else f"{child_name}."
+            names = [prefix + n for n, _ in block.named_parameters()]
+            if names:
+                ids.update(dict.fromkeys(names, depth))
+                depth += 1
+    for name, _ in model.named_parameters():  # the root's own (a ViT's cls_token): the first layer
+        ids.setdefault(name, 0)
+    return ids
 
 
 def total_steps(train: Train, steps_per_epoch: int) -> int:

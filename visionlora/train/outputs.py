@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,13 @@ class Outputs:
     """``export_merged``'s ``pipeline=`` for the merged checkpoint: a pipeline folder or a loaded pipeline."""
     plots: Mapping[str, Callable[[Path], Any]] = field(default_factory=dict)
     """``report/<name>`` -> the function that draws it to that path."""
+    adapter: bool = True
+    """Write the adapter and exports (False: a run without LoRA, whose result is the merged checkpoint)."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    """Header entries for the adapter and the merged checkpoint (what prediction needs, say)."""
+    variants: Mapping[str, Callable[[], ContextManager[Any]]] = field(default_factory=dict)
+    """``<name>/`` -> a context in which the main model holds other weights (the best epoch's): its
+    adapter and merged checkpoint are written there too."""
 
 
 def _part_name(part: str) -> str:
@@ -58,6 +66,25 @@ def check_outputs(output: Output, parts: dict[str, nn.Module]) -> None:
         raise ConfigError(f"output.export: {pipeline} files cannot hold the adapters of {held} yet")
 
 
+def _write_adapters(out_dir: Path, output: Output, parts: dict[str, nn.Module], metadata: dict[str, str]) -> None:
+    """Every part's adapter file, and each format of ``output.export``."""
+    (_, main), *others = parts.items()
+    save_adapter(main, out_dir / "adapter.safetensors", metadata=metadata, overwrite=True)
+    for name, model in others:
+        save_adapter(model, out_dir / f"adapter-{_part_name(name)}.safetensors", overwrite=True)
+    for format_name in output.export:
+        fmt = FORMAT_TABLE[format_name]
+        if fmt.pipeline:  # one file for the whole pipeline (check_outputs: at most a text encoder beside)
+            text_encoder = parts.get("text_encoder")
+            export_adapter(
+                main, out_dir / fmt.output_name(), format=format_name, text_encoder=text_encoder, overwrite=True
+            )
+            continue
+        for i, (name, model) in enumerate(parts.items()):
+            path = out_dir / fmt.output_name(_part_name(name) if i else "")
+            export_adapter(model, path, format=format_name, overwrite=True)
+
+
 def write_outputs(
     accelerator: Any, out_dir: Path, output: Output, parts: dict[str, nn.Module], outputs: Outputs, metrics: dict
 ) -> None:
@@ -70,28 +97,27 @@ def write_outputs(
         (_, main), *others = parts.items()
         for model in parts.values():
             model.eval()
-        save_adapter(main, out_dir / "adapter.safetensors", overwrite=True)
-        for name, model in others:
-            save_adapter(model, out_dir / f"adapter-{_part_name(name)}.safetensors", overwrite=True)
-        for format_name in output.export:
-            fmt = FORMAT_TABLE[format_name]
-            if fmt.pipeline:  # one file for the whole pipeline (check_outputs: at most a text encoder beside)
-                text_encoder = parts.get("text_encoder")
-                export_adapter(
-                    main, out_dir / fmt.output_name(), format=format_name, text_encoder=text_encoder, overwrite=True
-                )
-                continue
-            for i, (name, model) in enumerate(parts.items()):
-                path = out_dir / fmt.output_name(_part_name(name) if i else "")
-                export_adapter(model, path, format=format_name, overwrite=True)
-        export_merged(
-            main,
-            out_dir / outputs.merged,
-            dtype=DTYPES[output.merged_dtype],
-            pipeline=outputs.pipeline,
-            others=dict(others),
-            overwrite=True,
-        )
+        if outputs.adapter:
+            _write_adapters(out_dir, output, parts, outputs.metadata)
+
+        def merge(folder: Path) -> None:
+            export_merged(
+                main,
+                folder / outputs.merged,
+                dtype=DTYPES[output.merged_dtype],
+                pipeline=outputs.pipeline,
+                others=dict(others),
+                metadata=outputs.metadata,
+                overwrite=True,
+            )
+
+        merge(out_dir)
+        for variant, holding in outputs.variants.items():
+            with holding():
+                if outputs.adapter:
+                    adapter = out_dir / variant / "adapter.safetensors"
+                    save_adapter(main, adapter, metadata=outputs.metadata, overwrite=True)
+                merge(out_dir / variant)
         for name, plot in outputs.plots.items():
             plot(out_dir / "report" / name)
         write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))

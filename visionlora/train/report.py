@@ -1,4 +1,5 @@
-"""Classification metrics and the PNG report (loss/accuracy curves, confusion matrix)."""
+"""The PNG report: loss/accuracy curves, confusion matrix, worst-classified images, loss per step
+(the classification metrics themselves live in :mod:`visionlora.classify`)."""
 
 from __future__ import annotations
 
@@ -8,26 +9,9 @@ from typing import Any
 import torch
 
 from visionlora._deps import require
+from visionlora.classify import confusion_matrix, macro_f1
 
-__all__ = ["confusion_matrix", "macro_f1", "plot_confusion", "plot_curves", "plot_losses", "pyplot"]
-
-
-def confusion_matrix(predicted: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``C[i, j]`` = number of samples of true class i predicted as class j."""
-    index = target.long() * num_classes + predicted.long()
-    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def macro_f1(confusion: torch.Tensor) -> float:
-    """Unweighted mean over classes of F1 = 2·TP / (2·TP + FP + FN); a class absent from both is skipped."""
-    tp = confusion.diag().double()
-    fp = confusion.sum(0).double() - tp
-    fn = confusion.sum(1).double() - tp
-    denominator = 2 * tp + fp + fn
-    present = denominator > 0
-    if not present.any():
-        return 0.0
-    return float((2 * tp[present] / denominator[present]).mean())
+__all__ = ["confusion_matrix", "macro_f1", "plot_confusion", "plot_curves", "plot_losses", "plot_worst", "pyplot"]
 
 
 def pyplot() -> Any:
@@ -75,6 +59,24 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> P
         for j in range(n):
             value = int(confusion[i, j])
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black")
+    return _save(plt, fig, path)
+
+
+def plot_worst(images: list[tuple[torch.Tensor, int, int, float]], classes: list[str], path: Path) -> Path:
+    """A grid of the worst-classified validation images (highest loss first), each titled with its
+    true class, the predicted one and the prediction's probability."""
+    plt = pyplot()
+    columns = 4
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, true, predicted, probability) in zip(axes.flat, images, strict=False):
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        ax.set_title(f"true {classes[true]}\npred. {classes[predicted]} ({probability:.0%})", fontsize=8)
+    if not images:
+        axes.flat[0].text(0.5, 0.5, "every validation image is classified correctly", ha="center", va="center")
+    fig.suptitle("worst-classified validation images")
     return _save(plt, fig, path)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from visionlora.config import is_finite_number
 from visionlora.errors import AdapterFileError
 from visionlora.train.data import EpochBatches
+from visionlora.train.optim import param_groups
 from visionlora.train.outputs import Outputs
 
 __all__ = ["Built", "Prepared", "RunState", "Task"]
@@ -71,6 +72,9 @@ class Built:
     """DataLoaders accelerate splits over the processes (with ``batches`` as the first's batch sampler)."""
     runs: nn.Module | None = None
     """What runs in place of the main part, e.g. its layers after a cached frozen prefix."""
+    kept: dict[str, nn.Module] = field(default_factory=dict)
+    """State beside the models that checkpoints hold and resume restores (an EMA of the weights, the
+    best epoch's weights), as persistent buffers; names must differ from the parts'."""
     sections: dict[str, str] = field(default_factory=dict)
     """The recipe section that configures each part's adapter, where it is not the part's name (errors name it)."""
 
@@ -115,6 +119,19 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def build(self, accelerator: Any) -> Built:
         """Load the model(s) and data and add the adapters (after the run is seeded)."""
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """AdamW groups of ``model``'s trained parameters (default: LoRA at ``train.lr``, the rest at ``head_lr``)."""
+        return param_groups(model, self.recipe.train)
+
+    def train_mode(self, run: Prepared) -> None:
+        """Put the models in training mode at the start of an epoch (a task may keep some parts in eval mode)."""
+        for model in run.models:
+            model.train()
+
+    def should_stop(self, state: RunState) -> bool:
+        """Whether to end the run after the epoch ``state.history`` ends with (early stopping)."""
+        return False
 
     @abc.abstractmethod
     def batches(self, run: Prepared, epoch: int) -> Iterable[Any]:
