@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from visionlora.classify import fit_adapter_head
 from visionlora.config import DTYPES, LoraConfig
@@ -21,6 +26,7 @@ from visionlora.io import (
     load_adapter,
     read_adapter,
 )
+from visionlora.io.files import write_text
 from visionlora.io.weights import load_base
 from visionlora.models.loading import SOURCES, build_model, example_input_for
 from visionlora.models.presets import PRESETS, fitting_presets
@@ -153,6 +159,69 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_classifier(args: argparse.Namespace) -> tuple[Any, Any]:
+    from visionlora.classify import load_classifier
+
+    return load_classifier(args.model, adapter=args.adapter, arch=args.arch, size=args.size)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from visionlora.classify import predict
+
+    model, info = _load_classifier(args)
+    results = predict(model, info, args.images, top_k=args.top_k, batch_size=args.batch_size)
+    if args.out is None:
+        for r in results:
+            print(f"{r.path}: " + ", ".join(f"{c} {p:.3f}" for c, p in zip(r.classes, r.probabilities, strict=True)))
+        return 0
+    out = Path(args.out)
+    if out.suffix == ".json":
+        text = json.dumps([r.__dict__ for r in results], indent=1)
+    elif out.suffix == ".csv":
+        rows = [["path", *[f"{kind}{i + 1}" for i in range(args.top_k) for kind in ("class", "probability")]]]
+        for r in results:
+            rows.append([r.path, *[str(v) for pair in zip(r.classes, r.probabilities, strict=True) for v in pair]])
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(rows)
+        text = buffer.getvalue()
+    else:
+        raise ConfigError(f"--out {out}: give a .csv or .json file")
+    write_text(out, text)
+    print(f"wrote {out}: top-{args.top_k} classes of {len(results)} images")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from visionlora.classify import evaluate
+    from visionlora.train.report import plot_confusion
+
+    model, info = _load_classifier(args)
+    result = evaluate(model, info, args.folder, batch_size=args.batch_size)
+    out = Path(args.out)
+    write_text(out / "evaluation.json", json.dumps(result, indent=1))
+    plot_confusion(torch.tensor(result["confusion"]), info.classes, out / "confusion.png")
+    print(
+        f"{args.folder}: {result['images']} images, accuracy {result['accuracy']:.4f}, "
+        f"macro-F1 {result['macro_f1']:.4f}"
+    )
+    width = max(len(c) for c in result["recall"])
+    for name, recall in result["recall"].items():
+        print(f"  recall {name.ljust(width)}  {recall:.4f}")
+    print(f"wrote {out / 'evaluation.json'} and {out / 'confusion.png'}")
+    return 0
+
+
+def _add_classifier(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        help="a merged checkpoint a run wrote, a .safetensors/.pt file with --arch, or a torchvision/timm name",
+    )
+    parser.add_argument("--adapter", help="an adapter to load onto MODEL (a run's adapter.safetensors)")
+    parser.add_argument("--arch", help="architecture of a weights file that does not name its own")
+    parser.add_argument("--size", type=_positive, help="input size where no run stored one (default 224)")
+    parser.add_argument("--batch-size", type=_positive, default=32)
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -271,6 +340,29 @@ def _parser() -> argparse.ArgumentParser:
         help="start afresh in an output folder that holds an earlier run (its checkpoints are removed)",
     )
     train.set_defaults(run=_train)
+
+    predict = commands.add_parser(
+        "predict",
+        help="top-k classes of images with a trained classifier (class names and preprocessing from its run)",
+        description="Load MODEL (and --adapter) and print each image's top-k classes and probabilities, "
+        "or write them to --out (.csv or .json).",
+    )
+    _add_classifier(predict)
+    predict.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    predict.add_argument("--top-k", type=_positive, default=5)
+    predict.add_argument("--out", help="write the predictions to this .csv or .json file instead of printing them")
+    predict.set_defaults(run=_predict)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="accuracy, macro-F1, per-class recall and the confusion matrix on an image folder",
+        description="Load MODEL (and --adapter) and evaluate it on FOLDER (one sub-folder per class, named "
+        "as the model's classes); write evaluation.json and confusion.png to --out.",
+    )
+    _add_classifier(evaluate)
+    evaluate.add_argument("folder", help="a folder of class folders")
+    evaluate.add_argument("--out", default="evaluation", help="folder for evaluation.json and confusion.png")
+    evaluate.set_defaults(run=_evaluate)
 
     quickstart = commands.add_parser(
         "quickstart",
