@@ -185,9 +185,15 @@ def test_ema_weights_are_what_is_validated_and_exported(split_root, base_file, t
 def test_channels_last_gives_the_contiguous_result(split_root, base_file, tmp_path):
     _run(_recipe(split_root, base_file, max_steps=2), tmp_path / "a")
     _run(_recipe(split_root, base_file, max_steps=2, channels_last="always"), tmp_path / "b")
-    a, b = load_file(tmp_path / "a" / "adapter.safetensors"), load_file(tmp_path / "b" / "adapter.safetensors")
-    for key in a:
-        assert (a[key] - b[key]).abs().max() <= 1e-3 * a[key].abs().max(), key  # sums in another order
+    # Convolutions sum in another order; Adam's first steps magnify that in near-zero gradients, so
+    # the trained models are compared by their outputs.
+    x = torch.randn(4, 3, 32, 32)
+    outputs = []
+    for run in ("a", "b"):
+        model, _ = load_classifier(tmp_path / run / "merged.safetensors")
+        with torch.no_grad():
+            outputs.append(model(x))
+    assert (outputs[0] - outputs[1]).abs().max() <= 1e-3 * outputs[0].abs().max()
 
 
 @pytest.mark.parametrize(
