@@ -48,7 +48,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "head": {"train": {"mode": "head"}},
     "lora-0.1": OLD_LORA,
     "lora": {},
-    "full": {"train": {"mode": "full"}},
+    "full": {"train": {"mode": "full", "lr": 1e-3, "head_lr": 1e-3}},
 }
 
 

@@ -13,6 +13,7 @@ from visionlora.adapters import (
     list_adapters,
     set_adapter,
 )
+from visionlora.classify import ClassifierInfo, evaluate, load_classifier, predict
 from visionlora.config import LoraConfig
 from visionlora.errors import (
     AdapterError,
@@ -48,6 +49,7 @@ __all__ = [
     "AdapterError",
     "AdapterFile",
     "AdapterFileError",
+    "ClassifierInfo",
     "ConfigError",
     "FrozenSplit",
     "LoraConfig",
@@ -67,6 +69,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "enable_adapters",
+    "evaluate",
     "expand_preset",
     "export_adapter",
     "export_merged",
@@ -74,10 +77,12 @@ __all__ = [
     "fitting_presets",
     "list_adapters",
     "load_adapter",
+    "load_classifier",
     "match_targets",
     "merge",
     "merge_and_unload",
     "merged_state_dict",
+    "predict",
     "read_adapter",
     "replace_head",
     "resize_adapter",

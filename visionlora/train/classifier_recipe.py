@@ -86,6 +86,10 @@ class EarlyStopping:
 class ClassifierTrain(Train):
     """:class:`Train` plus what fine-tuning a classifier adds."""
 
+    lr: float = 1e-2
+    """Learning rate of the LoRA parameters (``mode: full``: of the body; 1e-3 or lower suits full fine-tuning)."""
+    head_lr: float = 1e-2
+    """Learning rate of the new head (and of ``lora.trainable`` modules and trained biases)."""
     mode: Literal["lora", "head", "full"] = "lora"
     """``lora``: LoRA on ``lora.targets`` + the new head; ``head``: the new head only; ``full``: every
     parameter (at ``lr``; the head at ``head_lr``). The three rows of the usual comparison."""
