@@ -93,7 +93,7 @@ def _validate(model: nn.Module, loader: DataLoader[Any], accelerator: Any, num_c
         preds.append(pred.cpu())
         targets.append(y.cpu())
         confidences.append(confidence.cpu())
-    loss, pred, target = torch.cat(losses), torch.cat(preds), torch.cat(targets)
+    loss, pred, target, confidence = torch.cat(losses), torch.cat(preds), torch.cat(targets), torch.cat(confidences)
     confusion = confusion_matrix(pred, target, num_classes)
     wrong = (pred != target).nonzero().flatten()
     worst = wrong[loss[wrong].argsort(descending=True)][:_WORST]
@@ -102,7 +102,7 @@ def _validate(model: nn.Module, loader: DataLoader[Any], accelerator: Any, num_c
         "val_accuracy": (pred == target).float().mean().item(),
         "val_macro_f1": macro_f1(confusion),
         "confusion": confusion,
-        "worst": [(int(i), int(target[i]), int(pred[i]), float(torch.cat(confidences)[i])) for i in worst],
+        "worst": [(int(i), int(target[i]), int(pred[i]), float(confidence[i])) for i in worst],
     }
 
 
