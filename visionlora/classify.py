@@ -21,13 +21,12 @@ import torch
 from torch import nn
 
 from visionlora._deps import require
-from visionlora._tree import from_diffusers
 from visionlora.errors import ConfigError
-from visionlora.io.files import read_safetensors
+from visionlora.io.files import read_metadata
 from visionlora.io.formats import read_adapter
 from visionlora.io.load import load_adapter
-from visionlora.io.weights import load_base
-from visionlora.models.heads import classifier_names, replace_head
+from visionlora.io.weights import fit_head, load_base
+from visionlora.models.heads import classifier_names
 from visionlora.preprocess import Preprocess, resolve_preprocess
 
 __all__ = [
@@ -36,7 +35,6 @@ __all__ = [
     "Prediction",
     "confusion_matrix",
     "evaluate",
-    "fit_adapter_head",
     "image_files",
     "load_classifier",
     "macro_f1",
@@ -121,7 +119,7 @@ def macro_f1(confusion: torch.Tensor) -> float:
 def _header(path: Path) -> dict[str, str]:
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
-    return read_safetensors(path)[1]
+    return read_metadata(path)
 
 
 def load_classifier(
@@ -156,7 +154,7 @@ def load_classifier(
     else:
         network = load_base(str(model))
     if adapter is not None:
-        fit_adapter_head(network, read_adapter(adapter))
+        fit_head(network, read_adapter(adapter).tensors)
         load_adapter(network, adapter)
     network.eval()
     if info is None:
@@ -173,16 +171,8 @@ def _num_outputs(network: nn.Module) -> int:
     return int(head.weight.shape[0])  # type: ignore[index, union-attr]
 
 
-def fit_adapter_head(model: nn.Module, adapter: Any) -> None:
-    """Give a classifier base the adapter's class count when the adapter was trained with a new head."""
-    if not adapter.extra or from_diffusers(model):
-        return
-    params = dict(model.named_parameters())
-    for head in classifier_names(model):
-        key = f"{head}.weight"
-        if key in adapter.tensors and key in params and adapter.tensors[key].shape[0] != params[key].shape[0]:
-            replace_head(model, adapter.tensors[key].shape[0])
-            return
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def image_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -195,7 +185,7 @@ def image_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     for item in paths:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += _images_in(path)
         elif path.is_file():
             found.append(path)
         else:
@@ -272,7 +262,7 @@ def evaluate(
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         if sub.name not in info.classes:
             raise ConfigError(f"{sub}: class {sub.name!r} is not one of the model's classes {info.classes}")
-        found = image_files([sub]) if any(sub.rglob("*")) else []
+        found = _images_in(sub)
         files += found
         labels += [info.classes.index(sub.name)] * len(found)
     if not files:

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from visionlora.classify import fit_adapter_head
 from visionlora.config import DTYPES, LoraConfig
 from visionlora.errors import ConfigError, VisionLoraError
 from visionlora.inject import apply_lora
@@ -27,7 +26,7 @@ from visionlora.io import (
     read_adapter,
 )
 from visionlora.io.files import write_text
-from visionlora.io.weights import load_base
+from visionlora.io.weights import fit_head, load_base
 from visionlora.models.loading import SOURCES, build_model, example_input_for
 from visionlora.models.presets import PRESETS, fitting_presets
 from visionlora.summary import summary
@@ -77,7 +76,7 @@ def _targets(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     model = load_base(args.base, arch=args.arch)
-    fit_adapter_head(model, read_adapter(args.adapter))
+    fit_head(model, read_adapter(args.adapter).tensors)
     load_adapter(model, args.adapter)
     pipeline = args.base if (Path(args.base) / "model_index.json").is_file() else None
     dtype = DTYPES[args.dtype] if args.dtype else None
@@ -178,7 +177,8 @@ def _predict(args: argparse.Namespace) -> int:
     if out.suffix == ".json":
         text = json.dumps([r.__dict__ for r in results], indent=1)
     elif out.suffix == ".csv":
-        rows = [["path", *[f"{kind}{i + 1}" for i in range(args.top_k) for kind in ("class", "probability")]]]
+        k = len(results[0].classes)  # top_k, or every class when there are fewer
+        rows = [["path", *[f"{kind}{i + 1}" for i in range(k) for kind in ("class", "probability")]]]
         for r in results:
             rows.append([r.path, *[str(v) for pair in zip(r.classes, r.probabilities, strict=True) for v in pair]])
         buffer = io.StringIO()
@@ -187,7 +187,7 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         raise ConfigError(f"--out {out}: give a .csv or .json file")
     write_text(out, text)
-    print(f"wrote {out}: top-{args.top_k} classes of {len(results)} images")
+    print(f"wrote {out}: top-{len(results[0].classes)} classes of {len(results)} images")
     return 0
 
 

@@ -19,12 +19,11 @@ from visionlora._deps import require
 from visionlora.config import is_finite_number
 from visionlora.errors import ConfigError
 
-__all__ = ["AUTO_AUGMENT", "IMAGENET_MEAN", "IMAGENET_STD", "Augment", "Preprocess", "resolve_preprocess"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Augment", "Preprocess", "resolve_preprocess"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-AUTO_AUGMENT = ("none", "randaugment", "trivialaugment")
 AutoAugment = Literal["none", "randaugment", "trivialaugment"]
 
 

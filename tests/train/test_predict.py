@@ -67,6 +67,7 @@ def test_predict_from_the_merged_checkpoint_alone_or_base_plus_adapter(trained, 
     assert main([*argv, "--arch", "torchvision:resnet18", "--out", str(tmp_path / "p.csv")]) == 0
     rows = list(csv.reader((tmp_path / "p.csv").open()))
     assert rows[0][:3] == ["path", "class1", "probability1"] and len(rows) == 5
+    assert all(len(row) == 1 + 2 * 3 for row in rows)  # top 5 of 3 classes: 3 pairs, header included
     for got, row in zip(merged, rows[1:], strict=True):
         assert got["classes"][0] == row[1] and abs(got["probabilities"][0] - float(row[2])) < 1e-5
     # The probabilities are the trained model's on the stored evaluation transform.

@@ -309,14 +309,27 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
     Raises:
         AdapterFileError: naming the file, if it is missing or not a valid safetensors file.
     """
-    path = Path(path)
+    return _read(Path(path), load_tensors=True)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The metadata of a safetensors file, without reading its tensors.
+
+    Raises:
+        AdapterFileError: naming the file, if it is missing or not a valid safetensors file.
+    """
+    return _read(Path(path), load_tensors=False)[1]
+
+
+def _read(path: Path, load_tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise AdapterFileError(f"{path}: no such file")
     _check_header_size(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            keys = f.keys() if load_tensors else []
+            tensors = {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterFileError(f"{path}: not a valid safetensors file ({exc})") from None
     return tensors, metadata

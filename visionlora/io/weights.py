@@ -59,7 +59,8 @@ def _check_weights(path: str, state: dict[str, torch.Tensor], current: dict[str,
 
 
 def fit_head(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give ``model`` a head of the class count ``state``'s head weight has (a fine-tuned base), if it differs."""
+    """Give ``model`` a head of the class count ``state``'s head weight has, if it differs (``state``: a
+    fine-tuned base's weights, or an adapter's tensors with a new head)."""
     if from_diffusers(model):
         return
     current = model.state_dict()

@@ -6,6 +6,7 @@ It plugs into :func:`~visionlora.train.loop.run_loop`, which owns the training l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -158,7 +159,6 @@ class ClassifierTask(Task):
             self.memory_format = torch.contiguous_format
         self.network, self.train_set = network, train_set
         self.last_val: dict[str, Any] | None = None
-        self.stopped = False
         self.mixup = None
         if train.mixup > 0 or train.cutmix > 0:
             Mixup = require("timm.data").Mixup
@@ -221,19 +221,17 @@ class ClassifierTask(Task):
         if self.ema is not None:
             self.ema.average(ema_decay_at(self.recipe.train.ema_decay or 0.0, state.step))
 
-    def _evaluate(self, run: Prepared) -> dict[str, Any]:
-        """Validation of the weights the run exports: the EMA when on."""
-        if self.ema is None:
-            return _validate(run.models[0], run.loaders[1], run.accelerator, len(self.classes))
-        with self.ema.swapped():
-            return _validate(run.models[0], run.loaders[1], run.accelerator, len(self.classes))
+    def _exported(self) -> contextlib.AbstractContextManager[Any]:
+        """A context in which the model holds the weights the run exports: the EMA when on."""
+        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
 
     def _watched(self) -> tuple[str, float]:
         stop = self.recipe.train.early_stopping
         return (stop.metric, stop.min_delta) if stop is not None else ("val_accuracy", 0.0)
 
     def after_epoch(self, run: Prepared, state: RunState) -> dict[str, Any]:
-        self.last_val = self._evaluate(run)
+        with self._exported():
+            self.last_val = _validate(run.models[0], run.loaders[1], run.accelerator, len(self.classes))
         since = state.history[-1]["step"] if state.history else 0  # one loss per step: this epoch's
         losses = state.losses[since:]
         entry = {
@@ -244,10 +242,7 @@ class ClassifierTask(Task):
         }
         metric, min_delta = self._watched()
         if self.best is not None and best_epoch([*state.history, entry], metric, min_delta) == len(state.history):
-            if self.ema is not None:
-                with self.ema.swapped():
-                    self.best.copy_from_model()
-            else:
+            with self._exported():
                 self.best.copy_from_model()
         return entry
 
@@ -255,9 +250,7 @@ class ClassifierTask(Task):
         stop = self.recipe.train.early_stopping
         if stop is None:
             return False
-        best = best_epoch(state.history, stop.metric, stop.min_delta)
-        self.stopped = len(state.history) - 1 - best >= stop.patience
-        return self.stopped
+        return len(state.history) - 1 - best_epoch(state.history, stop.metric, stop.min_delta) >= stop.patience
 
     def info(self) -> ClassifierInfo:
         """The record stored with the adapter and merged checkpoint."""
@@ -281,7 +274,7 @@ class ClassifierTask(Task):
             "val_macro_f1": last["val_macro_f1"],
             "best_epoch": None if best is None else state.history[best]["epoch"],
             "best": None if best is None else {k: state.history[best][k] for k in _METRICS},
-            "stopped_early": self.stopped,
+            "stopped_early": state.step < run.total,  # only early stopping ends a run before its last step
             "trainable_parameters": trainable,
             "trainable_percent": 100.0 * trainable / sum(p.numel() for p in params),
             "classes": self.classes,
