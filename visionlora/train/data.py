@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,7 @@ class EpochBatches(Sampler[list[int]]):
 
 def class_weights(labels: Sequence[int]) -> list[float]:
     """Per-sample weights inversely proportional to the size of each sample's class (balanced sampling)."""
-    counts: dict[int, int] = {}
-    for label in labels:
-        counts[label] = counts.get(label, 0) + 1
+    counts = Counter(labels)
     return [1.0 / counts[label] for label in labels]
 
 
