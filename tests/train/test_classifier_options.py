@@ -213,3 +213,23 @@ def test_option_values_are_checked_by_name(split_root, base_file, override, mess
         recipe[section] = {**recipe[section], **values}
     with pytest.raises(vl.ConfigError, match=message.replace("|", r"\|")):
         parse_recipe(recipe)
+
+
+def test_compiled_run_trains_the_same_adapter(split_root, tmp_path):
+    """train.compile runs the model through torch.compile (inductor on CPU); the result is the eager one's."""
+    results = {}
+    for compiled in (False, True):
+        recipe = tiny_recipe(split_root, max_steps=2, compile=compiled)
+        recipe["model"] = {
+            "name": "timm:vit_tiny_patch16_224",
+            "weights": "none",
+            "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1},
+        }
+        recipe["lora"] = {"targets": ["blocks.*.attn.qkv"], "rank": 4, "alpha": 8}
+        results[compiled] = _run(recipe, tmp_path / str(compiled))
+    assert results[True]["val_loss"] == pytest.approx(results[False]["val_loss"], rel=1e-4)
+    a = load_file(tmp_path / "False" / "adapter.safetensors")
+    b = load_file(tmp_path / "True" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-3 * a[key].abs().max(), key
