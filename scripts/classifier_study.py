@@ -1,12 +1,15 @@
 """Head only vs LoRA vs full fine-tuning through the classifier recipe, on two real datasets that
 ship inside installed packages, over several seeds; prints a markdown table (mean ± std).
 
-Tasks (each: a ResNet-18 pre-trained in full here on task A, then adapted to task B):
-- ``digits``: scikit-learn's digits; A = digits 0-4, B = digits 5-9 (the quickstart's task).
+Every run is the quickstart's recipe (``visionlora.train.quickstart``: ResNet-18, LoRA on its last
+stage, augmentation off, the recipe's defaults) with a row's overrides. Tasks (each: the ResNet-18
+pre-trained in full here on task A, then adapted to task B):
+- ``digits``: the quickstart's own data and rows; A = digits 0-4, B = digits 5-9.
 - ``textures``: scikit-image's bundled photos; A = patches of 6 everyday photos (camera, coins,
   page, text, astronaut, coffee), B = patches of 5 textures (brick, grass, gravel, cell, moon),
   training patches from the left three quarters of each image, validation from the rest.
 
+    pip install scikit-image   # for --task textures
     python scripts/classifier_study.py --task textures --seeds 0 1 2 --rows head lora-0.1 lora full
     python scripts/classifier_study.py --task digits --rows lora --set train.batchnorm=train
 
@@ -27,45 +30,34 @@ import numpy as np
 from PIL import Image
 
 from visionlora.train import run_recipe
-from visionlora.train.recipe import apply_overrides, parse_recipe
+from visionlora.train.quickstart import PRETRAIN, SIZE, digit_folders, quickstart_recipe
+from visionlora.train.quickstart import ROWS as QUICKSTART_ROWS
+from visionlora.train.recipe import parse_recipe
 
-SIZE = 32
-
-# The recipe as it was before the defaults study (issue 20), and rows that differ from today's defaults.
-OLD_LORA = {
-    "lora": {"rank": 8, "alpha": 16, "rank_by_resolution": {14: 16, 0: 4}},
-    "train": {
-        "warmup_steps": 100,
-        "batchnorm": "train",
-        "label_smoothing": 0.0,
-        "lr": 1e-3,
-        "head_lr": 1e-2,
-        "weight_decay": 1e-4,
-        "decay_norm_and_bias": True,
-    },
-}
-ROWS: dict[str, dict[str, Any]] = {
-    "head": {"train": {"mode": "head"}},
+# The recipe as it was before the defaults study (issue 20), and the quickstart's rows (today's defaults).
+OLD_LORA = [
+    "lora.rank=8",
+    "lora.alpha=16",
+    "lora.rank_by_resolution={14: 16, 0: 4}",
+    "train.warmup_steps=100",
+    "train.batchnorm=train",
+    "train.label_smoothing=0.0",
+    "train.lr=1e-3",
+    "train.head_lr=1e-2",
+    "train.weight_decay=1e-4",
+    "train.decay_norm_and_bias=true",
+]
+ROWS: dict[str, list[str]] = {
+    "head": QUICKSTART_ROWS["head only"],
     "lora-0.1": OLD_LORA,
-    "lora": {},
-    "full": {"train": {"mode": "full", "lr": 1e-3, "head_lr": 1e-3}},
+    "lora": QUICKSTART_ROWS["LoRA layer4 + head"],
+    "full": QUICKSTART_ROWS["full fine-tuning"],
 }
 
 
 def _save(image: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).resize((SIZE, SIZE), Image.BILINEAR).save(path)
-
-
-def digits_folders(root: Path) -> tuple[Path, Path]:
-    """root/a/<digit 0-4>/*.png and root/b/<digit 5-9>/*.png (8×8 digits scaled to 32×32)."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    for i, (image, label) in enumerate(zip(data.images, data.target, strict=True)):
-        part = "a" if label < 5 else "b"
-        _save((image * 255 / 16).clip(0, 255).astype(np.uint8), root / part / f"digit{label}" / f"{i:04d}.png")
-    return root / "a", root / "b"
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
@@ -99,17 +91,6 @@ def textures_folders(root: Path) -> tuple[Path, Path]:
     return root / "a", root / "b"
 
 
-def base_recipe(data: Path, epochs: int, weights: str, seed: int) -> dict[str, Any]:
-    return {
-        "task": "classifier",
-        "model": {"name": "torchvision:resnet18", "weights": weights},
-        "data": {"root": str(data), "image_size": SIZE, "batch_size": 32, "val_fraction": 0.2},
-        "lora": {"targets": ["preset:resnet-last-blocks"]},
-        "train": {"epochs": epochs, "seed": seed},
-        "output": {"keep_best": False},
-    }
-
-
 def run(recipe: dict[str, Any], out: Path) -> dict[str, Any]:
     started = time.perf_counter()
     metrics = run_recipe(parse_recipe(recipe), output=out, progress=False, overwrite=True)
@@ -121,7 +102,7 @@ def pretrain(task_a: Path, work: Path, epochs: int) -> Path:
     """Task A trained in full from fresh weights: the "pretrained" base of task B."""
     out = work / "base"
     if not (out / "merged.safetensors").is_file():
-        recipe = apply_overrides(base_recipe(task_a, epochs, "none", 0), ["train.mode=full", "train.lr=2e-3"])
+        recipe = quickstart_recipe(task_a, "none", epochs, 0, PRETRAIN)
         metrics = run(recipe, out)
         print(f"base: task A val. accuracy {metrics['val_accuracy']:.3f} ({metrics['wall']:.0f} s)")
     return out / "merged.safetensors"
@@ -133,7 +114,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), help=f"from {list(ROWS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--pretrain-epochs", type=int, default=8)
+    parser.add_argument("--pretrain-epochs", type=int, default=6)
     parser.add_argument("--set", action="append", default=[], help="override for every row, e.g. train.lr=3e-3")
     parser.add_argument("--work", help="folder for data and runs (default: a temporary one; reused if given)")
     parser.add_argument("--json", help="append every run's result to this JSON-lines file")
@@ -141,17 +122,14 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="visionlora-study-")) / args.task
     data = work / "data"
     if not data.is_dir():
-        (digits_folders if args.task == "digits" else textures_folders)(data)
+        (digit_folders if args.task == "digits" else textures_folders)(data)
     task_a, task_b = data / "a", data / "b"
     base = pretrain(task_a, work, args.pretrain_epochs)
     table = []
     for row in args.rows:
         results = []
         for seed in args.seeds:
-            recipe = base_recipe(task_b, args.epochs, str(base), seed)
-            for section, values in ROWS[row].items():
-                recipe[section] = {**recipe[section], **values}
-            recipe = apply_overrides(recipe, args.set)
+            recipe = quickstart_recipe(task_b, str(base), args.epochs, seed, [*ROWS[row], *args.set])
             metrics = run(recipe, work / "runs" / f"{row}-{seed}")
             results.append(metrics)
             if args.json:

@@ -65,9 +65,10 @@ class ClassifierData:
     (with replacement), so skewed folders train as if balanced."""
     cache_features: bool = False
     """Run the frozen layers before the first trainable block once per image, keep their outputs in
-    memory and train the rest on them. Needs ``augment: false``. Those layers run in eval mode, after
-    their BatchNorm statistics are re-estimated on the training images (what an uncached run drifts
-    to). Much faster when LoRA sits in the last blocks; memory: the prefix's output size per image."""
+    memory and train the rest on them. Needs ``augment: false``. Those layers run in eval mode; unless
+    ``train.batchnorm`` is ``frozen`` their BatchNorm statistics are first re-estimated on the training
+    images (what an uncached run drifts to). Much faster when LoRA sits in the last blocks; memory:
+    the prefix's output size per image."""
 
 
 @dataclass

@@ -1,85 +1,75 @@
-"""``visionlora quickstart``: LoRA against head-only and full fine-tuning on data that ships with scikit-learn.
+"""``visionlora quickstart``: head-only vs LoRA vs full fine-tuning on data that ships with
+scikit-learn, every row a run of the classifier recipe with its defaults.
 
-1. A ResNet-18 (built locally, no download) is trained in full on digits 0-4: the "pretrained" base.
-2. On digits 5-9 (a new task: new classes, new head) four ways are compared from that base:
-   only the new head; LoRA on ``layer4`` (r=8, r=16 on its first block) + the head; the same with
-   the frozen prefix (stem to layer3) computed once per image instead of every step; everything.
-3. The LoRA adapter is saved, reloaded into a freshly built base, merged, and exported for PEFT;
-   the reloaded and merged copies' outputs are compared with the trained model's.
-
-About a minute on 2 CPU cores with the defaults.
+1. Digits 0-4 and 5-9 (scikit-learn's 8×8 digits, scaled to 32×32) are written as image folders.
+2. A ResNet-18 (built locally, no download) is trained in full on digits 0-4 (``train.mode: full``):
+   the "pretrained" base, saved as a merged checkpoint.
+3. On digits 5-9 (new classes, new head) the recipe runs from that base four ways: ``train.mode:
+   head``; ``lora`` (LoRA on ``layer4``); the same with the frozen prefix cached
+   (``data.cache_features``); ``full``. Augmentation is off in every row (these are 32-px digits).
+4. The LoRA run's adapter is loaded onto a freshly read base, checked against the run's own
+   validation and merged checkpoint, merged, and exported for PEFT.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
 from visionlora._deps import require
-from visionlora.config import LoraConfig
-from visionlora.inject import apply_lora
-from visionlora.io import export_adapter, export_merged, load_adapter, save_adapter
-from visionlora.io.files import write_safetensors
+from visionlora.classify import evaluate, load_classifier
+from visionlora.io import export_adapter
 from visionlora.merge import merge_and_unload
-from visionlora.prefix import split_frozen_prefix
+from visionlora.train.recipe import apply_overrides, parse_recipe
+from visionlora.train.run import run_recipe
 
-__all__ = ["QuickstartResult", "digits", "run_quickstart"]
+__all__ = ["PRETRAIN", "ROWS", "QuickstartResult", "digit_folders", "quickstart_recipe", "run_quickstart"]
+
+SIZE = 32
+
+ROWS: dict[str, list[str]] = {
+    "head only": ["train.mode=head"],
+    "LoRA layer4 + head": [],
+    "LoRA, cached prefix": ["data.cache_features=true"],
+    "full fine-tuning": ["train.mode=full", "train.lr=1e-3", "train.head_lr=1e-3"],
+}
+"""The rows on digits 5-9: ``--set`` overrides of :func:`quickstart_recipe` (LoRA: the recipe's defaults)."""
+
+PRETRAIN = ["train.mode=full", "train.lr=2e-3", "train.head_lr=2e-3"]
+"""Overrides of :func:`quickstart_recipe` that train the base on digits 0-4."""
 
 
-def digits(classes: range, size: int = 32, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Train/val tensors (N, 3, size, size) and labels 0..len(classes)-1 for the chosen digits (80/20 split)."""
+def digit_folders(root: Path) -> tuple[Path, Path]:
+    """``root/a/{train,val}/digit<0-4>/*.png`` and ``root/b/.../digit<5-9>/*.png``: scikit-learn's digits
+    as 32×32 grey images, every fifth image of each task held out for validation."""
+    image_module = require("PIL.Image")
     data = require("sklearn.datasets").load_digits()
-    keep = torch.isin(torch.as_tensor(data.target), torch.as_tensor(list(classes)))
-    x = torch.as_tensor(data.images, dtype=torch.float32)[keep].unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    x = (x - 0.5) / 0.5
-    y = torch.as_tensor(data.target)[keep] - classes.start
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    split = int(0.8 * len(y))
-    return x[order[:split]], y[order[:split]], x[order[split:]], y[order[split:]]
+    for i, (image, label) in enumerate(zip(data.images, data.target, strict=True)):
+        split = "val" if i % 5 == 0 else "train"
+        folder = root / ("a" if label < 5 else "b") / split / f"digit{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (image * 255 / 16).clip(0, 255).astype("uint8")
+        image_module.fromarray(pixels).resize((SIZE, SIZE), image_module.BILINEAR).save(folder / f"{i:04d}.png")
+    return root / "a", root / "b"
 
 
-def _fit(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float, batch: int = 64, seed: int = 0) -> None:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=g).split(batch):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    model.eval()
-    return float((model(x).argmax(1) == y).float().mean())
-
-
-def _resnet(state: dict[str, Tensor] | None = None) -> nn.Module:
-    model = require("torchvision").models.resnet18(num_classes=5)
-    if state is not None:
-        model.load_state_dict(state)
-    model.fc = nn.Linear(512, 5)  # a new head for the new classes
-    return model
-
-
-def _trainable_percent(model: nn.Module) -> float:
-    return (
-        100.0
-        * sum(p.numel() for p in model.parameters() if p.requires_grad)
-        / sum(p.numel() for p in model.parameters())
-    )
+def quickstart_recipe(data: Path, weights: str, epochs: int, seed: int, overrides: list[str]) -> dict[str, Any]:
+    """The classifier recipe the quickstart runs: ResNet-18, LoRA on its last stage, the recipe's defaults."""
+    recipe = {
+        "task": "classifier",
+        "model": {"name": "torchvision:resnet18", "weights": weights},
+        "data": {"root": str(data), "image_size": SIZE, "batch_size": 32, "augment": False},
+        "lora": {"targets": ["preset:resnet-last-blocks"]},
+        "train": {"epochs": epochs, "seed": seed},
+        "output": {"keep_best": False},
+    }
+    return apply_overrides(recipe, overrides)
 
 
 @dataclass
@@ -88,75 +78,78 @@ class QuickstartResult:
 
     rows: list[dict[str, Any]]
     base_accuracy: float
-    reload_max_abs_diff: float
+    reload_accuracy_diff: float
+    """|the reloaded adapter's val. accuracy - the run's own|."""
     merge_max_abs_diff: float
+    """Max |merged - unmerged| output of the reloaded model on the validation images."""
     output_scale: float
     files: list[str]
 
 
 def run_quickstart(out: str | Path, *, epochs: int = 6, seed: int = 0, echo: bool = True) -> QuickstartResult:
-    """Run the comparison (see the module docstring), write its files to ``out``, print the table."""
-    for needed in ("torchvision", "sklearn"):  # before any work: a missing one is named at once
+    """Run the comparison (see the module docstring), write its files to ``out``, print the table.
+
+    ``out`` gets ``base.safetensors``, the LoRA run's ``adapter.safetensors`` and ``merged.safetensors``,
+    ``adapter-peft/``, ``quickstart.json``, and ``data/`` and ``runs/`` (every run's own folder).
+    """
+    for needed in ("torchvision", "sklearn", "PIL"):  # before any work: a missing one is named at once
         require(needed)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     say = print if echo else (lambda *a, **k: None)
-    torch.manual_seed(seed)
-    xa, ya, xa_val, ya_val = digits(range(0, 5), seed=seed)
-    pretrain = require("torchvision").models.resnet18(num_classes=5)
-    say(f"1. pre-training a ResNet-18 in full on digits 0-4 ({len(ya)} images) ...")
-    _fit(pretrain, xa, ya, epochs=epochs, lr=2e-3, seed=seed)
-    base_state = pretrain.state_dict()
-    base_accuracy = _accuracy(pretrain, xa_val, ya_val)
+    task_a, task_b = digit_folders(out / "data")
+    runs = out / "runs"
 
-    xb, yb, xb_val, yb_val = digits(range(5, 10), seed=seed)
+    def run(name: str, recipe: dict[str, Any]) -> dict[str, Any]:
+        return run_recipe(parse_recipe(recipe), output=runs / name, progress=False, overwrite=True)
+
+    say(f"1. pre-training a ResNet-18 in full on digits 0-4 ({task_a}) ...")
+    base_metrics = run("base", quickstart_recipe(task_a, "none", epochs, seed, PRETRAIN))
+    base = out / "base.safetensors"
+    shutil.copyfile(runs / "base" / "merged.safetensors", base)
     rows = []
-    lora_model: nn.Module | None = None
-    for method in ("head only", "LoRA layer4 + head", "LoRA, cached prefix", "full fine-tuning"):
-        say(f"2. digits 5-9 ({len(yb)} images): {method} ...")
-        torch.manual_seed(1 + seed)
-        model = _resnet(base_state)
-        if method == "head only":
-            for name, p in model.named_parameters():
-                p.requires_grad_(name.startswith("fc."))
-        elif method.startswith("LoRA"):
-            cfg = LoraConfig(targets="layer4.*", rank=8, alpha=16, rank_pattern={"layer4.0.*": 16}, trainable=["fc"])
-            apply_lora(model, cfg)
-            lora_model = model if lora_model is None else lora_model  # the uncached one is saved
+    for method, overrides in ROWS.items():
+        say(f"2. digits 5-9: {method} ...")
         started = time.perf_counter()
-        lr = 1e-3 if method == "full fine-tuning" else 3e-3
-        if method == "LoRA, cached prefix":  # stem to layer3 run once per image, in eval mode
-            split = split_frozen_prefix(model)
-            split.recalibrate_batchnorm(xb.split(64))  # digits 5-9 are new to the prefix's BatchNorms
-            _fit(split.rest, split.features(xb), yb, epochs=epochs, lr=lr, seed=seed)
-        else:
-            _fit(model, xb, yb, epochs=epochs, lr=lr, seed=seed)
+        metrics = run(_slug(method), quickstart_recipe(task_b, str(base), epochs, seed, overrides))
         rows.append(
             {
                 "method": method,
-                "trainable_percent": _trainable_percent(model),
-                "val_accuracy": _accuracy(model, xb_val, yb_val),
+                "trainable_percent": metrics["trainable_percent"],
+                "val_accuracy": metrics["val_accuracy"],
                 "seconds": time.perf_counter() - started,
+                "run": f"runs/{_slug(method)}",
             }
         )
-    assert lora_model is not None
 
-    say("3. save, reload, merge, export ...")
-    write_safetensors(out / "base.safetensors", base_state, {"format": "pt"})  # the digits 0-4 model
-    adapter = save_adapter(lora_model, out / "adapter.safetensors", overwrite=True)  # the demo's own folder
-    fresh = load_adapter(_resnet(base_state), adapter).eval()
-    export_merged(fresh, out / "merged.safetensors", overwrite=True)
+    say("3. reload, merge, export ...")
+    lora_run = runs / _slug("LoRA layer4 + head")
+    shutil.copyfile(lora_run / "adapter.safetensors", out / "adapter.safetensors")
+    shutil.copyfile(lora_run / "merged.safetensors", out / "merged.safetensors")
+    fresh, info = load_classifier(base, adapter=out / "adapter.safetensors")
+    reloaded = evaluate(fresh, info, task_b / "val")
     export_adapter(fresh, out / "adapter-peft", format="peft", overwrite=True)  # PeftModel.from_pretrained loads it
+    x = torch.randn(16, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        expected = lora_model(xb_val)
-        reload_err = float((fresh(xb_val) - expected).abs().max())
-        merge_err = float((merge_and_unload(fresh)(xb_val) - expected).abs().max())
-    files = sorted(p.name for p in out.iterdir())
-    result = QuickstartResult(rows, base_accuracy, reload_err, merge_err, float(expected.abs().max()), files)
+        unmerged = fresh(x)
+        merge_err = float((merge_and_unload(fresh)(x) - unmerged).abs().max())
+    lora_row = rows[1]
+    files = sorted(p.name for p in out.iterdir() if p.name not in ("data", "runs"))
+    result = QuickstartResult(
+        rows,
+        base_metrics["val_accuracy"],
+        abs(reloaded["accuracy"] - lora_row["val_accuracy"]),
+        merge_err,
+        float(unmerged.abs().max()),
+        files,
+    )
     if echo:
         _print(result, out)
     (out / "quickstart.json").write_text(json.dumps(result.__dict__, indent=1))
     return result
+
+
+def _slug(method: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")
 
 
 def _print(result: QuickstartResult, out: Path) -> None:
@@ -171,9 +164,11 @@ def _print(result: QuickstartResult, out: Path) -> None:
             f"{row['seconds']:.1f} s",
         )
         print("| " + " | ".join(cells) + " |")
-    scale = result.output_scale
-    print(f"\nmax abs. difference from the trained LoRA model (outputs up to {scale:.1f}):")
-    print(f"  adapter reloaded onto a fresh base: {result.reload_max_abs_diff:.2g}")
-    print(f"  merged (plain ResNet-18):           {result.merge_max_abs_diff:.2g}")
+    print(f"\nthe LoRA adapter loaded onto a fresh base ({out / 'base.safetensors'}):")
+    print(f"  val. accuracy minus the run's own: {result.reload_accuracy_diff:.2g}")
+    print(
+        f"  max abs. difference merged vs unmerged (outputs up to {result.output_scale:.1f}): "
+        f"{result.merge_max_abs_diff:.2g}"
+    )
     print("  (adapter-peft/ loads with peft.PeftModel.from_pretrained onto the same base)")
-    print(f"\nfiles in {out}: {', '.join(result.files)}")
+    print(f"\nfiles in {out}: {', '.join(result.files)}; each run's folder is under runs/")
