@@ -26,7 +26,7 @@ def test_targets_on_a_torchvision_name_shows_the_preset_with_resolutions_and_ran
     assert main(["targets", "resnet18", "--size", "128", "--rank-by-resolution", "4:16,0:2"]) == 0
     out = capsys.readouterr().out
     assert "resnet18 (ResNet): preset:resnet-last-blocks" in out
-    assert "presets that fit: resnet-last-blocks, last-convs" in out
+    assert "presets that fit: resnet-last-blocks, resnet-blocks, last-convs" in out
     table = rows(out)
     assert table["layer4.0.conv1"][6:8] == ["4", "16"]  # 128 px / 32 = 4 × 4: resolution 4, rank 16
     assert len([n for n in table if n.startswith("layer4.")]) == 5

@@ -150,7 +150,7 @@ def test_a_preset_that_does_not_fit_names_the_model_class_and_the_presets_that_f
     ):
         vl.apply_lora(tiny_unet(), vl.LoraConfig(targets="preset:resnet-last-blocks"))
     with pytest.raises(
-        vl.TargetError, match=r"does not fit ResNet; presets that fit it: resnet-last-blocks, last-convs"
+        vl.TargetError, match=r"does not fit ResNet; presets that fit it: resnet-last-blocks, resnet-blocks, last-convs"
     ):
         vl.apply_lora(torchvision.models.resnet18(), vl.LoraConfig(targets="preset:unet-attention"))
 
@@ -158,7 +158,10 @@ def test_a_preset_that_does_not_fit_names_the_model_class_and_the_presets_that_f
 @pytest.mark.parametrize(
     "target,message",
     [
-        ("preset:resnet-lastblocks", r"unknown preset 'resnet-lastblocks'; presets: resnet-last-blocks, last-convs"),
+        (
+            "preset:resnet-lastblocks",
+            r"unknown preset 'resnet-lastblocks'; presets: resnet-last-blocks, resnet-blocks, last-convs",
+        ),
         ("preset:last-convs", r"last-convs needs a count, e.g. 'preset:last-convs:4'"),
         ("preset:resnet-last-blocks:0", r"must be an integer >= 1, got '0'"),
     ],
@@ -253,3 +256,13 @@ trainable: [fc]
     vl.apply_lora(model, cfg, example_input=vl.models.loading.example_input_for(model, 128))
     ranks = {n: layer.adapter("default").rank for n, layer in vl.state.lora_layers(model)}
     assert ranks == dict.fromkeys(vl.expand_preset(torchvision.models.resnet18(), "preset:resnet-last-blocks"), 8)
+
+
+def test_resnet_blocks_selects_every_blocks_convs_and_presets_without_a_count_refuse_one():
+    model = torchvision.models.resnet18()
+    every = vl.expand_preset(model, "preset:resnet-blocks")
+    assert every == vl.expand_preset(model, "preset:resnet-last-blocks:8")  # resnet18 has 8 blocks
+    assert every[0] == "layer1.0.conv1" and "conv1" not in every and "layer2.0.downsample.0" in every
+    for target in ("preset:resnet-blocks:2", "preset:unet-attention:1"):
+        with pytest.raises(vl.TargetError, match="takes no count"):
+            vl.expand_preset(model, target)

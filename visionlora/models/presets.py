@@ -11,6 +11,7 @@ resnet-last-blocks[:n] the convs of the last n residual blocks (default: the who
                        path and shortcut (downsample) convs, not SE gates; torchvision ResNet /
                        ResNeXt / Wide ResNet, timm ResNet (resnet*, resnext*, seresnet*, resnet*d, ...)
                        and timm ResNetV2 (BiT)
+resnet-blocks          the same convs in every residual block of every stage (the stem conv excluded)
 last-convs:n           the last n conv layers in module order, any model
 unet-attention         to_q, to_k, to_v, to_out.0 of every attention module (self and cross) of a
                        diffusers UNet2DConditionModel, or of a UNet2DModel that has attention
@@ -83,12 +84,17 @@ def _convs(modules: list[tuple[str, nn.Module]]) -> list[str]:
     return [n for n, m in modules if (layer_kind(m) or "").startswith("Conv")]
 
 
-def _resnet_last_blocks(model: nn.Module, arg: int | None) -> list[str]:
+def _resnet_blocks(model: nn.Module, arg: int | None) -> list[str]:
+    return _resnet_last_blocks(model, arg, every=True)
+
+
+def _resnet_last_blocks(model: nn.Module, arg: int | None, every: bool = False) -> list[str]:
     family = resnet_family(model)
     if family is None:
         return []
     blocks = [f"{stage}.{child}" for stage in family.stages for child, _ in model.get_submodule(stage).named_children()]
     count = len(list(model.get_submodule(family.stages[-1]).children())) if arg is None else arg
+    count = len(blocks) if every else count
     chosen = blocks[-count:] if count else []
     modules = list(iter_modules(model))
     return [
@@ -140,12 +146,16 @@ Expand = Callable[[nn.Module, "int | None"], list[str]]
 
 PRESETS: dict[str, tuple[Expand, bool]] = {
     "resnet-last-blocks": (_resnet_last_blocks, False),
+    "resnet-blocks": (_resnet_blocks, False),
     "last-convs": (_last_convs, True),
     "unet-attention": (_unet_attention, False),
     "unet-attention-ff": (_unet_attention_ff, False),
     "unet-locon": (_unet_locon, False),
 }
 """Preset name -> (expansion, whether it needs the ``:n`` argument)."""
+
+COUNTED = frozenset({"resnet-last-blocks", "last-convs"})
+"""The presets that take a ``:n`` count (the others select a fixed set)."""
 
 
 def fitting_presets(model: nn.Module) -> list[str]:
@@ -173,6 +183,8 @@ def expand_preset(model: nn.Module, target: str) -> list[str]:
         raise TargetError(f"{target!r}: the count after the preset name must be an integer >= 1, got {raw!r}")
     if needs_n and not raw:
         raise TargetError(f"{target!r}: {name} needs a count, e.g. 'preset:{name}:4'")
+    if raw and name not in COUNTED:
+        raise TargetError(f"{target!r}: {name} takes no count; write 'preset:{name}'")
     names = expand(model, int(raw) if raw else None)
     if not names:
         fits = fitting_presets(model)
