@@ -509,7 +509,7 @@ def main() -> None:
         for method, q in report["quality"].items():
             print(f"| {method} | {q['mean']:.3f} ± {q['stdev']:.3f} | {q['trainable_percent']:.2f} % |")
         full = report["quality"]["full fine-tuning"]["mean"]
-        print(f"\nLoRA / full fine-tuning accuracy: {report['quality']['LoRA layer4 + head']['mean'] / full:.3f}")
+        print(f"\nLoRA / full fine-tuning accuracy: {report['quality']['LoRA + head']['mean'] / full:.3f}")
     args.json.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {args.json}")
 

@@ -1,9 +1,9 @@
 """Head only vs LoRA vs full fine-tuning through the classifier recipe, on two real datasets that
 ship inside installed packages, over several seeds; prints a markdown table (mean ± std).
 
-Every run is the quickstart's recipe (``visionlora.train.quickstart``: ResNet-18, LoRA on its last
-stage, augmentation off, the recipe's defaults) with a row's overrides. Tasks (each: the ResNet-18
-pre-trained in full here on task A, then adapted to task B):
+Every run is the quickstart's recipe (``visionlora.train.quickstart``: ResNet-18, LoRA on every
+residual block with ranks by resolution, augmentation off, the recipe's defaults) with a row's
+overrides. Tasks (each: the ResNet-18 pre-trained in full here on task A, then adapted to task B):
 - ``digits``: the quickstart's own data and rows; A = digits 0-4, B = digits 5-9.
 - ``textures``: scikit-image's bundled photos; A = patches of 6 everyday photos (camera, coins,
   page, text, astronaut, coffee), B = patches of 5 textures (brick, grass, gravel, cell, moon),
@@ -36,6 +36,7 @@ from visionlora.train.recipe import parse_recipe
 
 # The recipe as it was before the defaults study (issue 20), and the quickstart's rows (today's defaults).
 OLD_LORA = [
+    "lora.targets=[preset:resnet-last-blocks]",
     "lora.rank=8",
     "lora.alpha=16",
     "lora.rank_by_resolution={14: 16, 0: 4}",
@@ -50,7 +51,7 @@ OLD_LORA = [
 ROWS: dict[str, list[str]] = {
     "head": QUICKSTART_ROWS["head only"],
     "lora-0.1": OLD_LORA,
-    "lora": QUICKSTART_ROWS["LoRA layer4 + head"],
+    "lora": QUICKSTART_ROWS["LoRA + head"],
     "full": QUICKSTART_ROWS["full fine-tuning"],
 }
 

@@ -68,7 +68,7 @@ def test_quickstart_compares_four_ways_and_reloads_merges_and_exports_exactly(tm
         check=True,
     )
     results = json.loads((out / "quickstart.json").read_text())
-    methods = ["head only", "LoRA layer4 + head", "LoRA, cached prefix", "full fine-tuning"]
+    methods = ["head only", "LoRA + head", "LoRA, cached prefix", "full fine-tuning"]
     assert [r["method"] for r in results["rows"]] == methods
     for lora in results["rows"][1:3]:  # above chance (5 classes) after 1 epoch
         assert lora["trainable_percent"] < 2.0 and lora["val_accuracy"] > 0.2
@@ -80,7 +80,7 @@ def test_quickstart_compares_four_ways_and_reloads_merges_and_exports_exactly(tm
         run = json.loads((out / row["run"] / "metrics.json").read_text())
         assert run["epochs"] == 1 and run["val_accuracy"] == row["val_accuracy"]
     _peft_reproduces_the_merged_model(out)
-    assert "| LoRA layer4 + head | 1.36 % |" in result.stdout
+    assert "| LoRA + head | 1.54 % |" in result.stdout
 
 
 def _peft_reproduces_the_merged_model(out):

@@ -367,8 +367,9 @@ def _parser() -> argparse.ArgumentParser:
     quickstart = commands.add_parser(
         "quickstart",
         help="LoRA vs head-only vs full fine-tuning on scikit-learn's bundled digits; 'diffusion': styling",
-        description="classifier (default): pre-train a ResNet-18 on digits 0-4, adapt it to digits 5-9 four "
-        "ways, save, reload, merge and export the LoRA adapter (about a minute). diffusion: pre-train a small "
+        description="classifier (default): with the classifier recipe, train a ResNet-18 on digits 0-4, adapt "
+        "it to digits 5-9 four ways (head, LoRA, LoRA on a cached prefix, full), reload, merge and export the "
+        "LoRA adapter (a few minutes). diffusion: pre-train a small "
         "UNet on patches of one bundled photo, LoRA-style it toward another, save base vs styled samples "
         "(a few minutes). CPU, no downloads.",
     )

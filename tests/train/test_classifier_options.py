@@ -136,6 +136,7 @@ def test_every_option_on_resumes_bit_for_bit(split_root, base_file, tmp_path):
         ema_decay=0.9,
         layer_decay=0.8,
         batchnorm="train",
+        channels_last="always",
         early_stopping={"patience": 5, "metric": "val_loss"},
     )
     recipe["data"] |= {"auto_augment": "randaugment", "random_erasing": 0.5, "balanced": True, "crop_scale": [0.5, 1]}
@@ -215,11 +216,11 @@ def test_option_values_are_checked_by_name(split_root, base_file, override, mess
         parse_recipe(recipe)
 
 
-def test_compiled_run_trains_the_same_adapter(split_root, tmp_path):
+def test_compiled_run_trains_the_eager_runs_adapter_and_resumes_bit_for_bit(split_root, tmp_path):
     """train.compile runs the model through torch.compile (inductor on CPU); the result is the eager one's."""
     results = {}
     for compiled in (False, True):
-        recipe = tiny_recipe(split_root, max_steps=2, compile=compiled)
+        recipe = tiny_recipe(split_root, max_steps=4, compile=compiled, checkpoint_every=2)
         recipe["model"] = {
             "name": "timm:vit_tiny_patch16_224",
             "weights": "none",
@@ -233,3 +234,8 @@ def test_compiled_run_trains_the_same_adapter(split_root, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] - b[key]).abs().max() <= 1e-3 * a[key].abs().max(), key
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "True" / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
+    run_recipe(parse_recipe(recipe), output=resumed, resume="latest", progress=False)
+    c = load_file(resumed / "adapter.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b)

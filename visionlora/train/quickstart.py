@@ -5,7 +5,7 @@ scikit-learn, every row a run of the classifier recipe with its defaults.
 2. A ResNet-18 (built locally, no download) is trained in full on digits 0-4 (``train.mode: full``):
    the "pretrained" base, saved as a merged checkpoint.
 3. On digits 5-9 (new classes, new head) the recipe runs from that base four ways: ``train.mode:
-   head``; ``lora`` (LoRA on ``layer4``); the same with the frozen prefix cached
+   head``; ``lora`` (LoRA on every residual block, ranks by resolution); the same with the frozen stem cached
    (``data.cache_features``); ``full``. Augmentation is off in every row (these are 32-px digits).
 4. The LoRA run's adapter is loaded onto a freshly read base, checked against the run's own
    validation and merged checkpoint, merged, and exported for PEFT.
@@ -35,7 +35,7 @@ SIZE = 32
 
 ROWS: dict[str, list[str]] = {
     "head only": ["train.mode=head"],
-    "LoRA layer4 + head": [],
+    "LoRA + head": [],
     "LoRA, cached prefix": ["data.cache_features=true"],
     "full fine-tuning": ["train.mode=full", "train.lr=1e-3", "train.head_lr=1e-3"],
 }
@@ -60,12 +60,13 @@ def digit_folders(root: Path) -> tuple[Path, Path]:
 
 
 def quickstart_recipe(data: Path, weights: str, epochs: int, seed: int, overrides: list[str]) -> dict[str, Any]:
-    """The classifier recipe the quickstart runs: ResNet-18, LoRA on its last stage, the recipe's defaults."""
+    """The classifier recipe the quickstart runs: ResNet-18, LoRA on every residual block (rank 8 where
+    feature maps are 4 px or more, i.e. layer1-2 at 32 px input, else 4), the recipe's defaults."""
     recipe = {
         "task": "classifier",
         "model": {"name": "torchvision:resnet18", "weights": weights},
         "data": {"root": str(data), "image_size": SIZE, "batch_size": 32, "augment": False},
-        "lora": {"targets": ["preset:resnet-last-blocks"]},
+        "lora": {"targets": ["preset:resnet-blocks"], "rank": 8, "alpha": 16, "rank_by_resolution": {4: 8, 0: 4}},
         "train": {"epochs": epochs, "seed": seed},
         "output": {"keep_best": False},
     }
@@ -122,7 +123,7 @@ def run_quickstart(out: str | Path, *, epochs: int = 6, seed: int = 0, echo: boo
         )
 
     say("3. reload, merge, export ...")
-    lora_run = runs / _slug("LoRA layer4 + head")
+    lora_run = runs / _slug("LoRA + head")
     shutil.copyfile(lora_run / "adapter.safetensors", out / "adapter.safetensors")
     shutil.copyfile(lora_run / "merged.safetensors", out / "merged.safetensors")
     fresh, info = load_classifier(base, adapter=out / "adapter.safetensors")
