@@ -7,8 +7,8 @@ scikit-learn, every row a run of the classifier recipe with its defaults.
 3. On digits 5-9 (new classes, new head) the recipe runs from that base four ways: ``train.mode:
    head``; ``lora`` (LoRA on every residual block, ranks by resolution); the same with the frozen stem cached
    (``data.cache_features``); ``full``. Augmentation is off in every row (these are 32-px digits).
-4. The LoRA run's adapter is loaded onto a freshly read base, checked against the run's own
-   validation and merged checkpoint, merged, and exported for PEFT.
+4. The LoRA run's adapter is loaded onto the base file, checked against the run's own validation
+   accuracy, merged (outputs compared with the unmerged model's), and exported for PEFT.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from visionlora._deps import require
 from visionlora.classify import evaluate, load_classifier
 from visionlora.io import export_adapter
+from visionlora.io.files import write_text
 from visionlora.merge import merge_and_unload
 from visionlora.train.recipe import apply_overrides, parse_recipe
 from visionlora.train.run import run_recipe
@@ -111,19 +112,21 @@ def run_quickstart(out: str | Path, *, epochs: int = 6, seed: int = 0, echo: boo
     for method, overrides in ROWS.items():
         say(f"2. digits 5-9: {method} ...")
         started = time.perf_counter()
-        metrics = run(_slug(method), quickstart_recipe(task_b, str(base), epochs, seed, overrides))
+        folder = _slug(method)
+        metrics = run(folder, quickstart_recipe(task_b, str(base), epochs, seed, overrides))
         rows.append(
             {
                 "method": method,
                 "trainable_percent": metrics["trainable_percent"],
                 "val_accuracy": metrics["val_accuracy"],
                 "seconds": time.perf_counter() - started,
-                "run": f"runs/{_slug(method)}",
+                "run": f"runs/{folder}",
             }
         )
 
     say("3. reload, merge, export ...")
-    lora_run = runs / _slug("LoRA + head")
+    lora_row = rows[1]
+    lora_run = out / lora_row["run"]
     shutil.copyfile(lora_run / "adapter.safetensors", out / "adapter.safetensors")
     shutil.copyfile(lora_run / "merged.safetensors", out / "merged.safetensors")
     fresh, info = load_classifier(base, adapter=out / "adapter.safetensors")
@@ -133,7 +136,6 @@ def run_quickstart(out: str | Path, *, epochs: int = 6, seed: int = 0, echo: boo
     with torch.no_grad():
         unmerged = fresh(x)
         merge_err = float((merge_and_unload(fresh)(x) - unmerged).abs().max())
-    lora_row = rows[1]
     files = sorted(p.name for p in out.iterdir() if p.name not in ("data", "runs"))
     result = QuickstartResult(
         rows,
@@ -145,7 +147,7 @@ def run_quickstart(out: str | Path, *, epochs: int = 6, seed: int = 0, echo: boo
     )
     if echo:
         _print(result, out)
-    (out / "quickstart.json").write_text(json.dumps(result.__dict__, indent=1))
+    write_text(out / "quickstart.json", json.dumps(result.__dict__, indent=1))
     return result
 
 
