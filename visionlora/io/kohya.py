@@ -7,9 +7,11 @@ Per adapted module ``lora_unet_<module name with . replaced by _>`` (a text enco
 - ``.lora_up.weight``: B (``[out, r]``, or ``[out, r, 1, 1]`` for a conv);
 - ``.alpha``: a scalar tensor; the branch is scaled by alpha / r.
 
-Every UNet module gets its own true ``.alpha`` (the only form every consumer reads). A text
-encoder's modules share one alpha, any difference folded into B, because diffusers' kohya
-converter keeps only one alpha for a text encoder's attention. On import,
+Every module of the file carries the same ``.alpha`` and any difference of its own scale is folded
+into B: sd-scripts, A1111, ComfyUI and LyCORIS read a true alpha per module, but diffusers' kohya
+converter renames attention keys so that their alphas no longer line up and falls back to the
+most common one. One alpha is the form all of them apply alike; the true per-module ranks and
+alphas stay in the header's kept record, which visionlora's own import restores. On import,
 LyCORIS' Tucker form (``.lora_mid.weight``: down is 1x1, the kernel sits in mid) is read exactly by
 folding mid into A, since up·(mid∘down) = up·A with A = mid∘down. Module names are flattened
 with ``_``, so mapping them back needs the model (:func:`resolve_names`) unless the file keeps
@@ -102,8 +104,8 @@ def components_in(raw: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def kohya_tensors(parts: Parts) -> Payload:
-    """``parts.records`` (component -> record) as one kohya LoRA (LoCon for convs) file with a true
-    ``.alpha`` per module.
+    """``parts.records`` (component -> record) as one kohya LoRA (LoCon for convs) file, every module
+    with the same ``.alpha`` (the most common true alpha) and its own scale folded into its up.
 
     The UNet's modules become ``lora_unet_<name>``, a text encoder's ``lora_te_text_model_<name>``
     (``lora_te2_`` for a second one).
@@ -116,11 +118,12 @@ def kohya_tensors(parts: Parts) -> Payload:
     tensors: dict[str, torch.Tensor] = {}
     kept: dict[str, str] = {}
     dtype = parts.dtype
+    # diffusers' kohya converter loses per-module alphas: every module gets one alpha and the rest of
+    # its scale is folded into B (the kept record unfolds it). Modules whose alpha is the shared one
+    # keep B bit for bit.
+    shared = most_common(s.alpha for file in parts.records.values() for s in file.layers.values())
     for component, file in parts.records.items():
         require_exportable(file, "kohya", lora_only=True)
-        # diffusers' kohya converter collapses a text encoder's per-module alphas into one: give them
-        # one alpha and fold each module's remaining scale into its B (the kept record unfolds it).
-        shared = most_common(s.alpha for s in file.layers.values()) if component != "unet" else None
         for name, spec in file.layers.items():
             key = PREFIXES[component][0] + kohya_name(component, name)
             if key in by_flat:
@@ -128,13 +131,12 @@ def kohya_tensors(parts: Parts) -> Payload:
             by_flat[key] = name
             a, b = file.tensors[f"{name}.lora_A.weight"], file.tensors[f"{name}.lora_B.weight"]
             scale = layer_scale(file, name)
-            alpha = scale * spec.rank if shared is None else shared
-            if abs(alpha / spec.rank / scale - 1) > 1e-12:
-                b = (b.double() * (scale * spec.rank / alpha)).to(b.dtype)
+            if abs(shared / spec.rank / scale - 1) > 1e-12:
+                b = (b.double() * (scale * spec.rank / shared)).to(b.dtype)
             tensors[f"{key}.lora_down.weight"] = a if dtype is None else a.to(dtype)
             tensors[f"{key}.lora_up.weight"] = b if dtype is None else b.to(dtype)
             # alpha / r gives the layer's scale; float32 so any alpha survives (fp16 would round it).
-            tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+            tensors[f"{key}.alpha"] = torch.tensor(shared, dtype=torch.float32)
         kept.update(export_header(file))
         _warn_attention_without_out_proj(component, file)
     specs = [s for file in parts.records.values() for s in file.layers.values()]
@@ -143,8 +145,8 @@ def kohya_tensors(parts: Parts) -> Payload:
     header = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(most_common(s.rank for s in linear)),
-        "ss_network_alpha": str(most_common(s.alpha for s in linear)),
-        **({"ss_network_args": _conv_args(conv)} if conv else {}),
+        "ss_network_alpha": str(shared),
+        **({"ss_network_args": _conv_args(conv, shared)} if conv else {}),
         **kept,
     }
     return Payload(tensors, header)
@@ -163,11 +165,9 @@ def _warn_attention_without_out_proj(component: str, file: AdapterFile) -> None:
         )
 
 
-def _conv_args(conv: list[LayerSpec]) -> str:
-    """kohya's ``network_args`` for LoCon: the conv layers' (most common) rank and alpha."""
-    return json.dumps(
-        {"conv_dim": str(most_common(s.rank for s in conv)), "conv_alpha": str(most_common(s.alpha for s in conv))}
-    )
+def _conv_args(conv: list[LayerSpec], alpha: float) -> str:
+    """kohya's ``network_args`` for LoCon: the conv layers' (most common) rank and the file's alpha."""
+    return json.dumps({"conv_dim": str(most_common(s.rank for s in conv)), "conv_alpha": str(alpha)})
 
 
 def _fold_mid(path: Path, base: str, down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
