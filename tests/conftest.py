@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -133,9 +134,8 @@ def unet_output(unet: nn.Module) -> Tensor:
         return unet(**unet_input()).sample
 
 
-def tiny_pipeline(folder: Path, unet: nn.Module) -> Path:
-    """Save a small StableDiffusionPipeline around ``unet`` to ``folder`` (tokenizer vocabulary made up here)."""
-    diffusers = pytest.importorskip("diffusers")
+def _tiny_tokenizer(folder: Path):
+    """A CLIP tokenizer over a made-up vocabulary (letters), saved beside ``folder``."""
     transformers = pytest.importorskip("transformers")
     tok_dir = folder.parent / f"{folder.name}-vocab"
     tok_dir.mkdir(parents=True, exist_ok=True)
@@ -145,21 +145,28 @@ def tiny_pipeline(folder: Path, unet: nn.Module) -> Path:
         vocab[c + "</w>"] = len(vocab)
     (tok_dir / "vocab.json").write_text(json.dumps(vocab))
     (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = transformers.CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=8)
-    torch.manual_seed(0)
-    text = transformers.CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=24,
+    return transformers.CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=8)
+
+
+def _tiny_text_config(hidden: int, projection: int, vocab: int, layers: int = 2):
+    transformers = pytest.importorskip("transformers")
+    return transformers.CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
         intermediate_size=32,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         max_position_embeddings=8,
-        projection_dim=24,
+        projection_dim=projection,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
     )
-    vae = diffusers.AutoencoderKL(
+
+
+def _tiny_vae():
+    diffusers = pytest.importorskip("diffusers")
+    return diffusers.AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",),
         up_block_types=("UpDecoderBlock2D",),
         block_out_channels=(8,),
@@ -167,15 +174,82 @@ def tiny_pipeline(folder: Path, unet: nn.Module) -> Path:
         norm_num_groups=8,
         sample_size=32,
     )
+
+
+def tiny_pipeline(folder: Path, unet: nn.Module) -> Path:
+    """Save a small StableDiffusionPipeline around ``unet`` to ``folder`` (tokenizer vocabulary made up here)."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    tokenizer = _tiny_tokenizer(folder)
+    torch.manual_seed(0)
     pipe = diffusers.StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=transformers.CLIPTextModel(text),
+        vae=_tiny_vae(),
+        text_encoder=transformers.CLIPTextModel(_tiny_text_config(24, 24, len(tokenizer), layers=1)),
         tokenizer=tokenizer,
         unet=unet,
         scheduler=diffusers.DDIMScheduler(steps_offset=1, clip_sample=False),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def tiny_sdxl_unet(**overrides):
+    """A small SDXL-like UNet: no attention at the top level, 2 transformer layers below it, text_time
+    micro-conditioning; cross-attention 40 wide (16 + 24 from the two tiny text encoders), pooled 20."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    config = {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": (32, 64),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "transformer_layers_per_block": (1, 2),
+        "cross_attention_dim": 40,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 20 + 6 * 8,
+        "use_linear_projection": True,
+    }
+    return diffusers.UNet2DConditionModel(**(config | overrides)).eval()
+
+
+def sdxl_input(batch: int = 2, seed: int = 1) -> dict[str, Any]:
+    """Keyword arguments for a forward pass of :func:`tiny_sdxl_unet`."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(batch, 4, 16, 16, generator=g),
+        "timestep": torch.tensor([10] * batch),
+        "encoder_hidden_states": torch.randn(batch, 8, 40, generator=g),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(batch, 20, generator=g),
+            "time_ids": torch.tensor([[24.0, 32, 0, 4, 16, 16]] * batch),
+        },
+    }
+
+
+def tiny_sdxl_pipeline(folder: Path, unet: nn.Module | None = None) -> Path:
+    """Save a small StableDiffusionXLPipeline to ``folder``: two tiny CLIP text encoders (16 wide, and
+    24 wide with a 20-wide projection), their made-up tokenizers, a tiny VAE and ``unet``."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    tokenizer = _tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=_tiny_vae(),
+        text_encoder=transformers.CLIPTextModel(_tiny_text_config(16, 16, len(tokenizer))),
+        text_encoder_2=transformers.CLIPTextModelWithProjection(_tiny_text_config(24, 20, len(tokenizer))),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet if unet is not None else tiny_sdxl_unet(),
+        scheduler=diffusers.EulerDiscreteScheduler(steps_offset=1),
     )
     pipe.save_pretrained(str(folder))
     return folder

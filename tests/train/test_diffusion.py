@@ -109,7 +109,7 @@ def test_the_target_follows_the_schedulers_prediction_type():
 
 
 def test_captions_come_from_txt_files_else_the_recipe_and_missing_ones_are_named(style, tmp_path):
-    items = dict((p.name, c) for p, c in style_items(style, "zz style"))
+    items = {item.path.name: item.caption for item in style_items(style, "zz style")}
     assert items["img0.png"] == "a photo in zz style" and items["img3.png"] == "zz style"
     with pytest.raises(vl.ConfigError, match=r"data.caption: img1.png has no img1.txt"):
         style_items(style, None)
@@ -117,12 +117,13 @@ def test_captions_come_from_txt_files_else_the_recipe_and_missing_ones_are_named
         style_items(tmp_path, "x")
 
 
-def test_the_shipped_style_recipe_runs_on_a_tiny_pipeline(style, tmp_path):
+@pytest.mark.parametrize("name", ["diffusion-style.yaml", "dreambooth-sd15.yaml"])
+def test_the_shipped_sd1_recipes_run_on_a_tiny_pipeline(style, name, tmp_path):
     from pathlib import Path
 
     from visionlora.train import load_recipe
 
-    path = Path(__file__).parents[2] / "recipes" / "diffusion-style.yaml"
+    path = Path(__file__).parents[2] / "recipes" / name
     overrides = [
         f"model.pipeline={style / 'pipe'}",
         f"data.root={style}",
@@ -134,6 +135,8 @@ def test_the_shipped_style_recipe_runs_on_a_tiny_pipeline(style, tmp_path):
         "validation.every=null",
         "output.merged_dtype=fp32",
     ]
+    if name.startswith("dreambooth"):
+        overrides += ["dreambooth.num_class_images=2", "dreambooth.class_steps=2"]
     metrics = run_recipe(load_recipe(path, overrides), output=tmp_path / "run", progress=False)
     assert metrics["steps"] == 2 and (tmp_path / "run" / "merged" / "model_index.json").is_file()
 
@@ -367,3 +370,31 @@ def test_nan_steps_are_skipped_and_too_many_in_a_row_stop_the_run_at_its_last_ch
     assert hit == [1, 3, 4]  # one isolated NaN step (skipped), then two in a row
     trained = load_file(latest_checkpoint(tmp_path / "run") / "trainable.safetensors")
     assert trained and all(torch.isfinite(v).all() for v in trained.values() if v.is_floating_point())
+
+
+def test_dreambooth_on_sd1_captions_every_instance_image_with_the_prompt_and_generates_its_class(style, tmp_path):
+    from visionlora.train.diffusion import StyleTask
+    from visionlora.train.recipe import DreamBooth
+
+    recipe = _recipe(style, max_steps=2)
+    recipe.validation.prompts = []
+    recipe.dreambooth = DreamBooth(
+        instance_prompt="a photo of zwx", class_prompt="a photo", num_class_images=2, class_steps=2
+    )
+    out = tmp_path / "run"
+    metrics = run_recipe(recipe, output=out, progress=False)
+    assert sorted(p.name for p in (out / "class-images").iterdir()) == ["00000.png", "00001.png"]
+    assert metrics["images"] == 6 and metrics["class_images"] == 2 and metrics["steps"] == 2
+
+    class Probe(StyleTask):  # the items a run trains on, without training
+        def build(self, accelerator):
+            super().build(accelerator)
+            raise SystemExit([(i.caption, i.prior) for i in self.items])
+
+    from visionlora.train.loop import run_loop
+
+    with pytest.raises(SystemExit) as stop:
+        run_loop(Probe(recipe), output=tmp_path / "probe", progress=False)
+    items = stop.value.args[0]
+    assert items[:6] == [("a photo of zwx", False)] * 6  # img0.txt is not read
+    assert items[6:] == [("a photo", True)] * 2

@@ -3,6 +3,7 @@ kohya), loading onto a model, merged checkpoints and base weights."""
 
 from visionlora.io.adapter import AdapterFile, Geometry, LayerSpec, read_native
 from visionlora.io.convert import COMPONENTS
+from visionlora.io.export import export_adapter
 from visionlora.io.files import read_safetensors, write_safetensors
 from visionlora.io.formats import (
     FORMAT_TABLE,
@@ -10,7 +11,6 @@ from visionlora.io.formats import (
     PIPELINE_FORMATS,
     AdapterFormat,
     Format,
-    export_adapter,
     file_components,
     read_adapter,
     save_adapter,

@@ -8,7 +8,6 @@ turns records into what to write (:class:`~visionlora.io.adapter.Payload`). One 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 from torch import nn
 
 from visionlora.errors import ConfigError
@@ -42,7 +40,6 @@ from visionlora.io.kohya import is_kohya, kohya_tensors, read_kohya, resolve_nam
 from visionlora.io.peft import CONFIG_FILE as PEFT_CONFIG
 from visionlora.io.peft import WEIGHTS_FILE as PEFT_WEIGHTS
 from visionlora.io.peft import peft_tensors, read_peft
-from visionlora.state import original_state_dict
 
 __all__ = [
     "FORMATS",
@@ -50,10 +47,14 @@ __all__ = [
     "PIPELINE_FORMATS",
     "AdapterFormat",
     "Format",
-    "export_adapter",
+    "check_component",
+    "components_of",
     "file_components",
+    "format_named",
     "open_adapter",
     "read_adapter",
+    "read_component",
+    "refuse_output",
     "save_adapter",
     "write_adapter",
     "write_export",
@@ -158,7 +159,7 @@ PIPELINE_FORMATS: tuple[str, ...] = tuple(n for n, f in FORMAT_TABLE.items() if 
 """Formats whose one file holds a pipeline's UNet and text encoders, LoRA weights only (no other modules)."""
 
 
-def _format(name: str) -> Format:
+def format_named(name: str) -> Format:
     if name not in FORMAT_TABLE:
         raise ConfigError(f"format {name!r} is not one of {list(FORMATS)}")
     return FORMAT_TABLE[name]
@@ -197,11 +198,11 @@ def open_adapter(path: str | os.PathLike[str]) -> tuple[Format, Source]:
     )
 
 
-def _components(fmt: Format, source: Source) -> list[str]:
+def components_of(fmt: Format, source: Source) -> list[str]:
     return fmt.components(source) if fmt.components is not None else [COMPONENTS[0]]
 
 
-def _read(fmt: Format, source: Source, component: str | None) -> AdapterFile:
+def read_component(fmt: Format, source: Source, component: str | None) -> AdapterFile:
     """The record of ``component`` (default: the UNet, or the one model) in an opened source."""
     if fmt.pipeline:
         return fmt.read(source, component or COMPONENTS[0])
@@ -216,7 +217,7 @@ def _read(fmt: Format, source: Source, component: str | None) -> AdapterFile:
     return file
 
 
-def _check_component(component: str | None) -> None:
+def check_component(component: str | None) -> None:
     if component is not None and component not in COMPONENTS:
         raise ConfigError(f"component {component!r} is not one of {list(COMPONENTS)}")
 
@@ -240,8 +241,8 @@ def read_adapter(path: str | os.PathLike[str], *, component: str | None = None) 
         'kohya'
         >>> vl.read_adapter("lora.safetensors", component="text_encoder").layers
     """
-    _check_component(component)
-    return _read(*open_adapter(path), component)
+    check_component(component)
+    return read_component(*open_adapter(path), component)
 
 
 def file_components(path: str | os.PathLike[str]) -> list[str]:
@@ -250,10 +251,10 @@ def file_components(path: str | os.PathLike[str]) -> list[str]:
     Raises:
         AdapterFileError: as :func:`read_adapter`, for a path that holds no adapter.
     """
-    return _components(*open_adapter(path))
+    return components_of(*open_adapter(path))
 
 
-def _refuse_existing(fmt: Format, path: Path, overwrite: bool) -> None:
+def refuse_output(fmt: Format, path: Path, overwrite: bool) -> None:
     if fmt.folder_marker is not None:
         refuse_existing(path, overwrite, fmt.folder_marker)
     else:
@@ -272,7 +273,7 @@ def write_export(fmt: Format, parts: Parts, path: str | os.PathLike[str], *, ove
             existing output without ``overwrite``, or a failed write (the old output is intact).
     """
     path = Path(path)
-    _refuse_existing(fmt, path, overwrite)
+    refuse_output(fmt, path, overwrite)
     payload = fmt.to_tensors(parts)
     header = {**parts.header, **payload.header}
     tensors = require_finite(next(iter(parts.records.values())).path, payload.tensors)
@@ -317,104 +318,3 @@ def save_adapter(
     """
     path = Path(path)
     return write_adapter(adapter_record(model, path, adapter_name), overwrite=overwrite, header=metadata)
-
-
-def export_adapter(
-    model_or_file: nn.Module | str | os.PathLike[str],
-    path: str | os.PathLike[str],
-    *,
-    format: AdapterFormat = "visionlora",
-    adapter_name: str = "default",
-    dtype: torch.dtype | None = None,
-    text_encoder: nn.Module | str | os.PathLike[str] | None = None,
-    component: str | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write an adapter (from a model, or from a file in any format) in ``format``; returns the path.
-
-    - ``peft``: a folder ``PeftModel.from_pretrained(base, path)`` loads; per-layer ranks and
-      alphas exact, new heads and changed BatchNorm statistics through ``modules_to_save``.
-    - ``diffusers``: a LoRA file that ``pipeline.load_lora_weights`` and
-      ``unet.load_lora_adapter`` load exactly, with any alpha and per-layer ranks.
-    - ``kohya``: ``lora_unet_*`` down/up/alpha keys (LoCon for convs) for A1111 and ComfyUI.
-    - ``visionlora``: the native file (e.g. to convert a kohya file or change dtype).
-
-    ``text_encoder`` (a model with LoRA, or its adapter file) puts a pipeline's text-encoder
-    adapter in the same ``diffusers`` or ``kohya`` file (``text_encoder.*`` / ``lora_te_*`` keys),
-    which ``pipeline.load_lora_weights`` and kohya's consumers apply to the text encoder; a file
-    given as ``model_or_file`` that already holds one keeps it. ``component`` exports one part of
-    such a file only; the ``peft`` and ``visionlora`` formats hold one model, so a file holding
-    several parts needs it.
-
-    Every export keeps the full visionlora record in its header, so reading it back with visionlora
-    gives the same ranks, alphas, resolutions and config. ``dtype`` casts the written weights.
-    An existing file (or non-empty folder) at ``path`` is refused unless ``overwrite`` is set.
-
-    Raises:
-        AdapterFileError: a layer or tensor ``format`` cannot hold exactly (the message names each),
-            parts of the file a one-model format cannot hold (without ``component``), ``path``
-            exists and ``overwrite`` is off, or the write failed (the old output is intact).
-        ConfigError: an unknown format or component, or ``text_encoder`` with a one-model format.
-
-    Example:
-        >>> vl.export_adapter(model, "lora_peft", format="peft")
-        >>> vl.export_adapter("adapter.safetensors", "style.safetensors", format="kohya", dtype=torch.float16)
-        >>> vl.export_adapter(pipe.unet, "style.safetensors", format="kohya", text_encoder=pipe.text_encoder)
-        >>> vl.export_adapter("style.safetensors", "te.safetensors", component="text_encoder")
-    """
-    fmt = _format(format)
-    _check_component(component)
-    if text_encoder is not None and not fmt.pipeline:
-        pipeline = " or ".join(repr(name) for name in PIPELINE_FORMATS)
-        raise ConfigError(
-            f"text_encoder=: the {format} format holds one model's adapter; export the text encoder to a path "
-            f"of its own, or use format={pipeline} for one pipeline file"
-        )
-    if text_encoder is not None and component is not None:
-        raise ConfigError("component= exports one part of a pipeline file; text_encoder= adds a part: give one")
-    path = Path(path)
-    _refuse_existing(fmt, path, overwrite)
-    model_state: dict[str, torch.Tensor] | None = None
-    if isinstance(model_or_file, nn.Module):
-        records = {COMPONENTS[0]: adapter_record(model_or_file, path, adapter_name)}
-        model_state = original_state_dict(model_or_file)
-    else:
-        source_format, source = open_adapter(model_or_file)
-        records = {c: _read(source_format, source, c) for c in _components(source_format, source)}
-    if text_encoder is not None:
-        if isinstance(text_encoder, nn.Module):
-            record = adapter_record(text_encoder, path, adapter_name)
-        else:  # a pipeline file's text-encoder part, or a one-model file's whole adapter
-            te_format, te_source = open_adapter(text_encoder)
-            held = _components(te_format, te_source)
-            record = _read(te_format, te_source, "text_encoder" if "text_encoder" in held else None)
-        records["text_encoder"] = dataclasses.replace(record, component="text_encoder")
-    records = _chosen(records, fmt, component)
-    for part in records.values():
-        if part.flat_names:
-            raise file_error(
-                part.path,
-                "is a kohya file whose module names are flattened (down_blocks_0_...); load it onto its model "
-                "with vl.load_adapter and export the model",
-            )
-    return write_export(fmt, Parts(records, dtype, model_state), path, overwrite=overwrite)
-
-
-def _chosen(records: dict[str, AdapterFile], fmt: Format, component: str | None) -> dict[str, AdapterFile]:
-    """The parts ``fmt`` writes: ``component``'s alone if given, all of them for a pipeline format."""
-    if component is not None:
-        if component not in records:
-            first = next(iter(records.values()))
-            raise file_error(first.path, f"holds no {component} LoRA; it holds LoRA for {list(records)}")
-        records = {component: records[component]}
-    if fmt.pipeline:
-        return records
-    if len(records) > 1:
-        first = next(iter(records.values()))
-        raise file_error(
-            first.path,
-            f"holds LoRA for {list(records)}, and the {fmt.name} format holds one model's adapter: pass "
-            f"component=<one of those> (--component on the command line) to export one of them",
-        )
-    (record,) = records.values()
-    return {COMPONENTS[0]: dataclasses.replace(record, component=COMPONENTS[0])}  # the one model of the file

@@ -1,7 +1,9 @@
 """kohya LoRA / LoCon files, as A1111, ComfyUI and diffusers' kohya converter read them.
 
 Per adapted module ``lora_unet_<module name with . replaced by _>`` (a text encoder's:
-``lora_te_text_model_<name>``, ``lora_te2_`` for SDXL's second):
+``lora_te_text_model_<name>``, ``lora_te2_`` for SDXL's second). An SDXL UNet's modules are named
+as in its original SGM layout, as sd-scripts' ``sdxl_train_network.py`` writes them
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``):
 
 - ``.lora_down.weight``: A (a conv's keeps the kernel: ``[r, in, kh, kw]``);
 - ``.lora_up.weight``: B (``[out, r]``, or ``[out, r, 1, 1]`` for a conv);
@@ -44,6 +46,8 @@ from visionlora.io.convert import (
     scalar_alpha,
     unmappable,
 )
+from visionlora.io.ldm import unet_ldm_names
+from visionlora.state import original_state_dict
 
 __all__ = [
     "PREFIXES",
@@ -54,6 +58,7 @@ __all__ = [
     "kohya_tensors",
     "read_kohya",
     "resolve_names",
+    "sgm_names",
 ]
 
 PREFIXES: dict[str, tuple[str, ...]] = {
@@ -65,6 +70,18 @@ PREFIXES: dict[str, tuple[str, ...]] = {
 logger = logging.getLogger("visionlora")
 _PARTS = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha")
 _TEXT_MODEL = "text_model."
+_NAMES_KEY = "visionlora.kohya_names"
+"""Header entry of an export with SGM names: its flattened UNet names -> the diffusers module names."""
+
+
+def sgm_names(state_keys: list[str]) -> dict[str, str] | None:
+    """An SDXL UNet's module names (from its state dict's keys) -> their names in the original SGM
+    layout; None for any other model."""
+    if "add_embedding.linear_1.weight" not in state_keys:
+        return None
+    per_block = len({k.split(".")[3] for k in state_keys if k.startswith("down_blocks.0.resnets.")})
+    names = unet_ldm_names(list(state_keys), per_block)
+    return {k[: -len(".weight")]: v[: -len(".weight")] for k, v in names.items() if k.endswith(".weight")}
 
 
 def flat_name(name: str) -> str:
@@ -118,6 +135,8 @@ def kohya_tensors(parts: Parts) -> Payload:
     tensors: dict[str, torch.Tensor] = {}
     kept: dict[str, str] = {}
     dtype = parts.dtype
+    sgm = sgm_names(list(parts.model_state)) if parts.model_state is not None and "unet" in parts.records else None
+    xl = sgm is not None or "text_encoder_2" in parts.records  # SDXL: sd-scripts' lora_te1_ / lora_te2_
     # diffusers' kohya converter loses per-module alphas: every module gets one alpha and the rest of
     # its scale is folded into B (the kept record unfolds it). Modules whose alpha is the shared one
     # keep B bit for bit.
@@ -125,7 +144,9 @@ def kohya_tensors(parts: Parts) -> Payload:
     for component, file in parts.records.items():
         require_exportable(file, "kohya", lora_only=True)
         for name, spec in file.layers.items():
-            key = PREFIXES[component][0] + kohya_name(component, name)
+            flat = flat_name(sgm[name]) if sgm is not None and component == "unet" else kohya_name(component, name)
+            prefix = "lora_te1_" if component == "text_encoder" and xl else PREFIXES[component][0]
+            key = prefix + flat
             if key in by_flat:
                 raise file_error(file.path, f"modules {by_flat[key]!r} and {name!r} both flatten to kohya name {key!r}")
             by_flat[key] = name
@@ -149,6 +170,8 @@ def kohya_tensors(parts: Parts) -> Payload:
         **({"ss_network_args": _conv_args(conv, shared)} if conv else {}),
         **kept,
     }
+    if sgm is not None:
+        header[_NAMES_KEY] = json.dumps({flat_name(sgm[n]): n for n in parts.records["unet"].layers})
     return Payload(tensors, header)
 
 
@@ -219,7 +242,13 @@ def read_kohya(source: Source, component: str = "unet") -> AdapterFile:
     real = _kept_names(path, header, component)
     if real is None:
         return dataclasses.replace(file, flat_names=True)
-    return kept_record(_rename(file, {kohya_name(component, n): n for n in real}), header)
+    flat = {kohya_name(component, n): n for n in real}
+    if component == "unet" and _NAMES_KEY in header:
+        names = header_json(path, header[_NAMES_KEY], _NAMES_KEY)
+        if not isinstance(names, dict) or sorted(names.values()) != sorted(real):
+            raise file_error(path, f"the {_NAMES_KEY!r} header entry does not list the kept record's layers")
+        flat = names
+    return kept_record(_rename(file, flat), header)
 
 
 def _owned(key: str, component: str) -> bool:
@@ -269,10 +298,14 @@ def resolve_names(file: AdapterFile, model: nn.Module) -> AdapterFile:
         return file
     prefix = PREFIXES[file.component][0]
     modules = dict(iter_modules(model))
+    sgm = sgm_names(list(original_state_dict(model))) if file.component == "unet" else None
     candidates: dict[str, list[str]] = {}
     for name, module in modules.items():
         if adaptable_kind(name, module, modules) is not None:
-            for flat in {flat_name(name), kohya_name(file.component, name)}:
+            flats = {flat_name(name), kohya_name(file.component, name)}
+            if sgm is not None and name in sgm:
+                flats.add(flat_name(sgm[name]))
+            for flat in flats:
                 candidates.setdefault(flat, []).append(name)
     unknown = sorted(prefix + n for n in file.layers if n not in candidates)
     unmappable(file.path, unknown, type(model).__name__, " (no module of that kohya name)")

@@ -35,7 +35,7 @@ from visionlora._deps import require
 from visionlora._tree import from_diffusers, require_module
 from visionlora.errors import ConfigError, MergeError
 from visionlora.io.files import atomic_folder, refuse_existing, write_safetensors
-from visionlora.io.ldm import ldm_state_dict
+from visionlora.io.ldm import ldm_state_dict, sdxl_state_dict
 from visionlora.state import lora_layers, original_state_dict
 
 __all__ = ["export_merged", "merged_state_dict"]
@@ -148,28 +148,36 @@ def _write_single_file(
     dtype: torch.dtype | None,
     overwrite: bool,
 ) -> Path:
-    """The whole SD 1.x pipeline, merged, as one original-layout checkpoint (see :mod:`visionlora.io.ldm`)."""
+    """The whole SD 1.x or SDXL pipeline, merged, as one original-layout checkpoint (see :mod:`visionlora.io.ldm`)."""
     parts = {component: model, **others}
-    unknown = sorted(set(parts) - {"unet", "vae", "text_encoder"})
+    names = ["unet", "vae", "text_encoder", "text_encoder_2"]
+    unknown = sorted(set(parts) - set(names))
     if component != "unet" or unknown:
         raise ConfigError(
-            f"single-file export: components {sorted(parts)}; a Stable Diffusion checkpoint holds 'unet', 'vae' and "
-            "'text_encoder'"
+            f"single-file export: components {sorted(parts)}; a Stable Diffusion checkpoint holds 'unet', 'vae', "
+            "'text_encoder' (and SDXL's 'text_encoder_2')"
         )
     refuse_existing(path, overwrite)
     if isinstance(pipeline, str | os.PathLike):
         diffusers = require("diffusers")
         if not (Path(pipeline) / "model_index.json").is_file():
             raise ConfigError(f"pipeline={pipeline}: not a diffusers pipeline folder (no model_index.json)")
-        pipeline = diffusers.DiffusionPipeline.from_pretrained(str(pipeline), safety_checker=None)
+        pipeline = diffusers.DiffusionPipeline.from_pretrained(str(pipeline))
+    xl = isinstance(parts.get("text_encoder_2", getattr(pipeline, "text_encoder_2", None)), nn.Module)
     modules: dict[str, Any] = {
-        n: parts[n] if n in parts else getattr(pipeline, n, None) for n in ("unet", "vae", "text_encoder")
+        n: parts[n] if n in parts else getattr(pipeline, n, None) for n in names[: 4 if xl else 3]
     }
     missing = [n for n, module in modules.items() if not isinstance(module, nn.Module)]
     if missing:
         raise ConfigError(f"pipeline=: {type(pipeline).__name__} has no {missing}; give a Stable Diffusion pipeline")
     states = {n: merged_state_dict(module, dtype=dtype) for n, module in modules.items()}
-    tensors = ldm_state_dict(states["unet"], states["vae"], states["text_encoder"], model.config, modules["vae"].config)
+    configs = (model.config, modules["vae"].config)
+    if xl:
+        tensors = sdxl_state_dict(
+            states["unet"], states["vae"], states["text_encoder"], states["text_encoder_2"], *configs
+        )
+    else:
+        tensors = ldm_state_dict(states["unet"], states["vae"], states["text_encoder"], *configs)
     return write_safetensors(
         path, {k: v.contiguous() for k, v in tensors.items()}, {"format": "pt"}, overwrite=overwrite
     )

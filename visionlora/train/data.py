@@ -31,14 +31,23 @@ class EpochBatches(Sampler[list[int]]):
 
     Every process builds the same order; accelerate splits each batch between processes, so the
     global batch is the same with 1 or N processes. With ``weights`` (one per sample) each epoch
-    draws ``size`` samples with replacement in proportion to them instead of a permutation.
+    draws ``size`` samples with replacement in proportion to them instead of a permutation. With
+    ``groups`` (one per sample, e.g. an aspect-ratio bucket) every batch holds one group: each
+    group is shuffled and cut into batches (its last one may be short), and the batches shuffled.
     """
 
     def __init__(
-        self, size: int, batch_size: int, seed: int, drop_last: bool = False, weights: Sequence[float] | None = None
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        drop_last: bool = False,
+        weights: Sequence[float] | None = None,
+        groups: Sequence[int] | None = None,
     ) -> None:
         self.size, self.batch_size, self.seed, self.drop_last = size, batch_size, seed, drop_last
         self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
+        self.groups = None if groups is None else list(groups)
         self.epoch, self.start = 0, 0
 
     def set_position(self, epoch: int, start: int = 0) -> None:
@@ -47,6 +56,13 @@ class EpochBatches(Sampler[list[int]]):
 
     def _batches(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        if self.groups is not None:
+            grouped: list[list[int]] = []
+            for group in sorted(set(self.groups)):
+                members = torch.tensor([i for i, g in enumerate(self.groups) if g == group])
+                members = members[torch.randperm(len(members), generator=generator)]
+                grouped += [b.tolist() for b in members.split(self.batch_size)]
+            return [grouped[i] for i in torch.randperm(len(grouped), generator=generator).tolist()]
         if self.weights is not None:
             order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
         else:

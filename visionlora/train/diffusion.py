@@ -10,9 +10,9 @@ loss curve, and a merged pipeline folder (or single file, from a single-file bas
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import json
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,79 +21,70 @@ from visionlora._deps import require
 from visionlora.adapters import disable_adapters, enable_adapters
 from visionlora.errors import ConfigError
 from visionlora.inject import apply_lora
+from visionlora.io.files import atomic_path
 from visionlora.models.loading import example_input_for
+from visionlora.train.conditioning import ENCODERS, Conditioner, Text
 from visionlora.train.data import EpochBatches, mix_seed
+from visionlora.train.diffusion_data import (
+    Crop,
+    Item,
+    assign_buckets,
+    bucket_sizes,
+    bucket_table,
+    caption_for,
+    crop_for,
+    crop_ids,
+    flip_for,
+    load_pixels,
+    style_items,
+)
 from visionlora.train.outputs import Outputs
 from visionlora.train.recipe import DiffusionModel, DiffusionRecipe
 from visionlora.train.report import plot_losses
 from visionlora.train.sharding import is_fsdp
 from visionlora.train.task import Built, Prepared, RunState, Task
 
-__all__ = ["StyleTask", "load_pipeline", "min_snr_weights", "noise_target", "style_items"]
+__all__ = ["StyleTask", "draw_noise", "load_pipeline", "min_snr_weights", "noise_target", "style_items"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def _pipeline_class(folder: Path, key: str) -> Any:
+    """The diffusers pipeline class a folder's ``model_index.json`` names (SD 1.x/2.x or SDXL)."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ConfigError(f"{key}: {folder} has no model_index.json; give a diffusers pipeline folder")
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{key}: {index} is not a readable model_index.json ({exc})") from None
+    if name not in _PIPELINES:
+        raise ConfigError(f"{key}: {folder} holds a {name}; the style recipe trains {' or '.join(_PIPELINES)}")
+    return getattr(require("diffusers"), name)
 
 
 def load_pipeline(spec: DiffusionModel) -> Any:
-    """A StableDiffusionPipeline from a pipeline folder, or from one ``.safetensors`` file with local configs."""
-    diffusers = require("diffusers")
+    """A Stable Diffusion 1.x/2.x or SDXL pipeline from a pipeline folder, or from one ``.safetensors``
+    file with local configs."""
     path = Path(spec.pipeline)
     common = {"safety_checker": None, "requires_safety_checker": False}
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ConfigError(f"model.pipeline: {path} has no model_index.json; give a diffusers pipeline folder")
-        return diffusers.StableDiffusionPipeline.from_pretrained(str(path), **common)
+        cls = _pipeline_class(path, "model.pipeline")
+        xl = cls.__name__ == _PIPELINES[1]
+        return cls.from_pretrained(str(path), **({} if xl else common))
     if path.suffix == ".safetensors" and path.is_file():
         if spec.config is None:
             raise ConfigError(
                 "model.config: a single-file checkpoint needs a local pipeline folder with its configs "
                 "(nothing is downloaded)"
             )
-        return diffusers.StableDiffusionPipeline.from_single_file(
-            str(path), config=spec.config, local_files_only=True, **common
-        )
+        cls = _pipeline_class(Path(spec.config), "model.config")
+        xl = cls.__name__ == _PIPELINES[1]
+        return cls.from_single_file(str(path), config=spec.config, local_files_only=True, **({} if xl else common))
     raise ConfigError(
         f"model.pipeline: {path} is neither a diffusers pipeline folder nor a .safetensors checkpoint "
         "(.ckpt files are pickles and are not read)"
     )
-
-
-def style_items(root: str | Path, caption: str | None) -> list[tuple[Path, str]]:
-    """(image, caption) pairs: the ``.txt`` beside each image, else ``caption``."""
-    folder = Path(root)
-    if not folder.is_dir():
-        raise ConfigError(f"data.root: {folder} is not a folder of style images")
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise ConfigError(f"data.root: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    items = []
-    for image in images:
-        text_file = image.with_suffix(".txt")
-        text = text_file.read_text(encoding="utf-8").strip() if text_file.is_file() else caption
-        if text is None:
-            raise ConfigError(f"data.caption: {image.name} has no {text_file.name}; add one or set data.caption")
-        items.append((image, text))
-    return items
-
-
-def _pixels(path: Path, resolution: int, center_crop: bool, flip: bool, seed: int) -> torch.Tensor:
-    """The image at ``resolution`` x ``resolution`` in [-1, 1]: shorter side resized, cropped, maybe flipped."""
-    Image = require("PIL.Image")
-    TF = require("torchvision.transforms.functional")
-    with Image.open(path) as im:
-        image = im.convert("RGB")
-    image = TF.resize(image, resolution, antialias=True)
-    w, h = image.size
-    if center_crop:
-        top, left = (h - resolution) // 2, (w - resolution) // 2
-    else:
-        g = torch.Generator().manual_seed(seed)
-        top = int(torch.randint(0, h - resolution + 1, (1,), generator=g))
-        left = int(torch.randint(0, w - resolution + 1, (1,), generator=g))
-    image = TF.crop(image, top, left, resolution, resolution)
-    if flip:
-        image = TF.hflip(image)
-    return TF.to_tensor(image) * 2 - 1
 
 
 def min_snr_weights(
@@ -116,67 +107,24 @@ def noise_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, tim
     raise ConfigError(f"scheduler prediction_type {kind!r}: the style recipe trains 'epsilon' or 'v_prediction'")
 
 
-@dataclass
-class _Encoded:
-    """What the frozen encoders give: the latent distribution (mean, std) per image, the caption embedding."""
+class _Latents:
+    """Latent distributions (mean, std) per (image, flipped), encoded by the frozen VAE when first asked
+    for (with ``data.cache``, everything is asked for once, at the start)."""
 
-    mean: torch.Tensor  # (N, C, h, w)
-    std: torch.Tensor
-    ids: torch.Tensor  # (N, tokens): the captions' token ids
-    text: torch.Tensor | None  # (N, tokens, dim): their embeddings, while the text encoder is frozen
+    def __init__(self, pipe: Any, items: list[Item], crops: list[Crop], keep: bool) -> None:
+        self.vae, self.items, self.crops, self.keep = pipe.vae, items, crops, keep
+        self.stored: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
-
-@torch.no_grad()
-def _encode(
-    pipe: Any, items: list[tuple[Path, str]], indices: list[int], flips: list[bool], recipe: DiffusionRecipe
-) -> _Encoded:
-    """Encode images ``indices`` of ``items`` (each flipped or not); crops are fixed per dataset index."""
-    data, device = recipe.data, pipe.vae.device
-    means, stds = [], []
-    for index, flip in zip(indices, flips, strict=True):
-        path = items[index][0]
-        pixels = _pixels(path, data.resolution, data.center_crop, flip, mix_seed(recipe.train.seed, index))
-        dist = pipe.vae.encode(pixels[None].to(device, pipe.vae.dtype)).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
-    captions = [items[i][1] for i in indices]
-    ids = pipe.tokenizer(
-        captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    text = None
-    if recipe.text_encoder_lora is None:
-        text = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float().cpu()
-    return _Encoded(torch.cat(means), torch.cat(stds), ids, text)
-
-
-class _Cache:
-    """Every image encoded once, unflipped and (with ``random_flip``) flipped."""
-
-    def __init__(self, pipe: Any, items: list[tuple[Path, str]], recipe: DiffusionRecipe) -> None:
-        everything = list(range(len(items)))
-        self.plain = _encode(pipe, items, everything, [False] * len(items), recipe)
-        flipped = recipe.data.random_flip
-        self.flipped = _encode(pipe, items, everything, [True] * len(items), recipe) if flipped else self.plain
-
-    def get(self, indices: list[int], flips: list[bool]) -> _Encoded:
-        rows = [(self.flipped if f else self.plain, i) for i, f in zip(indices, flips, strict=True)]
-        texts = [e.text[i] for e, i in rows if e.text is not None]
-        return _Encoded(
-            torch.stack([e.mean[i] for e, i in rows]),
-            torch.stack([e.std[i] for e, i in rows]),
-            torch.stack([e.ids[i] for e, i in rows]),
-            torch.stack(texts) if texts else None,
-        )
-
-
-def _flips(seed: int, epoch: int, indices: list[int], random_flip: bool) -> list[bool]:
-    """Whether each image is flipped this epoch: fixed by (seed, epoch, index), independent of the global RNG."""
-    if not random_flip:
-        return [False] * len(indices)
-    return [
-        bool(torch.randint(0, 2, (1,), generator=torch.Generator().manual_seed(mix_seed(seed, epoch, i))))
-        for i in indices
-    ]
+    @torch.no_grad()
+    def get(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if (index, flip) in self.stored:
+            return self.stored[index, flip]
+        pixels = load_pixels(self.items[index].path, self.crops[index], flip)
+        dist = self.vae.encode(pixels[None].to(self.vae.device, self.vae.dtype)).latent_dist
+        got = dist.mean.float().cpu()[0], dist.std.float().cpu()[0]
+        if self.keep:
+            self.stored[index, flip] = got
+        return got
 
 
 def _sample_grid(
@@ -220,74 +168,188 @@ def _sample_grid(
     return path
 
 
+def draw_noise(shape: tuple[int, ...], part: slice, offset: float, device: Any = None) -> torch.Tensor:
+    """Gaussian noise for a global batch of ``shape`` (rows ``part`` of it), plus ``offset`` times one
+    Gaussian per (image, channel) when ``offset`` is not 0 (noise offset)."""
+    noise = torch.randn(shape, device=device)[part]
+    if offset:
+        noise = noise + offset * torch.randn(shape[0], shape[1], 1, 1, device=device)[part]
+    return noise
+
+
+def _share(size: int, rank: int, world: int) -> slice:
+    """Process ``rank``'s part of a global batch of ``size`` (parts differ in length by at most one)."""
+    return slice(rank * size // world, (rank + 1) * size // world)
+
+
 class StyleTask(Task):
-    """Give a diffusion model a style (:class:`~visionlora.train.recipe.DiffusionRecipe`)."""
+    """Give a Stable Diffusion 1.x/2.x or SDXL model a style (:class:`~visionlora.train.recipe.DiffusionRecipe`)."""
 
     recipe: DiffusionRecipe
 
     def build(self, accelerator: Any) -> Built:
-        recipe, data, world = self.recipe, self.recipe.data, accelerator.num_processes
-        self.items = style_items(data.root, data.caption)
+        recipe, data, db = self.recipe, self.recipe.data, self.recipe.dreambooth
+        if db is None:
+            self.items = style_items(data.root, data.caption, data.caption_extension)
+        else:
+            self.items = style_items(data.root, db.instance_prompt, None)
         self.pipe = pipe = load_pipeline(recipe.model)
+        self.cond = Conditioner(pipe)
+        if db is not None and db.class_prompt is not None:  # with the frozen base, before any LoRA
+            self.items += self._class_images(accelerator)
+        if recipe.text_encoder_2_lora is not None and not self.cond.xl:
+            raise ConfigError("text_encoder_2_lora: this pipeline has one text encoder (SDXL has two); remove the key")
         unet, device = pipe.unet, accelerator.device
-        for frozen in (pipe.vae, pipe.text_encoder):
+        for frozen in [pipe.vae, *(getattr(pipe, n) for n in self.cond.names)]:
             frozen.requires_grad_(False)
             frozen.to(device)
         probe = recipe.lora.rank_by_resolution or recipe.lora.rank_budget is not None
         latent_size = data.resolution // pipe.vae_scale_factor
         apply_lora(unet, recipe.lora, example_input=example_input_for(unet, latent_size) if probe else None)
-        parts = {"unet": unet}
-        if recipe.text_encoder_lora is not None:
-            apply_lora(pipe.text_encoder, recipe.text_encoder_lora)
-            parts["text_encoder"] = pipe.text_encoder
+        parts: dict[str, nn.Module] = {"unet": unet}
+        sections = {"unet": "lora"}
+        for name, cfg in zip(ENCODERS, (recipe.text_encoder_lora, recipe.text_encoder_2_lora), strict=True):
+            if cfg is not None:
+                apply_lora(getattr(pipe, name), cfg)
+                parts[name], sections[name] = getattr(pipe, name), f"{name}_lora"
         if recipe.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        if world > 1 and len(self.items) < data.batch_size:
-            raise ConfigError(
-                f"data.batch_size: {data.batch_size} is more than the {len(self.items)} images; with {world} "
-                "processes every batch must be full (lower the batch size)"
-            )
-        self.cache = _Cache(pipe, self.items, recipe) if data.cache else None
+        self.crops, groups = self._crops(pipe, accelerator)
+        self.latents = _Latents(pipe, self.items, self.crops, keep=data.cache)
+        self.text_cache: dict[str, Text] = {}
+        if data.cache:
+            flips = (False, True) if data.random_flip else (False,)
+            for index in range(len(self.items)):
+                for flip in flips:
+                    self.latents.get(index, flip)
+            if self._text_cached():
+                captions = sorted({item.caption for item in self.items} | ({""} if data.caption_dropout else set()))
+                text = self._encode_text(captions, {})
+                self.text_cache = {c: text.rows([i]).to("cpu") for i, c in enumerate(captions)}
         self.noise_scheduler = require("diffusers").DDPMScheduler.from_config(pipe.scheduler.config)
         self.v_prediction = self.noise_scheduler.config.prediction_type == "v_prediction"
         self.scaling = float(getattr(pipe.vae.config, "scaling_factor", 1.0))
         self.adapted = list(parts.values())
+        self.names = list(parts)
+        self.prior_weight = db.prior_loss_weight if db is not None else 1.0
         count = len(self.items)
-        batches = EpochBatches(count, data.batch_size, recipe.train.seed, drop_last=count >= data.batch_size)
-        return Built(parts, batches, sections={"unet": "lora", "text_encoder": "text_encoder_lora"})
+        drop_last = groups is None and count >= data.batch_size
+        batches = EpochBatches(count, data.batch_size, recipe.train.seed, drop_last=drop_last, groups=groups)
+        return Built(parts, batches, sections=sections)
+
+    def _class_images(self, accelerator: Any) -> list[Item]:
+        """DreamBooth's class images: those of ``class_root``, and the rest up to ``num_class_images``
+        generated by the frozen base into ``<output>/class-images/`` (kept: a resumed run reuses them)."""
+        recipe, db = self.recipe, self.recipe.dreambooth
+        assert db is not None and db.class_prompt is not None
+        given = style_items(db.class_root, db.class_prompt, None, key="dreambooth.class_root") if db.class_root else []
+        given = given[: db.num_class_images]
+        folder = Path(accelerator.project_dir) / "class-images"
+        paths = [folder / f"{k:05d}.png" for k in range(db.num_class_images - len(given))]
+        missing = [k for k, p in enumerate(paths) if not p.is_file()]
+        if missing and accelerator.is_main_process:
+            self.pipe.to(accelerator.device)
+            self.pipe.set_progress_bar_config(disable=True)
+            print(f"generating {len(missing)} class image(s) for {db.class_prompt!r} into {folder}", flush=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            side = recipe.data.resolution
+            with torch.random.fork_rng(devices=[]):  # generating must not move the training RNG
+                for k in missing:
+                    generator = torch.Generator(device="cpu").manual_seed(mix_seed(recipe.train.seed, k, 7))
+                    image = self.pipe(
+                        db.class_prompt,
+                        num_inference_steps=db.class_steps,
+                        guidance_scale=recipe.validation.guidance_scale,
+                        height=side,
+                        width=side,
+                        generator=generator,
+                    ).images[0]
+                    with atomic_path(paths[k]) as tmp:
+                        image.save(tmp, format="PNG")
+        accelerator.wait_for_everyone()
+        made = [Item(p, db.class_prompt, (recipe.data.resolution,) * 2) for p in paths]
+        return [Item(i.path, i.caption, i.size, prior=True) for i in [*given, *made]]
+
+    def _crops(self, pipe: Any, accelerator: Any) -> tuple[list[Crop], list[int] | None]:
+        """Each image's crop (fixed per image) and, with buckets, its bucket (printed as a table)."""
+        data, seed = self.recipe.data, self.recipe.train.seed
+        sizes = [item.size for item in self.items]
+        if not data.buckets:
+            square = (data.resolution, data.resolution)
+            crops = [crop_for(size, square, data.center_crop, mix_seed(seed, i)) for i, size in enumerate(sizes)]
+            return crops, None
+        buckets = bucket_sizes(data.resolution**2, data.bucket_step, data.bucket_min_side, data.bucket_max_side)
+        assigned = assign_buckets(sizes, buckets)
+        if accelerator.is_main_process:
+            print(bucket_table(buckets, assigned), flush=True)
+        crops = [
+            crop_for(size, (buckets[b][1], buckets[b][0]), data.center_crop, mix_seed(seed, i))
+            for i, (size, b) in enumerate(zip(sizes, assigned, strict=True))
+        ]
+        return crops, assigned
+
+    def _text_cached(self) -> bool:
+        """Whether captions are encoded once: the encoders are frozen and captions do not change per epoch."""
+        recipe = self.recipe
+        frozen = recipe.text_encoder_lora is None and recipe.text_encoder_2_lora is None
+        return recipe.data.cache and frozen and not recipe.data.shuffle_tags
+
+    def _encode_text(self, captions: list[str], trained: dict[str, nn.Module]) -> Text:
+        """``captions`` through the text encoders: ``trained`` ones as prepared (with gradients), the rest frozen."""
+        encoders = [trained.get(n, getattr(self.pipe, n)) for n in self.cond.names]
+        return self.cond.encode(encoders, self.cond.ids(captions), [n in trained for n in self.cond.names])
 
     def batches(self, run: Prepared, epoch: int) -> Any:
         return run.batches
 
     def loss(self, run: Prepared, batch: Any, epoch: int) -> torch.Tensor:
-        recipe, accelerator = self.recipe, run.accelerator
+        recipe, data, accelerator = self.recipe, self.recipe.data, run.accelerator
         device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-        share = len(batch) // world
-        own = slice(rank * share, (rank + 1) * share)
-        mine = batch[own]
-        flips = _flips(recipe.train.seed, epoch, mine, recipe.data.random_flip)
-        if self.cache is not None:
-            enc = self.cache.get(mine, flips)
-        else:
-            enc = _encode(self.pipe, self.items, mine, flips, recipe)
-        mean, std = enc.mean.to(device), enc.std.to(device)
+        seed = recipe.train.seed
+        own = _share(len(batch), rank, world)
+        # A process whose share of a short batch is empty runs one image with weight 0, so every
+        # process takes part in each gradient exchange.
+        empty = own.start == own.stop
+        mine = batch[own] if not empty else batch[:1]
+        flips = [flip_for(seed, epoch, i, data.random_flip) for i in mine]
+        encoded = [self.latents.get(i, f) for i, f in zip(mine, flips, strict=True)]
+        mean = torch.stack([m for m, _ in encoded]).to(device)
+        std = torch.stack([s for _, s in encoded]).to(device)
         # Every process draws the whole global batch's random numbers (same RNG state everywhere) and
         # takes its share, so N processes train on exactly what one process would.
         whole = (len(batch), *mean.shape[1:])
-        latents = (mean + std * torch.randn(whole, device=device)[own]) * self.scaling
-        noise = torch.randn(whole, device=device)[own]
+        part = own if not empty else slice(0, 1)
+        latents = (mean + std * torch.randn(whole, device=device)[part]) * self.scaling
+        noise = draw_noise(whole, part, recipe.train.noise_offset, device)
         scheduler = self.noise_scheduler
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), device=device)[own]
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), device=device)[part]
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = noise_target(scheduler, latents, noise, timesteps)
-        # A text encoder that trains encodes the captions at every step; a frozen one did with the latents.
-        text = run.models[1](enc.ids.to(device))[0] if len(run.models) > 1 else cast(torch.Tensor, enc.text).to(device)
-        prediction = run.models[0](noisy, timesteps, text).sample
+        captions = [
+            caption_for(
+                self.items[i].caption, seed, epoch, i, data.caption_dropout, data.shuffle_tags, data.keep_tokens
+            )
+            for i in mine
+        ]
+        models = dict(zip(self.names, run.models, strict=True))
+        if self.text_cache:
+            text = Text.stack([self.text_cache[c] for c in captions]).to(device)
+        else:  # a text encoder that trains, or captions that change, are encoded at every step
+            text = self._encode_text(captions, {n: m for n, m in models.items() if n != "unet"})
+        time_ids = None
+        if self.cond.xl:
+            ids = [crop_ids(self.items[i], self.crops[i], f) for i, f in zip(mine, flips, strict=True)]
+            time_ids = torch.stack(ids).to(device)
+        prediction = models["unet"](noisy, timesteps, **self.cond.unet_kwargs(text, time_ids)).sample
         mse = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
         gamma = recipe.train.min_snr_gamma
         if gamma is not None:
             mse = mse * min_snr_weights(scheduler.alphas_cumprod, timesteps, gamma, self.v_prediction)
-        return mse.mean()
+        weights = torch.tensor(
+            [0.0 if empty else self.prior_weight if self.items[i].prior else 1.0 for i in mine], device=device
+        )
+        # The global batch's mean over N processes: DDP averages the N gradients.
+        return (mse * weights).sum() / (len(batch) / world)
 
     def _samples_here(self, run: Prepared) -> bool:
         # A sharded UNet runs on every process at once; otherwise the main process samples alone.
@@ -306,7 +368,8 @@ class StyleTask(Task):
         losses = state.losses
         window = max(1, len(losses) // 10)
         metrics: dict[str, Any] = {
-            "images": len(self.items),
+            "images": sum(not item.prior for item in self.items),
+            "class_images": sum(item.prior for item in self.items),
             "loss_first": sum(losses[:window]) / window if losses else None,
             "loss_last": sum(losses[-window:]) / window if losses else None,
             "losses": losses,

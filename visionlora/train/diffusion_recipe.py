@@ -9,15 +9,16 @@ from visionlora.config import LoraConfig
 from visionlora.io.formats import FORMAT_TABLE
 from visionlora.train.sections import Output, Train, check_train, holding_extras, positive, raise_first
 
-__all__ = ["DiffusionData", "DiffusionModel", "DiffusionRecipe", "DiffusionTrain", "Validation"]
+__all__ = ["DiffusionData", "DiffusionModel", "DiffusionRecipe", "DiffusionTrain", "DreamBooth", "Validation"]
 
 
 @dataclass
 class DiffusionModel:
-    """The Stable Diffusion (1.x/2.x layout) base."""
+    """The Stable Diffusion base: 1.x/2.x or SDXL (told apart by the pipeline's ``model_index.json``)."""
 
     pipeline: str
-    """A diffusers pipeline folder, or a single-file ``.safetensors`` checkpoint (then give ``config``)."""
+    """A diffusers pipeline folder (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``), or a
+    single-file ``.safetensors`` checkpoint (then give ``config``)."""
     config: str | None = None
     """For a single-file checkpoint: a local diffusers pipeline folder with the matching configs."""
 
@@ -29,9 +30,28 @@ class DiffusionData:
     root: str
     """A folder of style images (``.png``, ``.jpg``, ``.jpeg``, ``.webp``, ``.bmp``), searched recursively."""
     caption: str | None = None
-    """The caption of every image without a ``.txt`` beside it (null: each needs one)."""
+    """The caption of every image without a caption file beside it (null: each needs one)."""
+    caption_extension: str = ".txt"
+    """The suffix of the caption file beside each image (``.caption`` for some datasets)."""
+    caption_dropout: float = 0.0
+    """Train on the empty prompt instead of the caption with this probability, per (epoch, image)."""
+    shuffle_tags: bool = False
+    """Shuffle each caption's comma-separated tags per (epoch, image) (captions are then encoded at
+    every step)."""
+    keep_tokens: int = 0
+    """With ``shuffle_tags``: the first this many tags stay in place (e.g. a trigger word)."""
     resolution: int = 512
-    """Side of the square crops trained on, in pixels (a multiple of 8)."""
+    """Side of the square crops trained on, in pixels (a multiple of 8); with ``buckets``, the side of
+    the square whose area every bucket has at most."""
+    buckets: bool = False
+    """Aspect-ratio buckets: each image goes to the bucket of about ``resolution``² pixels whose
+    aspect ratio is nearest, resized and cropped minimally; a batch holds one bucket."""
+    bucket_step: int = 64
+    """Bucket sides are multiples of this many pixels."""
+    bucket_min_side: int = 256
+    """The shortest bucket side, in pixels."""
+    bucket_max_side: int = 2048
+    """The longest bucket side, in pixels."""
     batch_size: int = 4
     """Global batch size (split over processes under ``accelerate launch``)."""
     center_crop: bool = True
@@ -50,6 +70,30 @@ class DiffusionTrain(Train):
     """Min-SNR loss weighting (Hang et al. 2023) with this gamma; null: plain MSE."""
     gradient_checkpointing: bool = False
     """Recompute the UNet's activations in the backward pass: less memory, more time."""
+    noise_offset: float = 0.0
+    """Add this times a per-(image, channel) Gaussian to the noise (Guttenberg 2023): darker darks
+    and brighter brights; 0.05 to 0.1 is usual."""
+
+
+@dataclass
+class DreamBooth:
+    """DreamBooth: a subject's images (``data.root``) all captioned with ``instance_prompt``, which holds
+    a rare token; with ``class_prompt``, prior preservation on images of the subject's class."""
+
+    instance_prompt: str
+    """The caption of every instance image, e.g. ``a photo of sks dog`` (caption files are not read)."""
+    class_prompt: str | None = None
+    """The class without the token, e.g. ``a photo of a dog``: turns prior preservation on (null: off)."""
+    class_root: str | None = None
+    """A folder of class images (captioned ``class_prompt``); any short of ``num_class_images`` are
+    generated."""
+    num_class_images: int = 100
+    """How many class images to train on; missing ones are generated with the frozen base before
+    training into ``<output>/class-images/`` (kept, and reused on resume)."""
+    prior_loss_weight: float = 1.0
+    """The weight of a class image's loss relative to an instance image's."""
+    class_steps: int = 25
+    """Denoising steps per generated class image (at ``validation.guidance_scale``)."""
 
 
 @dataclass
@@ -83,6 +127,10 @@ class DiffusionRecipe:
     text_encoder_lora: LoraConfig | None = None
     """LoRA for the text encoder too (e.g. ``targets: ["*.self_attn.*_proj"]``); its captions are then
     encoded every step rather than cached."""
+    text_encoder_2_lora: LoraConfig | None = None
+    """LoRA for SDXL's second text encoder (``CLIPTextModelWithProjection``) too, as for the first."""
+    dreambooth: DreamBooth | None = None
+    """DreamBooth on a subject (null: every image is a style image with its own caption)."""
     train: DiffusionTrain = field(default_factory=DiffusionTrain)
     """Optimisation, schedule, checkpoints and logging, plus the diffusion loss options."""
     validation: Validation = field(default_factory=Validation)
@@ -95,6 +143,31 @@ class DiffusionRecipe:
         checks: list[tuple[str, bool, str]] = [
             ("data.resolution", self.data.resolution >= 8 and self.data.resolution % 8 == 0, "a multiple of 8"),
             ("data.batch_size", self.data.batch_size >= 1, "an integer >= 1"),
+            ("data.caption_dropout", 0 <= self.data.caption_dropout < 1, "a probability in [0, 1)"),
+            ("data.keep_tokens", self.data.keep_tokens >= 0, "an integer >= 0"),
+            ("data.bucket_step", self.data.bucket_step >= 8 and self.data.bucket_step % 8 == 0, "a multiple of 8"),
+            (
+                "data.bucket_min_side",
+                self.data.bucket_step <= self.data.bucket_min_side <= self.data.bucket_max_side,
+                "between data.bucket_step and data.bucket_max_side",
+            ),
+            ("train.noise_offset", self.train.noise_offset >= 0, "a number >= 0"),
+            (
+                "dreambooth.num_class_images",
+                self.dreambooth is None or self.dreambooth.num_class_images >= 1,
+                "an integer >= 1",
+            ),
+            (
+                "dreambooth.prior_loss_weight",
+                self.dreambooth is None or self.dreambooth.prior_loss_weight >= 0,
+                "a number >= 0",
+            ),
+            ("dreambooth.class_steps", self.dreambooth is None or self.dreambooth.class_steps >= 1, "an integer >= 1"),
+            (
+                "dreambooth.class_root",
+                self.dreambooth is None or self.dreambooth.class_prompt is not None or not self.dreambooth.class_root,
+                "null unless dreambooth.class_prompt is set",
+            ),
             (
                 "train.min_snr_gamma",
                 self.train.min_snr_gamma is None or positive(self.train.min_snr_gamma),

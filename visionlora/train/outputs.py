@@ -21,8 +21,9 @@ from torch import nn
 
 from visionlora.config import DTYPES
 from visionlora.errors import ConfigError
+from visionlora.io.export import export_adapter
 from visionlora.io.files import write_text
-from visionlora.io.formats import FORMAT_TABLE, export_adapter, save_adapter
+from visionlora.io.formats import FORMAT_TABLE, save_adapter
 from visionlora.io.merged import export_merged
 from visionlora.train.recipe import Output
 
@@ -50,6 +51,9 @@ class Outputs:
     adapter and merged checkpoint are written there too."""
 
 
+_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
 def _part_name(part: str) -> str:
     return part.replace("_", "-")
 
@@ -58,11 +62,11 @@ def check_outputs(output: Output, parts: dict[str, nn.Module]) -> None:
     """Refuse, before training, exports that could not hold every part of the run.
 
     Raises:
-        ConfigError: a pipeline format for parts other than a main model and a text encoder.
+        ConfigError: a pipeline format for parts other than a main model and text encoders.
     """
-    held = [name for name in list(parts)[1:] if name != "text_encoder"]
+    held = [name for name in list(parts)[1:] if name not in _ENCODERS]
     pipeline = [name for name in output.export if FORMAT_TABLE[name].pipeline]
-    if held and pipeline:  # export_adapter puts a text encoder beside the main model, nothing else yet
+    if held and pipeline:  # export_adapter puts text encoders beside the main model, nothing else yet
         raise ConfigError(f"output.export: {pipeline} files cannot hold the adapters of {held} yet")
 
 
@@ -74,10 +78,14 @@ def _write_adapters(out_dir: Path, output: Output, parts: dict[str, nn.Module], 
         save_adapter(model, out_dir / f"adapter-{_part_name(name)}.safetensors", overwrite=True)
     for format_name in output.export:
         fmt = FORMAT_TABLE[format_name]
-        if fmt.pipeline:  # one file for the whole pipeline (check_outputs: at most a text encoder beside)
-            text_encoder = parts.get("text_encoder")
+        if fmt.pipeline:  # one file for the whole pipeline (check_outputs: at most text encoders beside)
             export_adapter(
-                main, out_dir / fmt.output_name(), format=format_name, text_encoder=text_encoder, overwrite=True
+                main,
+                out_dir / fmt.output_name(),
+                format=format_name,
+                text_encoder=parts.get("text_encoder"),
+                text_encoder_2=parts.get("text_encoder_2"),
+                overwrite=True,
             )
             continue
         for i, (name, model) in enumerate(parts.items()):

@@ -28,7 +28,14 @@ from visionlora.train.classifier_recipe import (
     ClassifierTrain,
     EarlyStopping,
 )
-from visionlora.train.diffusion_recipe import DiffusionData, DiffusionModel, DiffusionRecipe, DiffusionTrain, Validation
+from visionlora.train.diffusion_recipe import (
+    DiffusionData,
+    DiffusionModel,
+    DiffusionRecipe,
+    DiffusionTrain,
+    DreamBooth,
+    Validation,
+)
 from visionlora.train.sections import Output, Train
 
 __all__ = [
@@ -42,6 +49,7 @@ __all__ = [
     "DiffusionModel",
     "DiffusionRecipe",
     "DiffusionTrain",
+    "DreamBooth",
     "EarlyStopping",
     "Output",
     "Recipe",
