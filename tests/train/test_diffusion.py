@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import visionlora as vl
 from tests.conftest import tiny_pipeline, tiny_unet, unet_input
 from visionlora.train import run_recipe
-from visionlora.train.diffusion import min_snr_weights, noise_target, style_items
+from visionlora.train.diffusion_data import style_items
+from visionlora.train.diffusion_loss import min_snr_weights, noise_target
 from visionlora.train.recipe import parse_recipe
 
 diffusers = pytest.importorskip("diffusers")

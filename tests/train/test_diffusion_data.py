@@ -85,7 +85,7 @@ def test_caption_dropout_tag_shuffling_and_flips_are_fixed_per_epoch_and_image()
 
 
 def test_noise_offset_adds_one_gaussian_per_image_and_channel():
-    from visionlora.train.diffusion import draw_noise
+    from visionlora.train.diffusion_loss import draw_noise
 
     torch.manual_seed(0)
     plain = draw_noise((400, 4, 8, 8), slice(None), 0.0)

@@ -277,3 +277,39 @@ def test_the_shipped_sdxl_recipes_run_on_a_tiny_pipeline(xl, name, tmp_path):
     metrics = run_recipe(load_recipe(path, overrides), output=out, progress=False)
     assert metrics["steps"] == 2 and (out / "merged" / "model_index.json").is_file()
     assert (out / "adapter-kohya.safetensors").is_file() and (out / "adapter-diffusers.safetensors").is_file()
+
+
+def test_held_out_images_give_a_validation_loss_and_the_best_adapter_is_kept_and_resumed(xl, tmp_path):
+    recipe = _recipe(xl, max_steps=5, checkpoint_every=1, keep_checkpoints=6, lr=1e-1)
+    recipe.data.val_fraction, recipe.validation.every, recipe.validation.prompts = 0.3, 1, []
+    out = tmp_path / "run"
+    metrics = run_recipe(recipe, output=out, progress=False)
+    assert metrics["val_images"] == 2 and metrics["images"] == 5  # 30 % of 7, held out of training
+    steps = [s for s, _ in metrics["val_losses"]]
+    assert steps == [1, 2, 3, 4, 5]
+    best_step, best = min(metrics["val_losses"], key=lambda sv: sv[1])
+    assert (metrics["best_step"], metrics["best_val_loss"]) == (best_step, best)
+    # best/ holds the adapter as it was at the best validation: the trained tensors of that step's checkpoint.
+    last = best_step == steps[-1]  # the final adapter, or a checkpoint's trained tensors
+    trained = load_file(
+        out / "adapter.safetensors" if last else out / "checkpoints" / f"step-{best_step:06d}" / "trainable.safetensors"
+    )
+    kept = load_file(out / "best" / "adapter.safetensors")
+    if not last:  # checkpoint names: unet.<module>.adapters.default.lora_A
+        trained = {
+            k.removeprefix("unet.").replace(".adapters.default.lora_", ".lora_") + ".weight": v
+            for k, v in trained.items()
+            if k.startswith("unet.")
+        }
+    lora = {k: v for k, v in kept.items() if "lora_" in k}
+    assert lora and all(torch.equal(v, trained[k]) for k, v in lora.items())
+    assert best_step == 4  # lr 0.1: the loss went down and up again, and the last step is not the best
+    assert (out / "best" / "merged" / "model_index.json").is_file()
+    assert (out / "report" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # The same held-out noise and timesteps every time: a resumed run logs the same losses, keeps the same best.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
+    again = run_recipe(recipe, output=resumed, resume="latest", progress=False)
+    assert again["val_losses"] == metrics["val_losses"]
+    b = load_file(resumed / "best" / "adapter.safetensors")
+    assert all(torch.equal(kept[k], b[k]) for k in kept)

@@ -28,6 +28,7 @@ from visionlora.train.data import EpochBatches, mix_seed
 from visionlora.train.diffusion_data import (
     Crop,
     Item,
+    Latents,
     assign_buckets,
     bucket_sizes,
     bucket_table,
@@ -35,16 +36,18 @@ from visionlora.train.diffusion_data import (
     crop_for,
     crop_ids,
     flip_for,
-    load_pixels,
+    hold_out,
     style_items,
 )
+from visionlora.train.diffusion_loss import draw_noise, held_out_loss, min_snr_weights, noise_target
 from visionlora.train.outputs import Outputs
 from visionlora.train.recipe import DiffusionModel, DiffusionRecipe
 from visionlora.train.report import plot_losses
+from visionlora.train.shadow import Shadow, tracked
 from visionlora.train.sharding import is_fsdp
 from visionlora.train.task import Built, Prepared, RunState, Task
 
-__all__ = ["StyleTask", "draw_noise", "load_pipeline", "min_snr_weights", "noise_target", "style_items"]
+__all__ = ["StyleTask", "load_pipeline"]
 
 _PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
@@ -85,46 +88,6 @@ def load_pipeline(spec: DiffusionModel) -> Any:
         f"model.pipeline: {path} is neither a diffusers pipeline folder nor a .safetensors checkpoint "
         "(.ckpt files are pickles and are not read)"
     )
-
-
-def min_snr_weights(
-    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, v_prediction: bool
-) -> torch.Tensor:
-    """Per-sample loss weights min(SNR, gamma) / SNR (epsilon) or min(SNR, gamma) / (SNR + 1) (v-prediction)."""
-    alpha = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alpha / (1 - alpha)
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if v_prediction else clipped / snr
-
-
-def noise_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to predict: the noise (epsilon), or v = sqrt(a)·noise - sqrt(1 - a)·latents."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ConfigError(f"scheduler prediction_type {kind!r}: the style recipe trains 'epsilon' or 'v_prediction'")
-
-
-class _Latents:
-    """Latent distributions (mean, std) per (image, flipped), encoded by the frozen VAE when first asked
-    for (with ``data.cache``, everything is asked for once, at the start)."""
-
-    def __init__(self, pipe: Any, items: list[Item], crops: list[Crop], keep: bool) -> None:
-        self.vae, self.items, self.crops, self.keep = pipe.vae, items, crops, keep
-        self.stored: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @torch.no_grad()
-    def get(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if (index, flip) in self.stored:
-            return self.stored[index, flip]
-        pixels = load_pixels(self.items[index].path, self.crops[index], flip)
-        dist = self.vae.encode(pixels[None].to(self.vae.device, self.vae.dtype)).latent_dist
-        got = dist.mean.float().cpu()[0], dist.std.float().cpu()[0]
-        if self.keep:
-            self.stored[index, flip] = got
-        return got
 
 
 def _sample_grid(
@@ -168,15 +131,6 @@ def _sample_grid(
     return path
 
 
-def draw_noise(shape: tuple[int, ...], part: slice, offset: float, device: Any = None) -> torch.Tensor:
-    """Gaussian noise for a global batch of ``shape`` (rows ``part`` of it), plus ``offset`` times one
-    Gaussian per (image, channel) when ``offset`` is not 0 (noise offset)."""
-    noise = torch.randn(shape, device=device)[part]
-    if offset:
-        noise = noise + offset * torch.randn(shape[0], shape[1], 1, 1, device=device)[part]
-    return noise
-
-
 def _share(size: int, rank: int, world: int) -> slice:
     """Process ``rank``'s part of a global batch of ``size`` (parts differ in length by at most one)."""
     return slice(rank * size // world, (rank + 1) * size // world)
@@ -193,6 +147,7 @@ class StyleTask(Task):
             self.items = style_items(data.root, data.caption, data.caption_extension)
         else:
             self.items = style_items(data.root, db.instance_prompt, None)
+        self.items, self.val_items = hold_out(self.items, data.val_fraction, recipe.train.seed)
         self.pipe = pipe = load_pipeline(recipe.model)
         self.cond = Conditioner(pipe)
         if db is not None and db.class_prompt is not None:  # with the frozen base, before any LoRA
@@ -214,8 +169,11 @@ class StyleTask(Task):
                 parts[name], sections[name] = getattr(pipe, name), f"{name}_lora"
         if recipe.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        self.crops, groups = self._crops(pipe, accelerator)
-        self.latents = _Latents(pipe, self.items, self.crops, keep=data.cache)
+        self.crops, groups = self._crops(self.items, accelerator.is_main_process)
+        self.latents = Latents(pipe, self.items, self.crops, keep=data.cache)
+        self.val_crops, _ = self._crops(self.val_items, False)
+        val_latents = Latents(pipe, self.val_items, self.val_crops, keep=False)
+        self.val_latents = [val_latents.get(i, False) for i in range(len(self.val_items))]
         self.text_cache: dict[str, Text] = {}
         if data.cache:
             flips = (False, True) if data.random_flip else (False,)
@@ -233,9 +191,19 @@ class StyleTask(Task):
         self.names = list(parts)
         self.prior_weight = db.prior_loss_weight if db is not None else 1.0
         count = len(self.items)
+        kept: dict[str, nn.Module] = {}
+        self.best: Shadow | None = None
+        if self.val_items and recipe.output.keep_best:
+            if is_fsdp(accelerator):
+                raise ConfigError(
+                    "output.keep_best: keeping the best adapter under FSDP is not supported yet; set "
+                    "output.keep_best: false (the validation loss is still logged) or train under DDP"
+                )
+            tensors = {f"{p}.{n}": t for p, model in parts.items() for n, t in tracked(model, False).items()}
+            self.best = kept["best"] = Shadow(tensors)
         drop_last = groups is None and count >= data.batch_size
         batches = EpochBatches(count, data.batch_size, recipe.train.seed, drop_last=drop_last, groups=groups)
-        return Built(parts, batches, sections=sections)
+        return Built(parts, batches, sections=sections, kept=kept)
 
     def _class_images(self, accelerator: Any) -> list[Item]:
         """DreamBooth's class images: those of ``class_root``, and the rest up to ``num_class_images``
@@ -270,17 +238,17 @@ class StyleTask(Task):
         made = [Item(p, db.class_prompt, (recipe.data.resolution,) * 2) for p in paths]
         return [Item(i.path, i.caption, i.size, prior=True) for i in [*given, *made]]
 
-    def _crops(self, pipe: Any, accelerator: Any) -> tuple[list[Crop], list[int] | None]:
-        """Each image's crop (fixed per image) and, with buckets, its bucket (printed as a table)."""
+    def _crops(self, items: list[Item], show: bool) -> tuple[list[Crop], list[int] | None]:
+        """Each image's crop (fixed per image) and, with buckets, its bucket (a table printed if ``show``)."""
         data, seed = self.recipe.data, self.recipe.train.seed
-        sizes = [item.size for item in self.items]
+        sizes = [item.size for item in items]
         if not data.buckets:
             square = (data.resolution, data.resolution)
             crops = [crop_for(size, square, data.center_crop, mix_seed(seed, i)) for i, size in enumerate(sizes)]
             return crops, None
         buckets = bucket_sizes(data.resolution**2, data.bucket_step, data.bucket_min_side, data.bucket_max_side)
         assigned = assign_buckets(sizes, buckets)
-        if accelerator.is_main_process:
+        if show:
             print(bucket_table(buckets, assigned), flush=True)
         crops = [
             crop_for(size, (buckets[b][1], buckets[b][0]), data.center_crop, mix_seed(seed, i))
@@ -355,13 +323,48 @@ class StyleTask(Task):
         # A sharded UNet runs on every process at once; otherwise the main process samples alone.
         return bool(run.accelerator.is_main_process or is_fsdp(run.accelerator))
 
+    def _validate(self, run: Prepared, state: RunState) -> None:
+        """The held-out loss after step ``state.step`` into ``state.history``; the best adapter kept."""
+        if not self.val_items or (state.history and state.history[-1]["step"] == state.step):
+            return
+        models = dict(zip(self.names, run.models, strict=True))
+        encoders = {n: m for n, m in models.items() if n != "unet"}
+        device, timesteps = run.accelerator.device, self.recipe.validation.loss_timesteps
+
+        def predict(noisy: torch.Tensor, t: torch.Tensor, image: int) -> torch.Tensor:
+            text = self._encode_text([self.val_items[image].caption] * timesteps, encoders)
+            ids = crop_ids(self.val_items[image], self.val_crops[image], False).expand(timesteps, -1).to(device)
+            return models["unet"](noisy, t, **self.cond.unet_kwargs(text.to(device), ids)).sample
+
+        modes = [m.training for m in run.models]
+        for model in run.models:
+            model.eval()
+        loss = held_out_loss(
+            predict,
+            self.val_latents,
+            self.noise_scheduler,
+            self.scaling,
+            timesteps,
+            self.recipe.validation.seed,
+            self.recipe.train.min_snr_gamma,
+            device,
+        )
+        for model, mode in zip(run.models, modes, strict=True):
+            model.train(mode)
+        if self.best is not None and all(loss < entry["val_loss"] for entry in state.history):
+            self.best.copy_from_model()
+        state.history.append({"step": state.step, "val_loss": loss})
+
     def after_step(self, run: Prepared, state: RunState) -> None:
         every = self.recipe.validation.every
-        if every and state.step % every == 0 and self._samples_here(run):
-            report = run.out_dir / "report" / f"samples-step{state.step:06d}.png"
-            _sample_grid(self.pipe, self.adapted, self.recipe, report, write=run.accelerator.is_main_process)
+        if every and state.step % every == 0:
+            self._validate(run, state)
+            if self._samples_here(run):
+                report = run.out_dir / "report" / f"samples-step{state.step:06d}.png"
+                _sample_grid(self.pipe, self.adapted, self.recipe, report, write=run.accelerator.is_main_process)
 
     def finish(self, run: Prepared, state: RunState) -> Outputs:
+        self._validate(run, state)
         if self._samples_here(run):  # before the outputs: a sharded UNet samples on every process
             report = run.out_dir / "report" / "samples.png"
             _sample_grid(self.pipe, self.adapted, self.recipe, report, write=run.accelerator.is_main_process)
@@ -374,8 +377,19 @@ class StyleTask(Task):
             "loss_last": sum(losses[-window:]) / window if losses else None,
             "losses": losses,
         }
-        plots = {"loss.png": functools.partial(plot_losses, losses)} if losses else {}
+        validated = [(entry["step"], entry["val_loss"]) for entry in state.history]
+        best = min(validated, key=lambda sv: sv[1]) if validated else None
+        metrics |= {
+            "val_images": len(self.val_items),
+            "val_losses": validated,
+            "best_step": None if best is None else best[0],
+            "best_val_loss": None if best is None else best[1],
+        }
+        plots = {"loss.png": functools.partial(plot_losses, losses, validated)} if losses else {}
+        variants = {"best": self.best.swapped} if self.best is not None and best is not None else {}
         folder = Path(self.recipe.model.pipeline)
         if folder.is_dir():  # a copy of the pipeline with the merged parts
-            return Outputs(metrics, "merged", pipeline=folder, plots=plots)
-        return Outputs(metrics, "merged.safetensors", pipeline=self.pipe, plots=plots)  # the same single-file layout
+            return Outputs(metrics, "merged", pipeline=folder, plots=plots, variants=variants)
+        return Outputs(
+            metrics, "merged.safetensors", pipeline=self.pipe, plots=plots, variants=variants
+        )  # the same single-file layout

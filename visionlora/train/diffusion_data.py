@@ -1,4 +1,5 @@
-"""What a diffusion recipe trains on: captioned images, their aspect-ratio buckets and crops, caption controls.
+"""What a diffusion recipe trains on: captioned images (and those held out), their aspect-ratio buckets
+and crops, caption controls, and their latents from the frozen VAE.
 
 Everything random here (crops, flips, caption dropout, tag order) is fixed by (seed, epoch, image),
 never by the global RNG, so a resumed run and a run over several processes see exactly what one
@@ -12,6 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,12 +25,14 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "Crop",
     "Item",
+    "Latents",
     "assign_buckets",
     "bucket_sizes",
     "bucket_table",
     "caption_for",
     "crop_for",
     "flip_for",
+    "hold_out",
     "load_pixels",
     "style_items",
 ]
@@ -193,3 +197,35 @@ def caption_for(
     head, tail = tags[:keep], tags[keep:]
     order = torch.randperm(len(tail), generator=torch.Generator().manual_seed(mix_seed(seed, epoch, index, 2)))
     return ", ".join(head + [tail[i] for i in order.tolist()])
+
+
+def hold_out(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """(training, held-out) images: ``fraction`` of them (at least one) chosen by ``seed``, none if 0."""
+    if not fraction:
+        return items, []
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(mix_seed(seed, 3))).tolist()
+    count = max(1, round(len(items) * fraction))
+    if count >= len(items):
+        raise ConfigError(f"data.val_fraction: {fraction} of {len(items)} images leaves none to train on")
+    held = set(order[:count])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+class Latents:
+    """Latent distributions (mean, std) per (image, flipped), encoded by the frozen VAE when first asked
+    for (with ``data.cache``, everything is asked for once, at the start)."""
+
+    def __init__(self, pipe: Any, items: list[Item], crops: list[Crop], keep: bool) -> None:
+        self.vae, self.items, self.crops, self.keep = pipe.vae, items, crops, keep
+        self.stored: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def get(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if (index, flip) in self.stored:
+            return self.stored[index, flip]
+        pixels = load_pixels(self.items[index].path, self.crops[index], flip)
+        dist = self.vae.encode(pixels[None].to(self.vae.device, self.vae.dtype)).latent_dist
+        got = dist.mean.float().cpu()[0], dist.std.float().cpu()[0]
+        if self.keep:
+            self.stored[index, flip] = got
+        return got

@@ -9,7 +9,15 @@ from visionlora.config import LoraConfig
 from visionlora.io.formats import FORMAT_TABLE
 from visionlora.train.sections import Output, Train, check_train, holding_extras, positive, raise_first
 
-__all__ = ["DiffusionData", "DiffusionModel", "DiffusionRecipe", "DiffusionTrain", "DreamBooth", "Validation"]
+__all__ = [
+    "DiffusionData",
+    "DiffusionModel",
+    "DiffusionOutput",
+    "DiffusionRecipe",
+    "DiffusionTrain",
+    "DreamBooth",
+    "Validation",
+]
 
 
 @dataclass
@@ -60,6 +68,9 @@ class DiffusionData:
     """Flip each image horizontally at random, per (epoch, image)."""
     cache: bool = True
     """Encode latents and captions once (the VAE and text encoder are frozen)."""
+    val_fraction: float = 0.0
+    """Hold out this share of the images (at least one, chosen by the seed) for a validation loss at
+    fixed timesteps and noise, every ``validation.every`` steps and at the end (0: none)."""
 
 
 @dataclass
@@ -109,7 +120,20 @@ class Validation:
     guidance_scale: float = 7.5
     """Classifier-free guidance scale of the sampling pipeline."""
     every: int | None = None
-    """Also sample every this many steps (null: only at the end)."""
+    """Every this many steps: the validation loss (with ``data.val_fraction``) and a sample grid
+    (null: only at the end)."""
+    loss_timesteps: int = 5
+    """The validation loss is the mean over the held-out images at this many evenly spaced timesteps,
+    with noise from ``seed`` (the same at every validation, so the curve compares like with like)."""
+
+
+@dataclass
+class DiffusionOutput(Output):
+    """:class:`Output` plus the adapter of the lowest validation loss."""
+
+    keep_best: bool = True
+    """With ``data.val_fraction``: also write ``best/`` (adapter, exports' main file and merged
+    checkpoint) from the validation with the lowest loss."""
 
 
 @dataclass
@@ -135,7 +159,7 @@ class DiffusionRecipe:
     """Optimisation, schedule, checkpoints and logging, plus the diffusion loss options."""
     validation: Validation = field(default_factory=Validation)
     """Sample grids, base vs adapted."""
-    output: Output = field(default_factory=lambda: Output(export=["diffusers", "kohya"]))
+    output: DiffusionOutput = field(default_factory=lambda: DiffusionOutput(export=["diffusers", "kohya"]))
     """Where the results go and in which formats."""
 
     def __post_init__(self) -> None:
@@ -174,6 +198,8 @@ class DiffusionRecipe:
                 "null or a number > 0",
             ),
             ("validation.steps", self.validation.steps >= 1, "an integer >= 1"),
+            ("validation.loss_timesteps", self.validation.loss_timesteps >= 1, "an integer >= 1"),
+            ("data.val_fraction", 0 <= self.data.val_fraction < 1, "a share in [0, 1)"),
             ("validation.every", self.validation.every is None or self.validation.every >= 1, "null or >= 1"),
             (
                 "output.export",

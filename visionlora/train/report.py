@@ -80,8 +80,8 @@ def plot_worst(images: list[tuple[torch.Tensor, int, int, float]], classes: list
     return _save(plt, fig, path)
 
 
-def plot_losses(losses: list[float], path: Path) -> Path:
-    """Loss per optimizer step (and a running mean), one PNG."""
+def plot_losses(losses: list[float], validated: list[tuple[int, float]] | None, path: Path) -> Path:
+    """Loss per optimizer step (and a running mean), with the validation loss at its steps if given; one PNG."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(1, len(losses) + 1), losses, lw=1, label="step")
@@ -92,6 +92,8 @@ def plot_losses(losses: list[float], path: Path) -> Path:
             for i in range(len(losses))
         ]
         ax.plot(range(1, len(losses) + 1), smooth, lw=2, label=f"mean of {window}")
+    if validated:
+        ax.plot([s for s, _ in validated], [v for _, v in validated], "o-", lw=2, label="validation")
     ax.set(xlabel="step", ylabel="loss", title="noise-prediction loss")
     ax.legend()
     return _save(plt, fig, path)
