@@ -313,3 +313,15 @@ def test_held_out_images_give_a_validation_loss_and_the_best_adapter_is_kept_and
     assert again["val_losses"] == metrics["val_losses"]
     b = load_file(resumed / "best" / "adapter.safetensors")
     assert all(torch.equal(kept[k], b[k]) for k in kept)
+
+
+def test_buckets_train_an_sd1_pipeline_too(xl, tmp_path, capsys):
+    from tests.conftest import tiny_pipeline, tiny_unet
+
+    recipe = _recipe(xl, max_steps=3)
+    recipe.model.pipeline = str(tiny_pipeline(tmp_path / "sd1", tiny_unet()))
+    recipe.validation.prompts = []
+    metrics = run_recipe(recipe, output=tmp_path / "run", progress=False)
+    assert "40x24: 3 image(s)" in capsys.readouterr().out
+    assert metrics["steps"] == 3 and all(torch.isfinite(torch.tensor(metrics["losses"])))
+    assert vl.read_adapter(tmp_path / "run" / "adapter.safetensors").layers
