@@ -199,26 +199,17 @@ def tiny_pipeline(folder: Path, unet: nn.Module) -> Path:
 def tiny_sdxl_unet(**overrides):
     """A small SDXL-like UNet: no attention at the top level, 2 transformer layers below it, text_time
     micro-conditioning; cross-attention 40 wide (16 + 24 from the two tiny text encoders), pooled 20."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    config = {
-        "sample_size": 16,
-        "in_channels": 4,
-        "out_channels": 4,
-        "layers_per_block": 1,
-        "block_out_channels": (32, 64),
+    sdxl = {
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
         "transformer_layers_per_block": (1, 2),
         "cross_attention_dim": 40,
-        "attention_head_dim": 8,
-        "norm_num_groups": 8,
         "addition_embed_type": "text_time",
         "addition_time_embed_dim": 8,
         "projection_class_embeddings_input_dim": 20 + 6 * 8,
         "use_linear_projection": True,
     }
-    return diffusers.UNet2DConditionModel(**(config | overrides)).eval()
+    return tiny_unet(**(sdxl | overrides))
 
 
 def sdxl_input(batch: int = 2, seed: int = 1) -> dict[str, Any]:

@@ -153,6 +153,21 @@ def _same(part: str, mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tens
         )
 
 
+def _unet_and_vae(
+    unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor], unet_config: Any, vae_config: Any, kind: str
+) -> dict[str, torch.Tensor]:
+    """UNet and VAE in the original layout, checked by diffusers' converters reading them back."""
+    convert = _single_file()
+    try:
+        out = {f"model.diffusion_model.{k}": v for k, v in unet_to_ldm(unet, unet_config).items()}
+        out |= {f"first_stage_model.{k}": v for k, v in vae_to_ldm(vae, vae_config).items()}
+    except KeyError as exc:
+        raise ConfigError(f"single-file export: {exc.args[0]} (not {kind} layout)") from None
+    _same("UNet", unet, convert.convert_ldm_unet_checkpoint(out, unet_config))
+    _same("VAE", vae, convert.convert_ldm_vae_checkpoint(out, vae_config))
+    return out
+
+
 def sdxl_state_dict(
     unet: dict[str, torch.Tensor],
     vae: dict[str, torch.Tensor],
@@ -169,15 +184,12 @@ def sdxl_state_dict(
     """
     convert = _single_file()
     try:
-        out = {f"model.diffusion_model.{k}": v for k, v in unet_to_ldm(unet, unet_config).items()}
-        out |= {f"first_stage_model.{k}": v for k, v in vae_to_ldm(vae, vae_config).items()}
         second = open_clip_to_ldm(text_encoder_2)
     except KeyError as exc:
         raise ConfigError(f"single-file export: {exc.args[0]} (not an SDXL layout)") from None
+    out = _unet_and_vae(unet, vae, unet_config, vae_config, "an SDXL")
     out |= _clip_to_ldm(text_encoder, "conditioner.embedders.0.transformer.")
     out |= {f"conditioner.embedders.1.model.{k}": v for k, v in second.items()}
-    _same("UNet", unet, convert.convert_ldm_unet_checkpoint(out, unet_config))
-    _same("VAE", vae, convert.convert_ldm_vae_checkpoint(out, vae_config))
     _same(
         "text encoder", text_encoder, convert.convert_ldm_clip_checkpoint(out, "conditioner.embedders.0.transformer.")
     )
@@ -200,18 +212,10 @@ def ldm_state_dict(
         ConfigError: an SD 2.x pipeline (OpenCLIP text encoder, another layout), or a layout that
             diffusers' own single-file converters would not read back tensor for tensor.
     """
-    convert = _single_file()
     if unet_config["cross_attention_dim"] == 1024:
         raise ConfigError(
             "single-file export writes Stable Diffusion 1.x checkpoints; this UNet has SD 2.x's 1024-wide "
             "cross-attention (an OpenCLIP text encoder): write the merged pipeline folder instead"
         )
-    try:
-        out = {f"model.diffusion_model.{k}": v for k, v in unet_to_ldm(unet, unet_config).items()}
-        out |= {f"first_stage_model.{k}": v for k, v in vae_to_ldm(vae, vae_config).items()}
-    except KeyError as exc:
-        raise ConfigError(f"single-file export: {exc.args[0]} (not a Stable Diffusion 1.x layout)") from None
-    out |= _clip_to_ldm(text_encoder, "cond_stage_model.transformer.")
-    _same("UNet", unet, convert.convert_ldm_unet_checkpoint(out, unet_config))
-    _same("VAE", vae, convert.convert_ldm_vae_checkpoint(out, vae_config))
-    return out
+    out = _unet_and_vae(unet, vae, unet_config, vae_config, "a Stable Diffusion 1.x")
+    return out | _clip_to_ldm(text_encoder, "cond_stage_model.transformer.")
