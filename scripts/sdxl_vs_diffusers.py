@@ -14,7 +14,7 @@ min-SNR gamma, steps and fp32. Each tool runs as its own process twice, for ``--
 
 diffusers' example encodes every batch through the VAE and both text encoders at every step;
 visionlora encodes each image and caption once. The example's path is an argument: its code is
-run, not copied. It needs ``pip install datasets`` (its image-folder loader).
+run, not copied. It needs ``pip install datasets`` (the example's image-folder loader) and scikit-image.
 """
 
 from __future__ import annotations

@@ -169,3 +169,21 @@ def test_load_adapter_says_which_format_it_found(tmp_path, caplog):
     with caplog.at_level("INFO", logger="visionlora"):
         vl.load_adapter(_fresh(base), path)
     assert f"{path}: read as a kohya adapter with {len(vl.read_adapter(path).layers)} LoRA layers" in caplog.text
+
+
+def test_lycoris_kohya_loader_applies_the_export_exactly(tmp_path, monkeypatch):
+    """LyCORIS' own reader of kohya files (``lycoris.kohya.create_network_from_weights``), on ranks 4/2
+    and alphas 6/2/1.5 that differ per module: the file's one alpha and folded ups give every module
+    its true scale there too."""
+    kohya = pytest.importorskip("lycoris.kohya")
+    unet, base, expected = _adapted({"down_blocks.*": 2.0, "*.attn2.*": 1.5})
+    path = vl.export_adapter(unet, tmp_path / "k.safetensors", format="kohya")
+    target = _fresh(base)
+    # Only the file's modules: LyCORIS' default presets would also wrap the whole UNet afresh.
+    for preset in ("UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE"):
+        monkeypatch.setattr(kohya.LycorisNetworkKohya, preset, [])
+    monkeypatch.setattr(kohya.LycorisNetworkKohya, "TEXT_ENCODER_TARGET_REPLACE_NAME", [])
+    network, _ = kohya.create_network_from_weights(1.0, str(path), None, None, target, for_inference=True)
+    network.apply_to(None, target, apply_text_encoder=False, apply_unet=True)
+    assert len(network.unet_loras) == len(vl.read_adapter(path).layers)
+    assert_rel_close(_out(target), expected, 1e-5)
