@@ -87,7 +87,11 @@ def test_the_conditioning_is_what_the_sdxl_pipeline_itself_computes(xl):
 
 def test_an_sdxl_run_with_buckets_writes_adapter_merged_pipeline_and_samples(xl, tmp_path, capsys):
     out = tmp_path / "run"
-    metrics = run_recipe(_recipe(xl), output=out, progress=False)
+    recipe = _recipe(xl)
+    recipe.lora.rank_by_resolution = {32: 8, 16: 4, 0: 2}  # probed on SDXL's conditioning at 32 px latents
+    metrics = run_recipe(recipe, output=out, progress=False)
+    layers = vl.read_adapter(out / "adapter.safetensors").layers.values()
+    assert {(s.resolution, s.rank) for s in layers} == {(16, 4)}  # the tiny UNet's attention is all at 16x16
     printed = capsys.readouterr().out
     assert "aspect-ratio buckets (3 used, width x height):" in printed
     assert "40x24: 3 image(s)" in printed and "24x40: 2 image(s)" in printed and "32x32: 2 image(s)" in printed
