@@ -246,6 +246,126 @@ def tiny_sdxl_pipeline(folder: Path, unet: nn.Module | None = None) -> Path:
     return folder
 
 
+def tiny_flux_transformer(**overrides):
+    """A small FluxTransformer2DModel: 1 double- and 1 single-stream block, 16 wide, T5 width 16,
+    pooled CLIP width 24, guidance-distilled (as FLUX.1-dev), 2x2-packed latents of 4 channels."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    config = {
+        "patch_size": 1,
+        "in_channels": 16,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 16,
+        "pooled_projection_dim": 24,
+        "guidance_embeds": True,
+        "axes_dims_rope": [2, 2, 4],
+    }
+    return diffusers.FluxTransformer2DModel(**(config | overrides))
+
+
+def tiny_sd3_transformer(**overrides):
+    """A small SD3Transformer2DModel (MMDiT): 2 joint blocks, the first with SD3.5's second attention,
+    RMS q/k norms, 16 wide, text width 16, pooled width 16, 4 latent channels."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    config = {
+        "sample_size": 16,
+        "patch_size": 1,
+        "in_channels": 4,
+        "num_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 16,
+        "caption_projection_dim": 16,
+        "pooled_projection_dim": 16,
+        "out_channels": 4,
+        "qk_norm": "rms_norm",
+        "dual_attention_layers": (0,),
+    }
+    return diffusers.SD3Transformer2DModel(**(config | overrides))
+
+
+def _tiny_t5(vocab: int):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(
+        vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=1, eos_token_id=1
+    )
+    return transformers.T5EncoderModel(config)
+
+
+def _tiny_flow_vae():
+    diffusers = pytest.importorskip("diffusers")
+    return diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        shift_factor=0.1,
+        scaling_factor=0.5,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def tiny_flux_pipeline(folder: Path, transformer: nn.Module | None = None) -> Path:
+    """Save a small FluxPipeline to ``folder``: a tiny CLIP (24 wide, pooled), a tiny T5 (16 wide),
+    made-up tokenizers, a tiny VAE (scale factor 1) and ``transformer``."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    tokenizer = _tiny_tokenizer(folder)
+    transformer = transformer if transformer is not None else tiny_flux_transformer()
+    torch.manual_seed(0)
+    pipe = diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_flow_vae(),
+        text_encoder=transformers.CLIPTextModel(_tiny_text_config(24, 24, len(tokenizer), layers=1)),
+        tokenizer=tokenizer,
+        text_encoder_2=_tiny_t5(len(tokenizer)),
+        tokenizer_2=tokenizer,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def tiny_sd3_pipeline(folder: Path, transformer: nn.Module | None = None) -> Path:
+    """Save a small StableDiffusion3Pipeline to ``folder``: two tiny CLIPs with projections (8 wide
+    each), a tiny T5 (16 wide), made-up tokenizers, a tiny VAE and ``transformer``."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    tokenizer = _tiny_tokenizer(folder)
+    transformer = transformer if transformer is not None else tiny_sd3_transformer()
+    torch.manual_seed(0)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_flow_vae(),
+        text_encoder=transformers.CLIPTextModelWithProjection(_tiny_text_config(8, 8, len(tokenizer), layers=1)),
+        tokenizer=tokenizer,
+        text_encoder_2=transformers.CLIPTextModelWithProjection(_tiny_text_config(8, 8, len(tokenizer), layers=1)),
+        tokenizer_2=tokenizer,
+        text_encoder_3=_tiny_t5(len(tokenizer)),
+        tokenizer_3=tokenizer,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def transformer_output(model: nn.Module, seed: int = 1) -> Tensor:
+    """A Flux or SD3 transformer's output on fixed random inputs, without gradients."""
+    from visionlora.models.loading import example_input_for
+
+    torch.manual_seed(seed)
+    inputs = example_input_for(model, 8)
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
 @pytest.fixture
 def net() -> TinyNet:
     return tiny_net()

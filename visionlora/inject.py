@@ -49,7 +49,7 @@ from visionlora.layers import (
     lora_shapes,
     max_useful_rank,
 )
-from visionlora.models.presets import expand_preset
+from visionlora.models.presets import expand_preset, presets_in_patterns
 from visionlora.ranks import allocate, probe_resolutions
 from visionlora.state import (
     activate,
@@ -190,7 +190,7 @@ def match_targets(
     ordered = sorted(selected, key=order.__getitem__)
     bases = {n: base_layer(selected[n]) for n in ordered}
     resolutions = None if example_input is None else probe_resolutions(model, bases, example_input, modules=selected)
-    ranks = allocate(bases, cfg, resolutions)
+    ranks = allocate(bases, presets_in_patterns(model, cfg), resolutions)
     matches = [
         Match(n, selected[n], layer_kind(selected[n]) or "", *ranks[n], resolutions[n] if resolutions else None)
         for n in ordered

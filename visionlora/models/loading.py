@@ -4,8 +4,8 @@ A model spec is ``[source:]name``:
 
 - ``torchvision:<name>``: ``torchvision.models.get_model(name, weights=...)``;
 - ``timm:<name>``: ``timm.create_model(name, pretrained=...)``;
-- ``diffusers:<folder>``: a diffusers UNet folder (``config.json``), or a pipeline folder whose
-  ``unet/`` subfolder is one.
+- ``diffusers:<folder>``: a diffusers UNet or transformer folder (``config.json``), or a pipeline
+  folder whose ``unet/`` or ``transformer/`` subfolder is one.
 
 Without a source, an existing folder is read as diffusers, then torchvision's model names are
 tried, then timm's. ``pretrained=False`` builds the architecture with fresh weights and downloads
@@ -30,6 +30,8 @@ from visionlora.errors import ConfigError
 __all__ = ["SOURCES", "build_model", "example_input_for"]
 
 SOURCES = ("torchvision", "timm", "diffusers")
+DENOISERS = ("unet", "transformer")
+"""The subfolders of a diffusers pipeline that hold the model LoRA adapts (the denoiser)."""
 
 
 def _torchvision(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
@@ -46,10 +48,11 @@ def _diffusers(folder: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Modu
         raise ConfigError(f"diffusers:{folder}: model arguments {sorted(kwargs)} are for torchvision/timm models")
 
     root = Path(folder)
-    if not (root / "config.json").is_file() and (root / "unet" / "config.json").is_file():
-        root = root / "unet"
+    for part in DENOISERS:  # a pipeline folder: its denoiser
+        if not (root / "config.json").is_file() and (root / part / "config.json").is_file():
+            root = root / part
     if not (root / "config.json").is_file():
-        raise ConfigError(f"diffusers:{folder}: no config.json here or in its unet/ subfolder")
+        raise ConfigError(f"diffusers:{folder}: no config.json here or in its unet/ or transformer/ subfolder")
     try:
         config = json.loads((root / "config.json").read_text())
     except (OSError, ValueError, RecursionError) as exc:
@@ -135,6 +138,8 @@ def example_input_for(model: nn.Module, size: int | None = None) -> Any:
             configured ``sample_size``.
     """
     config = getattr(model, "config", None)
+    if from_diffusers(model) and config is not None and hasattr(config, "joint_attention_dim"):
+        return _transformer_input(model, size)
     if from_diffusers(model) and config is not None:
         side = size or int(config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0])
         inputs: dict[str, Any] = {
@@ -151,3 +156,25 @@ def example_input_for(model: nn.Module, size: int | None = None) -> Any:
             inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, text_dim), "time_ids": torch.zeros(1, 6)}
         return inputs
     return torch.randn(1, 3, size or 224, size or 224)
+
+
+def _transformer_input(model: nn.Module, size: int | None) -> dict[str, Any]:
+    """A Flux or SD3 transformer's forward arguments: latents (packed for Flux), text, pooled text."""
+    config: Any = model.config
+    side = size or (int(config.sample_size) if hasattr(config, "sample_size") else 16)
+    text = 8
+    inputs: dict[str, Any] = {
+        "encoder_hidden_states": torch.randn(1, text, config.joint_attention_dim),
+        "pooled_projections": torch.randn(1, config.pooled_projection_dim),
+        "timestep": torch.tensor([0.5]),
+    }
+    if type(model).__name__ == "FluxTransformer2DModel":  # packed 2x2 latent patches, with position ids
+        tokens = (side // 2) ** 2
+        inputs["hidden_states"] = torch.randn(1, tokens, config.in_channels)
+        inputs["img_ids"] = torch.zeros(tokens, 3)
+        inputs["txt_ids"] = torch.zeros(text, 3)
+        if config.guidance_embeds:
+            inputs["guidance"] = torch.tensor([3.5])
+    else:
+        inputs["hidden_states"] = torch.randn(1, config.in_channels, side, side)
+    return inputs

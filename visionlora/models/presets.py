@@ -17,22 +17,40 @@ unet-attention         to_q, to_k, to_v, to_out.0 of every attention module (sel
                        diffusers UNet2DConditionModel, or of a UNet2DModel that has attention
 unet-attention-ff      the above plus the feed-forward Linears of the transformer blocks
 unet-locon             the above plus the ResNet blocks' conv1, conv2 and conv_shortcut ("LoCon")
+flux-attention         FluxTransformer2DModel: to_q/k/v, to_out.0 and the context stream's add_q/k/v_proj,
+                       to_add_out in double-stream blocks; to_q/k/v in single-stream blocks
+flux-all               the above plus ff, ff_context (double) and proj_mlp, proj_out (single)
+flux-double            flux-all's layers in the double-stream blocks (``transformer_blocks``)
+flux-single            flux-all's layers in the single-stream blocks (``single_transformer_blocks``)
+flux-context           flux-all's layers of the text (context) stream: add_*_proj, to_add_out, ff_context
+flux-modulation        the blocks' AdaLN modulation Linears (norm1.linear, norm1_context.linear, norm.linear)
+sd3-attention          SD3Transformer2DModel (SD3/3.5 MMDiT): to_q/k/v, to_out.0, add_q/k/v_proj,
+                       to_add_out, and SD3.5's second attention (attn2)
+sd3-all                the above plus ff and ff_context
+sd3-context            sd3-all's layers of the text (context) stream
 =====================  ==============================================================================
+
+The block-kind presets (``flux-double``, ``flux-context``, ...) are meant for ``rank_pattern``
+and ``alpha_pattern`` keys as well as targets: ``rank_pattern={"preset:flux-single": 4}``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from visionlora._tree import from_diffusers, iter_modules
+from visionlora.config import LoraConfig
 from visionlora.errors import TargetError
 from visionlora.layers import layer_kind
 
-__all__ = ["PRESETS", "RESNET_FAMILIES", "ResNetFamily", "expand_preset", "fitting_presets"]
+__all__ = ["PRESETS", "RESNET_FAMILIES", "ResNetFamily", "expand_preset", "fitting_presets", "presets_in_patterns"]
 
 
 @dataclass(frozen=True)
@@ -142,6 +160,43 @@ def _unet_locon(model: nn.Module, arg: int | None) -> list[str]:
     return _unet(model, ff=True, convs=True)
 
 
+_DIT_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+_CONTEXT = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context")
+_DIT_CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
+
+
+def _dit_group(name: str) -> str | None:
+    """What a Linear of a DiT block is (``attention``, ``ff``, ``modulation``) by its name in the block."""
+    parts = name.split(".")
+    if parts[0] in ("attn", "attn2"):
+        return "attention" if ".".join(parts[1:]) in _DIT_ATTENTION else None
+    if parts[0] in ("ff", "ff_context") or name in ("proj_mlp", "proj_out"):
+        return "ff"
+    if parts[0] in ("norm", "norm1", "norm1_context") and parts[-1] == "linear":
+        return "modulation"
+    return None
+
+
+def _dit(model: nn.Module, family: str, groups: tuple[str, ...] = ("attention", "ff"), where: str = "") -> list[str]:
+    """The Linears of a diffusion transformer's blocks in ``groups``; ``where`` (``double``,
+    ``single``, ``context``) narrows them to one kind of block or stream."""
+    if not _is_diffusers(model, _DIT_CLASSES[family]):
+        return []
+    chosen = []
+    for name, module in iter_modules(model):
+        stack, _, rest = name.partition(".")
+        index, _, layer = rest.partition(".")
+        if stack not in ("transformer_blocks", "single_transformer_blocks") or not index.isdecimal():
+            continue
+        if layer_kind(module) != "Linear" or _dit_group(layer) not in groups:
+            continue
+        single = stack == "single_transformer_blocks"
+        context = any(part in _CONTEXT for part in layer.split(".")) or layer.startswith("norm1_context")
+        if {"double": not single, "single": single, "context": context}.get(where, True):
+            chosen.append(name)
+    return chosen
+
+
 Expand = Callable[[nn.Module, "int | None"], list[str]]
 
 PRESETS: dict[str, tuple[Expand, bool]] = {
@@ -151,6 +206,15 @@ PRESETS: dict[str, tuple[Expand, bool]] = {
     "unet-attention": (_unet_attention, False),
     "unet-attention-ff": (_unet_attention_ff, False),
     "unet-locon": (_unet_locon, False),
+    "flux-attention": (lambda m, n: _dit(m, "flux", ("attention",)), False),
+    "flux-all": (lambda m, n: _dit(m, "flux"), False),
+    "flux-double": (lambda m, n: _dit(m, "flux", where="double"), False),
+    "flux-single": (lambda m, n: _dit(m, "flux", where="single"), False),
+    "flux-context": (lambda m, n: _dit(m, "flux", where="context"), False),
+    "flux-modulation": (lambda m, n: _dit(m, "flux", ("modulation",)), False),
+    "sd3-attention": (lambda m, n: _dit(m, "sd3", ("attention",)), False),
+    "sd3-all": (lambda m, n: _dit(m, "sd3"), False),
+    "sd3-context": (lambda m, n: _dit(m, "sd3", where="context"), False),
 }
 """Preset name -> (expansion, whether it needs the ``:n`` argument)."""
 
@@ -192,3 +256,22 @@ def expand_preset(model: nn.Module, target: str) -> list[str]:
             f"{target!r} does not fit {type(model).__name__}; presets that fit it: {', '.join(fits) or 'none'}"
         )
     return names
+
+
+def presets_in_patterns(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
+    """``cfg`` with ``preset:<name>`` keys of ``rank_pattern`` / ``alpha_pattern`` spelled out as the
+    exact names the preset selects in ``model`` (one regex per key, the keys' order kept).
+
+    Raises:
+        TargetError: as :func:`expand_preset`, for a preset key that does not fit ``model``.
+    """
+
+    def spelled(patterns: dict[str, Any]) -> dict[str, Any]:
+        return {
+            ("re:" + "|".join(map(re.escape, expand_preset(model, k))) if k.startswith("preset:") else k): v
+            for k, v in patterns.items()
+        }
+
+    if not any(k.startswith("preset:") for k in (*cfg.rank_pattern, *cfg.alpha_pattern)):
+        return cfg
+    return dataclasses.replace(cfg, rank_pattern=spelled(cfg.rank_pattern), alpha_pattern=spelled(cfg.alpha_pattern))
