@@ -122,7 +122,7 @@ def test_wrong_components_are_refused_by_name(pipeline, tmp_path):
     unet_only = vl.export_adapter(unet, tmp_path / "u.safetensors", format="kohya")
     with pytest.raises(vl.AdapterFileError, match=r"holds no text_encoder LoRA; it holds LoRA for \['unet'\]"):
         vl.read_adapter(unet_only, component="text_encoder")
-    with pytest.raises(vl.ConfigError, match=r"component 'vae' is not one of \['unet', 'text_encoder'"):
+    with pytest.raises(vl.ConfigError, match=r"component 'vae' is not one of \['unet', 'transformer', 'text_encoder'"):
         vl.read_adapter(unet_only, component="vae")
     native = vl.save_adapter(text, tmp_path / "te.safetensors")
     with pytest.raises(vl.AdapterFileError, match="is a visionlora adapter of one model; component='text_encoder'"):

@@ -35,6 +35,7 @@ from visionlora.layers import lora_scale
 
 __all__ = [
     "COMPONENTS",
+    "DENOISERS",
     "KINDS_BY_NDIM",
     "anchored",
     "check_patterns",
@@ -53,8 +54,11 @@ __all__ = [
 ]
 
 KINDS_BY_NDIM = {2: "Linear", 3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-"""The pipeline parts a diffusers or kohya LoRA file can hold; the first is the main model."""
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+"""The pipeline parts a diffusers or kohya LoRA file can hold; ``unet`` also names the one model of
+a one-model format."""
+DENOISERS = ("unet", "transformer")
+"""The parts that denoise (a UNet, or a Flux/SD3 transformer): a pipeline file's main model."""
 _SAME_SCALE = 1e-6  # relative: alphas stored as float32 round-trip within this
 
 
@@ -241,7 +245,7 @@ def header_json(path: Path, raw: str, key: str) -> Any:
 
 def kept_key(component: str) -> str:
     """The header entry keeping ``component``'s record: ``visionlora``, or ``visionlora.text_encoder`` and so on."""
-    return META_KEY if component == COMPONENTS[0] else f"{META_KEY}.{component}"
+    return META_KEY if component in DENOISERS else f"{META_KEY}.{component}"
 
 
 def kept_record(file: AdapterFile, header: Mapping[str, str]) -> AdapterFile:

@@ -1,8 +1,10 @@
 """diffusers LoRA files: ``unet.<module>.lora_A.weight`` / ``unet.<module>.lora_B.weight``.
 
-A text encoder's LoRA sits in the same file under ``text_encoder.`` (``text_encoder_2.`` for
-SDXL's second), each with its own ``lora_adapter_metadata`` entries, as ``save_lora_weights``
-writes them.
+A Flux or SD3 transformer's LoRA sits under ``transformer.``; a text encoder's in the same file
+under ``text_encoder.`` (``text_encoder_2.``, ``text_encoder_3.`` for the further ones), each
+with its own ``lora_adapter_metadata`` entries, as ``save_lora_weights`` writes them. Files from
+diffusers' training scripts, SimpleTuner and ai-toolkit are in this format; PEFT's own
+``base_model.model.`` inside the keys (``transformer.base_model.model.<module>...``) is read too.
 
 diffusers reads this format on two paths that disagree about alpha: ``pipeline.load_lora_weights``
 reads the ``lora_adapter_metadata`` header, while ``UNet2DConditionModel.load_lora_adapter(path)``
@@ -45,6 +47,7 @@ __all__ = ["LORA_WEIGHTS_FILE", "METADATA_KEY", "components_in", "diffusers_tens
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # what load_lora_weights(folder) looks for
 METADATA_KEY = "lora_adapter_metadata"
+_PEFT_PREFIX = "base_model.model."
 
 
 def diffusers_tensors(parts: Parts) -> Payload:
@@ -142,6 +145,7 @@ def read_diffusers(source: Source, component: str = COMPONENTS[0]) -> AdapterFil
         if prefixed and not key.startswith(f"{component}."):
             continue
         name = key.removeprefix(f"{component}.") if prefixed else key
+        name = name.removeprefix(_PEFT_PREFIX)  # PEFT's own key prefix, kept by some trainers
         if name.endswith((".lora_A.weight", ".lora_B.weight")):
             tensors[name] = tensor
         elif name.endswith(".alpha"):

@@ -12,6 +12,7 @@ from torch import nn
 from visionlora.errors import ConfigError
 from visionlora.io.adapter import AdapterFile, Parts, adapter_record, file_error
 from visionlora.io.convert import COMPONENTS
+from visionlora.io.dit import dit_family
 from visionlora.io.formats import (
     PIPELINE_FORMATS,
     AdapterFormat,
@@ -83,8 +84,9 @@ def export_adapter(
     refuse_output(fmt, path, overwrite)
     model_state: dict[str, torch.Tensor] | None = None
     if isinstance(model_or_file, nn.Module):
-        records = {COMPONENTS[0]: adapter_record(model_or_file, path, adapter_name)}
         model_state = original_state_dict(model_or_file)
+        denoiser = "transformer" if dit_family(model_state) is not None else COMPONENTS[0]
+        records = {denoiser: dataclasses.replace(adapter_record(model_or_file, path, adapter_name), component=denoiser)}
     else:
         source_format, source = open_adapter(model_or_file)
         records = {c: read_component(source_format, source, c) for c in components_of(source_format, source)}

@@ -31,7 +31,7 @@ from visionlora.io.adapter import (
     native_tensors,
     require_finite,
 )
-from visionlora.io.convert import COMPONENTS
+from visionlora.io.convert import COMPONENTS, DENOISERS
 from visionlora.io.diffusers_lora import LORA_WEIGHTS_FILE, diffusers_tensors, read_diffusers
 from visionlora.io.diffusers_lora import components_in as diffusers_components
 from visionlora.io.files import atomic_folder, read_safetensors, refuse_existing, write_safetensors, write_text
@@ -146,7 +146,7 @@ FORMAT_TABLE: dict[str, Format] = {
             read_kohya,
             kohya_tensors,
             detect=lambda source: is_kohya(source.tensors),
-            components=lambda source: kohya_components(source.tensors),
+            components=lambda source: kohya_components(source.tensors, source.header),
             holds_extras=False,
             fit_names=resolve_names,
         ),
@@ -203,9 +203,10 @@ def components_of(fmt: Format, source: Source) -> list[str]:
 
 
 def read_component(fmt: Format, source: Source, component: str | None) -> AdapterFile:
-    """The record of ``component`` (default: the UNet, or the one model) in an opened source."""
+    """The record of ``component`` (default: the denoiser the file holds, or the one model) in an opened source."""
     if fmt.pipeline:
-        return fmt.read(source, component or COMPONENTS[0])
+        held = components_of(fmt, source)
+        return fmt.read(source, component or next((c for c in held if c in DENOISERS), COMPONENTS[0]))
     file = fmt.read(source, COMPONENTS[0])
     if component not in (None, COMPONENTS[0]):
         raise file_error(

@@ -25,8 +25,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,6 +48,8 @@ from visionlora.io.convert import (
     scalar_alpha,
     unmappable,
 )
+from visionlora.io.dit import dit_family, flat_original_names, original_family
+from visionlora.io.fused import fuse_lora, split_lora
 from visionlora.io.ldm import unet_ldm_names
 from visionlora.state import original_state_dict
 
@@ -63,10 +67,17 @@ __all__ = [
 
 PREFIXES: dict[str, tuple[str, ...]] = {
     "unet": ("lora_unet_",),
-    "text_encoder": ("lora_te_", "lora_te1_"),  # SD 1.x/2.x, and SDXL's first text encoder
-    "text_encoder_2": ("lora_te2_",),
+    "transformer": ("lora_unet_",),  # Flux / SD3, with the original layout's module names
+    "text_encoder": ("lora_te_", "lora_te1_"),  # SD 1.x/2.x, and SDXL's, SD3's and Flux's CLIP-L
+    "text_encoder_2": ("lora_te2_", "lora_te3_"),  # SDXL's and SD3's second CLIP; Flux's T5 is lora_te3_
+    "text_encoder_3": ("lora_te3_",),  # SD3's T5
 }
-"""Key prefixes per component; the first is the one written."""
+"""Key prefixes per component; the first is the one written (but see :func:`_prefix_for`)."""
+_DIT_NAMES = re.compile(
+    r"(double_blocks|single_blocks|joint_blocks)_\d+_|(img_in|txt_in|context_embedder|final_layer|x_embedder_proj)"
+    r"(_|\.|$)|(time_in|vector_in|guidance_in|t_embedder|y_embedder)_"
+)
+"""Flattened module names of Flux's (BFL) and SD3's (SAI) original layouts, which sd-scripts writes."""
 logger = logging.getLogger("visionlora")
 _PARTS = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha")
 _TEXT_MODEL = "text_model."
@@ -95,18 +106,29 @@ def kohya_name(component: str, name: str) -> str:
     Text encoders are named as CLIPTextModel's ``text_model.`` submodule, which recent transformers
     versions no longer have (``encoder.layers.0...``): the prefix is added where it is missing.
     """
-    if component != "unet" and not name.startswith(_TEXT_MODEL):
-        name = _TEXT_MODEL + name
+    if component not in ("unet", "transformer") and not name.startswith((_TEXT_MODEL, "encoder.block.", "shared")):
+        name = _TEXT_MODEL + name  # a CLIP's (a T5's names have no such prefix)
     return flat_name(name)
 
 
-def _component_of(key: str) -> tuple[str, str] | None:
-    """(component, prefix) of a kohya key, or None when no component's prefix starts it."""
+def _component_of(key: str, flux: bool = False) -> tuple[str, str] | None:
+    """(component, prefix) of a kohya key, or None when no component's prefix starts it. ``flux``:
+    the file is a Flux LoRA, whose ``lora_te3_`` is the pipeline's ``text_encoder_2`` (T5)."""
+    if key.startswith("lora_unet_"):
+        return ("transformer" if _DIT_NAMES.match(key[len("lora_unet_") :]) else "unet"), "lora_unet_"
+    if key.startswith("lora_te3_"):
+        return ("text_encoder_2" if flux else "text_encoder_3"), "lora_te3_"
     for component, prefixes in PREFIXES.items():
         for prefix in prefixes:
-            if key.startswith(prefix):
+            if key.startswith(prefix) and prefix not in ("lora_unet_", "lora_te3_"):
                 return component, prefix
     return None
+
+
+def _is_flux(raw: Mapping[str, torch.Tensor], header: Mapping[str, str]) -> bool:
+    """Whether a kohya file is a Flux LoRA: BFL block names, or sd-scripts' Flux network module."""
+    network = header.get("ss_network_module", "")
+    return "flux" in network or any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in raw)
 
 
 def is_kohya(raw: Mapping[str, torch.Tensor]) -> bool:
@@ -114,10 +136,21 @@ def is_kohya(raw: Mapping[str, torch.Tensor]) -> bool:
     return any(_component_of(k) is not None for k in raw) and not any(".lora_A." in k or ".lora_B." in k for k in raw)
 
 
-def components_in(raw: Mapping[str, torch.Tensor]) -> list[str]:
+def components_in(raw: Mapping[str, torch.Tensor], header: Mapping[str, str] | None = None) -> list[str]:
     """The components a kohya file holds LoRA for, in :data:`PREFIXES` order."""
-    found = {c[0] for c in map(_component_of, raw) if c is not None}
+    flux = _is_flux(raw, header or {})
+    found = {c[0] for c in (_component_of(k, flux) for k in raw) if c is not None}
     return [c for c in PREFIXES if c in found]
+
+
+def _prefix_for(component: str, names: list[str], xl: bool, flux: bool) -> str:
+    """The prefix sd-scripts writes for ``component``: ``lora_te1_`` beside a second encoder (SDXL,
+    SD3, Flux), ``lora_te3_`` for a T5 (Flux's ``text_encoder_2``)."""
+    if component == "text_encoder":
+        return "lora_te1_" if xl else "lora_te_"
+    if component == "text_encoder_2" and (flux or any(n.startswith("encoder.block.") for n in names)):
+        return "lora_te3_"
+    return PREFIXES[component][0]
 
 
 def kohya_tensors(parts: Parts) -> Payload:
@@ -136,16 +169,19 @@ def kohya_tensors(parts: Parts) -> Payload:
     kept: dict[str, str] = {}
     dtype = parts.dtype
     sgm = sgm_names(list(parts.model_state)) if parts.model_state is not None and "unet" in parts.records else None
-    xl = sgm is not None or "text_encoder_2" in parts.records  # SDXL: sd-scripts' lora_te1_ / lora_te2_
+    for file in parts.records.values():
+        require_exportable(file, "kohya", lora_only=True)
+    records = {c: _fused(f, parts.model_state) if c == "transformer" else f for c, f in parts.records.items()}
+    flux = "transformer" in records and original_family(records["transformer"].layers) == "flux"
+    xl = sgm is not None or "text_encoder_2" in records or "transformer" in records  # sd-scripts' lora_te1_
     # diffusers' kohya converter loses per-module alphas: every module gets one alpha and the rest of
     # its scale is folded into B (the kept record unfolds it). Modules whose alpha is the shared one
     # keep B bit for bit.
-    shared = most_common(s.alpha for file in parts.records.values() for s in file.layers.values())
-    for component, file in parts.records.items():
-        require_exportable(file, "kohya", lora_only=True)
+    shared = most_common(s.alpha for file in records.values() for s in file.layers.values())
+    for component, file in records.items():
+        prefix = _prefix_for(component, list(file.layers), xl, flux)
         for name, spec in file.layers.items():
             flat = flat_name(sgm[name]) if sgm is not None and component == "unet" else kohya_name(component, name)
-            prefix = "lora_te1_" if component == "text_encoder" and xl else PREFIXES[component][0]
             key = prefix + flat
             if key in by_flat:
                 raise file_error(file.path, f"modules {by_flat[key]!r} and {name!r} both flatten to kohya name {key!r}")
@@ -158,9 +194,9 @@ def kohya_tensors(parts: Parts) -> Payload:
             tensors[f"{key}.lora_up.weight"] = b if dtype is None else b.to(dtype)
             # alpha / r gives the layer's scale; float32 so any alpha survives (fp16 would round it).
             tensors[f"{key}.alpha"] = torch.tensor(shared, dtype=torch.float32)
-        kept.update(export_header(file))
+        kept.update(export_header(parts.records[component]))
         _warn_attention_without_out_proj(component, file)
-    specs = [s for file in parts.records.values() for s in file.layers.values()]
+    specs = [s for file in records.values() for s in file.layers.values()]
     linear = [s for s in specs if s.kind == "Linear"] or specs
     conv = [s for s in specs if s.kind != "Linear"]
     header = {
@@ -170,9 +206,29 @@ def kohya_tensors(parts: Parts) -> Payload:
         **({"ss_network_args": _conv_args(conv, shared)} if conv else {}),
         **kept,
     }
+    if "transformer" in records and not flux:
+        logger.warning(
+            "%s: SD3 LoRA in sd-scripts' layout (lora_unet_joint_blocks_*) is read by ComfyUI and sd-scripts; "
+            "diffusers' load_lora_weights has no converter for it and loads nothing: use format='diffusers' there",
+            records["transformer"].path,
+        )
     if sgm is not None:
         header[_NAMES_KEY] = json.dumps({flat_name(sgm[n]): n for n in parts.records["unet"].layers})
     return Payload(tensors, header)
+
+
+def _fused(file: AdapterFile, model_state: Mapping[str, torch.Tensor] | None) -> AdapterFile:
+    """A Flux or SD3 transformer's LoRA on its original layout's (fused) modules, as sd-scripts names them."""
+    names = list(file.layers) + list(model_state or {})
+    family = dit_family(names)
+    if family is None:
+        raise file_error(
+            file.path,
+            "is a transformer LoRA whose layer names do not tell Flux from SD3; export it from the model "
+            "(vl.export_adapter(pipe.transformer, ...)) or convert it with --model",
+        )
+    tensors, alphas = fuse_lora(file, family, model_state)
+    return dataclasses.replace(foreign_record(file.path, "kohya", tensors, alphas), component="transformer")
 
 
 def _warn_attention_without_out_proj(component: str, file: AdapterFile) -> None:
@@ -214,20 +270,21 @@ def read_kohya(source: Source, component: str = "unet") -> AdapterFile:
     path, raw, header = source.path, source.tensors, source.header
     groups: dict[str, dict[str, torch.Tensor]] = {}
     bad = []
+    flux = _is_flux(raw, header)
     for key, tensor in raw.items():
         part = next((p for p in _PARTS if key.endswith(p)), None)
-        owner = _component_of(key)
+        owner = _component_of(key, flux)
         if part is None or owner is None:
             bad.append(key)
         elif owner[0] == component:
             groups.setdefault(key[len(owner[1]) : -len(part)], {})[part] = tensor
     unmappable(path, bad, "LoRA layer", " (LoHa, LoKr, DoRA and full-weight diffs are not LoRA)")
     if not groups:
-        held = components_in(raw)
+        held = components_in(raw, header)
         raise file_error(path, f"holds no {component} LoRA; it holds LoRA for {held} (pass component=<one of those>)")
-    prefix = PREFIXES[component][0]
+    prefix = _component_prefix(raw, component, flux)
     # Checked under their kohya names, before a Tucker mid is folded into A and its dtype lost.
-    check_tensors(path, {k: v for k, v in raw.items() if not k.endswith(".alpha") and _owned(k, component)})
+    check_tensors(path, {k: v for k, v in raw.items() if not k.endswith(".alpha") and _owned(k, component, flux)})
     tensors: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     for base, parts in groups.items():
@@ -239,7 +296,10 @@ def read_kohya(source: Source, component: str = "unet") -> AdapterFile:
         if ".alpha" in parts:
             alphas[base] = scalar_alpha(path, f"{prefix}{base}.alpha", parts[".alpha"])
     file = dataclasses.replace(foreign_record(path, "kohya", tensors, alphas), component=component)
-    real = _kept_names(path, header, component)
+    kept_layers = _kept_layers(path, header, component)
+    if component == "transformer":
+        return kept_record(_diffusers_names(file, header, prefix, kept_layers), header)
+    real = None if kept_layers is None else list(kept_layers)
     if real is None:
         return dataclasses.replace(file, flat_names=True)
     flat = {kohya_name(component, n): n for n in real}
@@ -251,12 +311,38 @@ def read_kohya(source: Source, component: str = "unet") -> AdapterFile:
     return kept_record(_rename(file, flat), header)
 
 
-def _owned(key: str, component: str) -> bool:
-    owner = _component_of(key)
+def _owned(key: str, component: str, flux: bool) -> bool:
+    owner = _component_of(key, flux)
     return owner is not None and owner[0] == component
 
 
-def _kept_names(path: Path, header: Mapping[str, str], component: str) -> list[str] | None:
+def _component_prefix(raw: Mapping[str, torch.Tensor], component: str, flux: bool) -> str:
+    """The prefix ``component``'s keys carry in this file (``lora_te_`` or ``lora_te1_``, ...)."""
+    return next(o[1] for k in raw if (o := _component_of(k, flux)) is not None and o[0] == component)
+
+
+def _diffusers_names(
+    file: AdapterFile, header: Mapping[str, str], prefix: str, kept: dict[str, Any] | None
+) -> AdapterFile:
+    """A Flux or SD3 LoRA in sd-scripts' original-layout names as LoRA on diffusers' modules, fused
+    modules split exactly (with the kept record's ranks where the file has one)."""
+    network = header.get("ss_network_module", "")
+    hint = "flux" if "flux" in network else "sd3" if "sd3" in network else None
+    family, dotted = flat_original_names(file.layers, hint)
+    unknown = sorted(prefix + n for n in file.layers if n not in dotted)
+    where = "Flux (BFL) or SD3 (SAI)" if family is None else {"flux": "Flux (BFL)", "sd3": "SD3 (SAI)"}[family]
+    unmappable(file.path, unknown, f"{where} module", " (no module of that name in the original layout)")
+    assert family is not None  # every name is known, so the family was found
+    ranks = (
+        None
+        if kept is None
+        else {n: v["rank"] for n, v in kept.items() if isinstance(v, dict) and isinstance(v.get("rank"), int)}
+    )
+    tensors, alphas = split_lora(_rename(file, dotted), family, ranks)
+    return dataclasses.replace(foreign_record(file.path, "kohya", tensors, alphas), component="transformer")
+
+
+def _kept_layers(path: Path, header: Mapping[str, str], component: str) -> dict[str, Any] | None:
     key = kept_key(component)
     raw = header.get(key)
     if raw is None:
@@ -265,7 +351,7 @@ def _kept_names(path: Path, header: Mapping[str, str], component: str) -> list[s
     layers = layers.get("layers") if isinstance(layers, dict) else None
     if not isinstance(layers, dict):
         raise file_error(path, f"the {key!r} header entry has no 'layers' mapping")
-    return list(layers)
+    return layers
 
 
 def _rename(file: AdapterFile, names: Mapping[str, str]) -> AdapterFile:
