@@ -28,7 +28,7 @@ from visionlora.io import (
 )
 from visionlora.io.files import write_text
 from visionlora.io.weights import fit_head, load_base
-from visionlora.models.loading import SOURCES, build_model, example_input_for
+from visionlora.models.loading import SOURCES, build_model, example_input_for, load_component
 from visionlora.models.presets import PRESETS, fitting_presets
 from visionlora.summary import summary
 
@@ -76,13 +76,32 @@ def _targets(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    model = load_base(args.base, arch=args.arch)
-    fit_head(model, read_adapter(args.adapter).tensors)
-    load_adapter(model, args.adapter)
-    pipeline = args.base if (Path(args.base) / "model_index.json").is_file() else None
     dtype = DTYPES[args.dtype] if args.dtype else None
-    out = export_merged(model, args.out, dtype=dtype, pipeline=pipeline, overwrite=args.overwrite)
-    print(f"wrote {out}: {type(model).__name__} with {args.adapter} merged")
+    if not (Path(args.base) / "model_index.json").is_file():
+        model = load_base(args.base, arch=args.arch)
+        fit_head(model, read_adapter(args.adapter).tensors)
+        load_adapter(model, args.adapter)
+        out = export_merged(model, args.out, dtype=dtype, overwrite=args.overwrite)
+        print(f"wrote {out}: {type(model).__name__} with {args.adapter} merged")
+        return 0
+    if args.arch is not None:
+        raise ConfigError(f"--arch is for weights files; {args.base!r} is a pipeline folder")
+    held = file_components(args.adapter)  # every part the file holds, each onto its component
+    parts = {name: load_component(args.base, name) for name in held}
+    for name, part in parts.items():
+        load_adapter(part, args.adapter, component=name if len(held) > 1 else None)
+    first, *rest = held
+    others = {name: parts[name] for name in rest}
+    out = export_merged(
+        parts[first],
+        args.out,
+        dtype=dtype,
+        pipeline=args.base,
+        component=first,
+        others=others,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {out}: the pipeline with {args.adapter} merged into {', '.join(held)}")
     return 0
 
 

@@ -20,6 +20,7 @@ from tests.conftest import (
 )
 from visionlora.errors import AdapterFileError
 from visionlora.io.dit import diffusers_state_dict, original_state_dict
+from visionlora.io.formats import file_components
 
 diffusers = pytest.importorskip("diffusers")
 MODELS = {"flux": tiny_flux_transformer, "sd3": tiny_sd3_transformer}
@@ -237,3 +238,43 @@ def test_one_unknown_key_is_refused_and_the_model_left_bit_for_bit(tmp_path, fmt
         vl.load_adapter(target, path)
     after = target.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _text_out(encoder: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return encoder(torch.tensor([[0, 5, 9, 1]])).last_hidden_state
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_a_flux_pipeline_file_loads_every_part_onto_the_pipeline_and_merges_from_the_cli(tmp_path, fmt):
+    from visionlora.cli import main
+
+    folder = tiny_flux_pipeline(tmp_path / "pipe")
+    trained_pipe = diffusers.FluxPipeline.from_pretrained(str(folder))
+    vl.apply_lora(trained_pipe.transformer, vl.LoraConfig(targets=["preset:flux-attention"], rank=4, alpha=2))
+    vl.apply_lora(trained_pipe.text_encoder, vl.LoraConfig(targets=["*.q_proj", "*.v_proj", "*.out_proj"], rank=2))
+    t5 = vl.LoraConfig(targets=["*.SelfAttention.q", "*.SelfAttention.o"], rank=2)
+    vl.apply_lora(trained_pipe.text_encoder_2, t5)
+    for part in (trained_pipe.transformer, trained_pipe.text_encoder, trained_pipe.text_encoder_2):
+        randomize_lora(part)
+    kwargs = {"text_encoder": trained_pipe.text_encoder}
+    if fmt == "kohya":  # diffusers' Flux loader reads no T5 LoRA, so its format holds the CLIP's only
+        kwargs["text_encoder_2"] = trained_pipe.text_encoder_2
+    path = vl.export_adapter(trained_pipe.transformer, tmp_path / "style.safetensors", format=fmt, **kwargs)
+    names = load_file(path)
+    if fmt == "kohya":
+        assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in names)
+        assert any(k.startswith("lora_te3_encoder_block_0_layer_0_SelfAttention_q") for k in names)
+    assert file_components(path) == ["transformer", *kwargs]
+    pipe = diffusers.FluxPipeline.from_pretrained(str(folder))
+    with pytest.raises(AdapterFileError, match="loaded onto one FluxTransformer2DModel"):
+        vl.load_adapter(pipe.transformer, path)
+    vl.load_adapter(pipe, path)
+    torch.testing.assert_close(transformer_output(pipe.transformer), transformer_output(trained_pipe.transformer))
+    for part in kwargs:
+        torch.testing.assert_close(_text_out(getattr(pipe, part)), _text_out(getattr(trained_pipe, part)))
+    assert main(["merge", "--base", str(folder), "--adapter", str(path), "--out", str(tmp_path / "merged")]) == 0
+    merged = diffusers.FluxPipeline.from_pretrained(str(tmp_path / "merged"))
+    torch.testing.assert_close(transformer_output(merged.transformer), transformer_output(trained_pipe.transformer))
+    for part in kwargs:
+        torch.testing.assert_close(_text_out(getattr(merged, part)), _text_out(getattr(trained_pipe, part)))

@@ -74,8 +74,10 @@ def test_visionlora_reads_each_part_back_unchanged(pipeline, fmt, tmp_path):
         for key, tensor in original.tensors.items():  # B is unfolded where the format folded a scale in
             assert_rel_close(record.tensors[key], tensor, 1e-6)
     pipe = _fresh(folder)
-    vl.load_adapter(pipe.text_encoder, path, component="text_encoder")
-    vl.load_adapter(pipe.unet, path)  # the UNet by default
+    with pytest.raises(vl.AdapterFileError, match=r"holds LoRA for \['unet', 'text_encoder'\]; loaded onto one"):
+        vl.load_adapter(pipe.unet, path)  # the text encoder's keys would go unread
+    assert not vl.summary(pipe.unet).count("default")
+    vl.load_adapter(pipe, path)  # every part onto its component
     # B unfolded from the file is within an ulp of the trained one (checked above at 1e-6); through
     # the UNet's layers that gave 1.2e-6 on one machine: outputs are held to fp32's 1e-5.
     assert_rel_close(_text_output(pipe.text_encoder), _text_output(text), 1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import difflib
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -153,12 +154,17 @@ def scalar_alpha(path: Path, key: str, tensor: torch.Tensor) -> float:
     return float(tensor.double().item())
 
 
-def unmappable(path: Path, keys: Iterable[str], what: str, hint: str = "") -> None:
-    """Raise listing the tensor keys a converter cannot map, if there are any."""
+def unmappable(path: Path, keys: Iterable[str], what: str, hint: str = "", known: Iterable[str] = ()) -> None:
+    """Raise listing the tensor keys a converter cannot map, if there are any, with the nearest of
+    the ``known`` names for each of the first few."""
     keys = sorted(keys)
     if keys:
         more = f" ... and {len(keys) - 20} more" if len(keys) > 20 else ""
-        raise file_error(path, f"{len(keys)} keys cannot be mapped onto a {what}: {keys[:20]}{more}{hint}")
+        known = list(known)
+        near = {k: difflib.get_close_matches(k, known, n=2, cutoff=0.5) for k in keys[:5]} if known else {}
+        pairs = ", ".join(f"{k} -> {v}" for k, v in near.items() if v)
+        nearest = f"; nearest names: {pairs}" if pairs else ""
+        raise file_error(path, f"{len(keys)} keys cannot be mapped onto a {what}: {keys[:20]}{more}{hint}{nearest}")
 
 
 def require_exportable(file: AdapterFile, format_name: str, *, lora_only: bool) -> None:

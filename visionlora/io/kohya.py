@@ -48,7 +48,7 @@ from visionlora.io.convert import (
     scalar_alpha,
     unmappable,
 )
-from visionlora.io.dit import dit_family, flat_original_names, original_family
+from visionlora.io.dit import dit_family, flat_original_names, layout, original_family
 from visionlora.io.fused import fuse_lora, split_lora
 from visionlora.io.ldm import unet_ldm_names
 from visionlora.state import original_state_dict
@@ -331,7 +331,8 @@ def _diffusers_names(
     family, dotted = flat_original_names(file.layers, hint)
     unknown = sorted(prefix + n for n in file.layers if n not in dotted)
     where = "Flux (BFL) or SD3 (SAI)" if family is None else {"flux": "Flux (BFL)", "sd3": "SD3 (SAI)"}[family]
-    unmappable(file.path, unknown, f"{where} module", " (no module of that name in the original layout)")
+    known = [prefix + g.original.replace(".", "_") for g in layout(family or "flux", list(dotted.values()))]
+    unmappable(file.path, unknown, f"{where} module", " (no module of that name in the original layout)", known)
     assert family is not None  # every name is known, so the family was found
     ranks = (
         None
@@ -394,7 +395,8 @@ def resolve_names(file: AdapterFile, model: nn.Module) -> AdapterFile:
             for flat in flats:
                 candidates.setdefault(flat, []).append(name)
     unknown = sorted(prefix + n for n in file.layers if n not in candidates)
-    unmappable(file.path, unknown, type(model).__name__, " (no module of that kohya name)")
+    known = [prefix + c for c in candidates]
+    unmappable(file.path, unknown, type(model).__name__, " (no module of that kohya name)", known)
     twice = sorted(f"{prefix}{n} -> {candidates[n]}" for n in file.layers if len(candidates[n]) > 1)
     if twice:
         raise file_error(file.path, f"kohya names match more than one module: {twice[:10]}")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +16,7 @@ from visionlora._tree import adaptable_kind, iter_modules
 from visionlora.errors import AdapterError, VisionLoraError
 from visionlora.inject import Match, attach, check_selected, check_wrappable
 from visionlora.io.adapter import AdapterFile, file_error, geometry_of
-from visionlora.io.formats import FORMAT_TABLE, read_adapter
+from visionlora.io.formats import FORMAT_TABLE, check_component, components_of, open_adapter, read_component
 from visionlora.layers import base_layer, lora_shapes
 from visionlora.state import adapter_state, check_adapter_name, original_buffers, original_parameters, require_unmerged
 
@@ -30,7 +33,11 @@ def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
     for name, spec in file.layers.items():
         module = modules.get(name)
         if module is None:
-            problems.append(f"{name}: no such module in {type(model).__name__}")
+            near = difflib.get_close_matches(name, list(modules), n=3, cutoff=0.5)
+            problems.append(
+                f"{name}: no such module in {type(model).__name__} (nothing would read its keys)"
+                + (f"; nearest: {', '.join(near)}" if near else "")
+            )
             continue
         if adaptable_kind(name, module, modules) != spec.kind:
             problems.append(f"{name}: file has a {spec.kind} adapter, the model has a {type(module).__name__} there")
@@ -95,33 +102,76 @@ def _sort_state(file: AdapterFile, model: nn.Module) -> AdapterFile:
 
 
 def load_adapter(
-    model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str | None = None, component: str | None = None
-) -> nn.Module:
+    model: nn.Module | Any,
+    path: str | os.PathLike[str],
+    *,
+    adapter_name: str | None = None,
+    component: str | None = None,
+) -> Any:
     """Add the adapter stored in ``path`` to ``model`` (in place) and make it the active one.
 
+    Every key of the file is accounted for: each is applied to a module, or nothing is loaded.
     Every key, shape, dtype and value is checked before anything changes: on any error the model
-    is left exactly as it was. Trainability is set as :func:`visionlora.apply_lora` sets it.
+    is left exactly as it was, and the error lists the keys nothing would read with the nearest
+    module names. Trainability is set as :func:`visionlora.apply_lora` sets it.
 
     Args:
-        model: A model of the architecture the adapter was trained on (no LoRA needed).
+        model: A model of the architecture the adapter was trained on (no LoRA needed), or a
+            diffusers pipeline: each part the file holds LoRA for (``unet`` or ``transformer``,
+            ``text_encoder``, ...) is loaded onto the pipeline's component of that name.
         path: A visionlora adapter file, a PEFT adapter folder, a diffusers LoRA file (or folder) or
             a kohya LoRA/LoCon file. The format is detected; it is logged (logger ``visionlora``,
             INFO) and kept in :func:`visionlora.read_adapter`'s ``format``.
         adapter_name: Name to load under; defaults to the name stored in the file.
-        component: For a diffusers or kohya file holding a whole pipeline's LoRA, the part to
-            load: ``"unet"`` (the default) or ``"text_encoder"`` (``"text_encoder_2"``).
+        component: For a diffusers or kohya file holding a whole pipeline's LoRA, the one part to
+            load (``"unet"``, ``"transformer"``, ``"text_encoder"``, ...). A file holding several
+            parts loads onto one model only with it (the other parts are then left out knowingly).
 
     Raises:
-        AdapterFileError: the file is invalid, holds keys that cannot be mapped, or does not fit the
-            model; the message lists the keys.
+        AdapterFileError: the file is invalid, holds keys that cannot be mapped, does not fit the
+            model, or holds several parts for one model without ``component``; the message lists the keys.
 
     Example:
         >>> vl.load_adapter(torchvision.models.resnet50(), "adapter.safetensors")
+        >>> vl.load_adapter(pipe, "style.safetensors")  # UNet/transformer and text encoders
         >>> vl.load_adapter(pipe.text_encoder, "style.safetensors", component="text_encoder")
     """
     if adapter_name is not None:
         check_adapter_name(adapter_name)
-    file = read_adapter(path, component=component)
+    check_component(component)
+    fmt, source = open_adapter(path)
+    held = components_of(fmt, source)
+    targets = _targets(model, source.path, held, component)
+    prepared = [_prepare(read_component(fmt, source, part), module, adapter_name) for part, module in targets.items()]
+    for file, module, matches, name in prepared:  # every part was checked: attaching cannot fail midway
+        attach(module, matches, file.config, name, values=file.tensors)
+    return model
+
+
+def _targets(model: Any, path: Path, held: list[str], component: str | None) -> dict[str | None, nn.Module]:
+    """The module each part of the file goes to: a pipeline's components, or the one model."""
+    if isinstance(model, nn.Module):
+        if component is None and len(held) > 1:
+            raise file_error(
+                path,
+                f"holds LoRA for {held}; loaded onto one {type(model).__name__} the other parts would be left "
+                "unread. Load it onto the pipeline (vl.load_adapter(pipe, path)), or pass component=<one of those> "
+                "to load that part alone",
+            )
+        return {component: model}
+    parts = [component] if component is not None else held
+    modules = {p: getattr(model, p, None) for p in parts}
+    missing = [p for p, m in modules.items() if not isinstance(m, nn.Module)]
+    if missing:
+        has = [n for n, m in vars(model).items() if isinstance(m, nn.Module)]
+        raise file_error(path, f"holds LoRA for {missing}, which {type(model).__name__} does not have; it has {has}")
+    return {p: m for p, m in modules.items() if isinstance(m, nn.Module)}
+
+
+def _prepare(
+    file: AdapterFile, model: nn.Module, adapter_name: str | None
+) -> tuple[AdapterFile, nn.Module, list[Match], str]:
+    """``file`` fitted to ``model``: its names resolved, every key checked; nothing changed."""
     fit_names = FORMAT_TABLE[file.format].fit_names
     file = _sort_state(fit_names(file, model) if fit_names is not None else file, model)
     logger.info("%s: read as a %s adapter with %d LoRA layers", file.path, file.format, len(file.layers))
@@ -135,5 +185,4 @@ def load_adapter(
         check_wrappable(matches, file.config.dropout)
     except VisionLoraError as exc:
         raise file_error(file.path, str(exc)) from None
-    attach(model, matches, file.config, name, values=file.tensors)  # every value was checked by _fit
-    return model
+    return file, model, matches, name

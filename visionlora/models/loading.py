@@ -27,7 +27,7 @@ from visionlora._deps import require
 from visionlora._tree import from_diffusers
 from visionlora.errors import ConfigError
 
-__all__ = ["SOURCES", "build_model", "example_input_for"]
+__all__ = ["DENOISERS", "SOURCES", "build_model", "example_input_for", "load_component"]
 
 SOURCES = ("torchvision", "timm", "diffusers")
 DENOISERS = ("unet", "transformer")
@@ -62,6 +62,33 @@ def _diffusers(folder: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Modu
     if cls is None or not issubclass(cls, nn.Module):
         raise ConfigError(f"diffusers:{folder}: config.json names {class_name!r}, not a diffusers model class")
     return cls.from_pretrained(str(root)) if pretrained else cls.from_config(config)
+
+
+def load_component(folder: str | Path, name: str) -> nn.Module:
+    """Component ``name`` of the diffusers pipeline folder ``folder`` with its weights, in eval mode:
+    a diffusers model (``unet``, ``transformer``) or a transformers one (``text_encoder``, ...).
+
+    Raises:
+        ConfigError: the folder has no ``model_index.json`` entry or subfolder for ``name``, or the
+            entry names no model class of its library.
+    """
+    root = Path(folder)
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{folder}: no readable model_index.json ({exc})") from None
+    entry = index.get(name) if isinstance(index, dict) else None
+    parts = [k for k, v in index.items() if isinstance(v, list) and v[0] is not None] if isinstance(index, dict) else []
+    if not (isinstance(entry, list) and len(entry) == 2 and (root / name).is_dir()):
+        raise ConfigError(f"{folder}: the pipeline has no component {name!r}; it has {parts}")
+    library, class_name = entry
+    if library == "diffusers":
+        return _build(_diffusers, f"{folder}/{name}", str(root / name), True, {})
+    cls = getattr(require(str(library)), str(class_name), None) if library == "transformers" else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"{folder}: component {name!r} is a {library}.{class_name}, not a model visionlora adapts")
+    loader: Any = cls
+    return _build(lambda path, _, __: loader.from_pretrained(path), f"{folder}/{name}", str(root / name), True, {})
 
 
 def _build(
