@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from visionlora.config import DTYPES, LoraConfig
 from visionlora.errors import ConfigError, VisionLoraError
@@ -27,6 +28,7 @@ from visionlora.io import (
     read_adapter,
 )
 from visionlora.io.files import write_text
+from visionlora.io.report import describe_adapter, render
 from visionlora.io.weights import fit_head, load_base
 from visionlora.models.loading import SOURCES, build_model, example_input_for, load_component
 from visionlora.models.presets import PRESETS, fitting_presets
@@ -106,6 +108,10 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if args.against is not None:
+        report = describe_adapter(args.file, _models_for(args.against, file_components(args.file)))
+        print(render(report))
+        return 0 if report.loads else 1
     file = read_adapter(args.file, component=args.component)
     held = file_components(args.file)
     rows = [("layer", "kind", "resolution", "rank", "alpha", "LoRA params")]
@@ -118,7 +124,9 @@ def _inspect(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     names = " (kohya's flattened module names)" if file.flat_names else ""
     part = f" ({file.component}; the file holds {', '.join(held)})" if len(held) > 1 else ""
+    report = describe_adapter(args.file)
     print(f"{file.path}: {file.format} adapter {file.adapter_name!r}{part}{names}")
+    print(f"written by {report.trainer}; family: {', '.join(report.families)}")
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows))
     extra = sum(file.tensors[k].numel() for k in file.extra)
     full = f"trained in full: {extra:,} ({len(file.extra)} tensors)"
@@ -127,6 +135,14 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"buffers: {len(file.buffers)} (e.g. {file.buffers[0]})")
     print(f"config: {json.dumps(file.config.to_dict())}")
     return 0
+
+
+def _models_for(spec: str, parts: list[str]) -> nn.Module | dict[str, nn.Module]:
+    """The model(s) to check a file against, built on the meta device (names and shapes, no weights)."""
+    if (Path(spec) / "model_index.json").is_file():
+        return {part: load_component(spec, part, weights=False) for part in parts}
+    with torch.device("meta"):
+        return build_model(spec)
 
 
 def _add_overwrite(parser: argparse.ArgumentParser) -> None:
@@ -311,6 +327,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("file", help="an adapter: visionlora, diffusers or kohya file, or a PEFT folder")
     _add_component(inspect, "the part of a diffusers/kohya pipeline file to show (default: the UNet's)")
+    inspect.add_argument(
+        "--against",
+        metavar="MODEL",
+        help="a model name or local folder (a pipeline folder checks every part): print where each key would "
+        "go and what would not fit, before anything is loaded; exit status 1 if the load would be refused",
+    )
     inspect.set_defaults(run=_inspect)
 
     export = commands.add_parser(

@@ -131,8 +131,11 @@ class AdapterFile:
     flat_names: bool = False
     """Layer names are kohya's flattened ones (``layer4_0_conv1``) until mapped onto a model."""
     component: str = "unet"
-    """The pipeline part a diffusers or kohya file holds this adapter for (``unet``, ``text_encoder``,
-    ``text_encoder_2``); ``unet`` also stands for the one model of any other file."""
+    """The pipeline part a diffusers or kohya file holds this adapter for (``unet``, ``transformer``,
+    ``text_encoder``, ...); ``unet`` also stands for the one model of any other file."""
+    origins: dict[str, str] = field(default_factory=dict)
+    """Layer name -> the key stem in the file its tensors came from (``lora_unet_..._qkv`` for the
+    q, k and v parts of a fused module); a layer not listed came from a key named as itself."""
 
 
 @dataclass(frozen=True)

@@ -204,8 +204,10 @@ def foreign_record(
     dropout: float = 0.0,
     bias: str = "none",
     trainable: list[str] | None = None,
+    origins: Mapping[str, str] | None = None,
 ) -> AdapterFile:
-    """The record for canonical ``tensors`` read from another tool's file, ranks taken from the shapes."""
+    """The record for canonical ``tensors`` read from another tool's file, ranks taken from the shapes;
+    ``origins``: each layer's key stem in the file (see :attr:`AdapterFile.origins`)."""
     layers: dict[str, LayerSpec] = {}
     names = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if k.endswith((".lora_A.weight", ".lora_B.weight"))})
     if not names:
@@ -238,7 +240,8 @@ def foreign_record(
     held = list(extra or [])
     buffers = [k for k in held if not tensors[k].is_floating_point()]  # parameters are never integer
     held = [k for k in held if k not in buffers]
-    return AdapterFile(path, "default", config, layers, held, buffers, tensors, format_name)
+    kept = {n: o for n, o in (origins or {}).items() if n in layers}
+    return AdapterFile(path, "default", config, layers, held, buffers, tensors, format_name, origins=kept)
 
 
 def header_json(path: Path, raw: str, key: str) -> Any:
@@ -290,7 +293,9 @@ def kept_record(file: AdapterFile, header: Mapping[str, str]) -> AdapterFile:
                     f"layer {name!r}: the kept visionlora record's scale differs from the file's by a factor "
                     f"of {ratio:g}, and B rescaled by it overflows {tensors[key].dtype}",
                 )
-    return dataclasses.replace(kept, tensors=tensors, format=file.format, component=file.component)
+    return dataclasses.replace(
+        kept, tensors=tensors, format=file.format, component=file.component, origins=file.origins
+    )
 
 
 def export_header(file: AdapterFile) -> dict[str, str]:

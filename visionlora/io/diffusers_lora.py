@@ -140,6 +140,7 @@ def read_diffusers(source: Source, component: str = COMPONENTS[0]) -> AdapterFil
         raise file_error(path, f"holds no {component} LoRA; it holds LoRA for {held} (pass component=<one of those>)")
     tensors: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
+    origins: dict[str, str] = {}
     bad = []
     for key, tensor in raw.items():
         if prefixed and not key.startswith(f"{component}."):
@@ -148,6 +149,7 @@ def read_diffusers(source: Source, component: str = COMPONENTS[0]) -> AdapterFil
         name = name.removeprefix(_PEFT_PREFIX)  # PEFT's own key prefix, kept by some trainers
         if name.endswith((".lora_A.weight", ".lora_B.weight")):
             tensors[name] = tensor
+            origins[name.rsplit(".lora_", 1)[0]] = key.rsplit(".lora_", 1)[0]
         elif name.endswith(".alpha"):
             alphas[name.removesuffix(".alpha")] = scalar_alpha(path, key, tensor)
         else:
@@ -156,5 +158,5 @@ def read_diffusers(source: Source, component: str = COMPONENTS[0]) -> AdapterFil
     bad += [f"{n}.alpha" for n in alphas if n not in names]
     unmappable(path, bad, "LoRA layer", " (expected <module>.lora_A.weight / .lora_B.weight / .alpha)")
     declared, rslora = _declared_alphas(path, header, names, component)
-    file = foreign_record(path, "diffusers", tensors, {**declared, **alphas}, rslora=rslora)
+    file = foreign_record(path, "diffusers", tensors, {**declared, **alphas}, rslora=rslora, origins=origins)
     return kept_record(dataclasses.replace(file, component=component), header)

@@ -84,9 +84,10 @@ def _rows(
 
 def split_lora(
     file: AdapterFile, family: str, ranks: Mapping[str, int] | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, str]]:
     """An original-layout LoRA (``file``'s layers named as the original modules) as LoRA on the
-    diffusers modules: tensors and alphas, each part with the fused module's scale.
+    diffusers modules: tensors, alphas (each part with the fused module's scale) and each part's
+    original module.
 
     A part keeps the columns of B its rows use when the parts use disjoint columns (a fused export
     of separate LoRAs: ``ranks``, e.g. from a kept record, says how many each has); else every part
@@ -102,6 +103,7 @@ def split_lora(
         raise file_error(file.path, f"{family} original-layout names that are no LoRA-able module: {unknown[:10]}")
     tensors: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
+    fused: dict[str, str] = {}
     for name in file.layers:
         group = by_name[name]
         a, b = _ab(file, name)
@@ -119,7 +121,8 @@ def split_lora(
             tensors[f"{part}.lora_A.weight"] = a[cols].contiguous()
             tensors[f"{part}.lora_B.weight"] = block[:, cols].contiguous()
             alphas[part] = scale * len(cols)
-    return tensors, alphas
+            fused[part] = name
+    return tensors, alphas, fused
 
 
 def _columns(

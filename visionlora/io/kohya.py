@@ -295,7 +295,8 @@ def read_kohya(source: Source, component: str = "unet") -> AdapterFile:
         tensors[f"{base}.lora_B.weight"] = up
         if ".alpha" in parts:
             alphas[base] = scalar_alpha(path, f"{prefix}{base}.alpha", parts[".alpha"])
-    file = dataclasses.replace(foreign_record(path, "kohya", tensors, alphas), component=component)
+    origins = {base: prefix + base for base in groups}
+    file = dataclasses.replace(foreign_record(path, "kohya", tensors, alphas, origins=origins), component=component)
     kept_layers = _kept_layers(path, header, component)
     if component == "transformer":
         return kept_record(_diffusers_names(file, header, prefix, kept_layers), header)
@@ -339,8 +340,12 @@ def _diffusers_names(
         if kept is None
         else {n: v["rank"] for n, v in kept.items() if isinstance(v, dict) and isinstance(v.get("rank"), int)}
     )
-    tensors, alphas = split_lora(_rename(file, dotted), family, ranks)
-    return dataclasses.replace(foreign_record(file.path, "kohya", tensors, alphas), component="transformer")
+    renamed = _rename(file, dotted)
+    tensors, alphas, fused = split_lora(renamed, family, ranks)
+    origins = {part: renamed.origins.get(name, name) for part, name in fused.items()}
+    return dataclasses.replace(
+        foreign_record(file.path, "kohya", tensors, alphas, origins=origins), component="transformer"
+    )
 
 
 def _kept_layers(path: Path, header: Mapping[str, str], component: str) -> dict[str, Any] | None:
@@ -362,7 +367,8 @@ def _rename(file: AdapterFile, names: Mapping[str, str]) -> AdapterFile:
         layer, _, suffix = key.rpartition(".lora_")
         tensors[f"{names.get(layer, layer)}.lora_{suffix}"] = tensor
     layers = {names.get(n, n): s for n, s in file.layers.items()}
-    return dataclasses.replace(file, layers=layers, tensors=tensors, flat_names=False)
+    origins = {names.get(n, n): o for n, o in file.origins.items()}
+    return dataclasses.replace(file, layers=layers, tensors=tensors, flat_names=False, origins=origins)
 
 
 def _reshaped(spec: LayerSpec, a: torch.Tensor, b: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,13 +20,13 @@ from visionlora.io.formats import FORMAT_TABLE, check_component, components_of, 
 from visionlora.layers import base_layer, lora_shapes
 from visionlora.state import adapter_state, check_adapter_name, original_buffers, original_parameters, require_unmerged
 
-__all__ = ["load_adapter"]
+__all__ = ["fit_file", "fit_problems", "load_adapter"]
 
 logger = logging.getLogger("visionlora")
 
 
-def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
-    """The matches the file describes in ``model``; every mismatch is collected and raised together."""
+def fit_problems(file: AdapterFile, model: nn.Module) -> tuple[list[Match], list[str]]:
+    """The matches the file describes in ``model``, and every mismatch (``<layer or key>: <what>``)."""
     modules = dict(iter_modules(model))
     problems: list[str] = []
     matches: list[Match] = []
@@ -81,6 +81,12 @@ def _fit(file: AdapterFile, model: nn.Module, adapter_name: str) -> list[Match]:
                     f"{m.name}: {reason}; {file.format}'s own LoRA layer runs this conv without it, so its unmerged "
                     "outputs differ from its merged ones and no load reproduces both"
                 )
+    return matches, problems
+
+
+def _fit(file: AdapterFile, model: nn.Module) -> list[Match]:
+    """The matches the file describes in ``model``; every mismatch is collected and raised together."""
+    matches, problems = fit_problems(file, model)
     if problems:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise file_error(file.path, f"does not fit {type(model).__name__}:\n  " + "\n  ".join(problems[:20]) + more)
@@ -168,18 +174,24 @@ def _targets(model: Any, path: Path, held: list[str], component: str | None) -> 
     return {p: m for p, m in modules.items() if isinstance(m, nn.Module)}
 
 
+def fit_file(file: AdapterFile, model: nn.Module) -> AdapterFile:
+    """``file`` with its names resolved onto ``model`` (kohya's flattened ones) and its non-LoRA
+    tensors sorted into parameters and buffers as the model has them."""
+    fit_names = FORMAT_TABLE[file.format].fit_names
+    return _sort_state(fit_names(file, model) if fit_names is not None else file, model)
+
+
 def _prepare(
     file: AdapterFile, model: nn.Module, adapter_name: str | None
 ) -> tuple[AdapterFile, nn.Module, list[Match], str]:
     """``file`` fitted to ``model``: its names resolved, every key checked; nothing changed."""
-    fit_names = FORMAT_TABLE[file.format].fit_names
-    file = _sort_state(fit_names(file, model) if fit_names is not None else file, model)
+    file = fit_file(file, model)
     logger.info("%s: read as a %s adapter with %d LoRA layers", file.path, file.format, len(file.layers))
     name = adapter_name or file.adapter_name
     require_unmerged(model, "load an adapter")
     if name in adapter_state(model).configs:
         raise AdapterError(f"model already has adapter {name!r}; pass adapter_name='<new name>'")
-    matches = _fit(file, model, name)
+    matches = _fit(file, model)
     try:
         check_selected(model, {m.name: m.module for m in matches}, name)
         check_wrappable(matches, file.config.dropout)

@@ -22,6 +22,7 @@ import torch
 
 from visionlora.io.adapter import AdapterFile, Parts, Payload, Source, cast_tensors, file_error
 from visionlora.io.convert import (
+    COMPONENTS,
     anchored,
     check_patterns,
     exact_regex,
@@ -169,6 +170,15 @@ def _check_config(path: Path, config: dict[str, Any]) -> None:
         check_patterns(path, config.get(key) or {}, key)
 
 
+def _without_component(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys without a pipeline component's prefix when every key has the same one
+    (``transformer.base_model.model.``, as some trainers save a PEFT folder of a pipeline's part)."""
+    first = next(iter(raw), "").split(".", 1)[0]
+    if first in COMPONENTS and all(k.startswith(f"{first}.{_PREFIX}") for k in raw):
+        return {k[len(first) + 1 :]: v for k, v in raw.items()}
+    return raw
+
+
 def read_peft(source: Source, component: str = "unet") -> AdapterFile:
     """Read a PEFT LoRA adapter folder into a record (names as in the base model; one model: no ``component``).
 
@@ -197,6 +207,7 @@ def read_peft(source: Source, component: str = "unet") -> AdapterFile:
         hint = f"; {pickled.name} is a pickle, which visionlora never loads (re-save it with safetensors)"
         raise file_error(folder, f"no {WEIGHTS_FILE}" + (hint if pickled.exists() else ""))
     raw, header = read_safetensors(weights)
+    raw = _without_component(raw)
     outside = [k for k in raw if not k.startswith(_PREFIX)]
     unmappable(weights, outside, "model", f" (PEFT keys start with {_PREFIX!r})")
     tensors: dict[str, torch.Tensor] = {}
@@ -225,6 +236,7 @@ def read_peft(source: Source, component: str = "unet") -> AdapterFile:
         dropout=float(config.get("lora_dropout", 0.0)),
         bias=str(config.get("bias", "none")),
         trainable=["re:.*" + re.escape(m) for m in config.get("modules_to_save") or []],
+        origins={n: _PREFIX + n for n in names},
     )
     for name, spec in sorted(file.layers.items()):  # shapes are checked by now: A's first dimension is the rank
         declared = pattern_value(rank_pattern, name, rank)

@@ -64,9 +64,11 @@ def _diffusers(folder: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Modu
     return cls.from_pretrained(str(root)) if pretrained else cls.from_config(config)
 
 
-def load_component(folder: str | Path, name: str) -> nn.Module:
+def load_component(folder: str | Path, name: str, *, weights: bool = True) -> nn.Module:
     """Component ``name`` of the diffusers pipeline folder ``folder`` with its weights, in eval mode:
     a diffusers model (``unet``, ``transformer``) or a transformers one (``text_encoder``, ...).
+    ``weights=False`` builds it from its config on the meta device: module names and shapes only,
+    no memory and no weights read (what checking a file against a 12B transformer needs).
 
     Raises:
         ConfigError: the folder has no ``model_index.json`` entry or subfolder for ``name``, or the
@@ -83,12 +85,21 @@ def load_component(folder: str | Path, name: str) -> nn.Module:
         raise ConfigError(f"{folder}: the pipeline has no component {name!r}; it has {parts}")
     library, class_name = entry
     if library == "diffusers":
-        return _build(_diffusers, f"{folder}/{name}", str(root / name), True, {})
+        with torch.device("meta" if not weights else "cpu"):
+            return _build(_diffusers, f"{folder}/{name}", str(root / name), weights, {})
     cls = getattr(require(str(library)), str(class_name), None) if library == "transformers" else None
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ConfigError(f"{folder}: component {name!r} is a {library}.{class_name}, not a model visionlora adapts")
     loader: Any = cls
-    return _build(lambda path, _, __: loader.from_pretrained(path), f"{folder}/{name}", str(root / name), True, {})
+
+    def build(path: str, _: bool, __: dict[str, Any]) -> nn.Module:
+        if weights:
+            return loader.from_pretrained(path)
+        config = loader.config_class.from_pretrained(path)
+        with torch.device("meta"):
+            return loader(config)
+
+    return _build(build, f"{folder}/{name}", str(root / name), weights, {})
 
 
 def _build(
