@@ -10,6 +10,8 @@ into the header of its adapter and of its merged checkpoint, so either file is e
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -22,7 +24,7 @@ from torch import nn
 
 from visionlora._deps import require
 from visionlora.errors import ConfigError
-from visionlora.io.files import read_metadata
+from visionlora.io.files import read_metadata, write_text
 from visionlora.io.formats import read_adapter
 from visionlora.io.load import load_adapter
 from visionlora.io.weights import fit_head, load_base
@@ -280,3 +282,25 @@ def evaluate(
         "confusion": confusion.tolist(),
         "classes": info.classes,
     }
+
+
+def write_predictions(results: Sequence[Prediction], path: Path) -> None:
+    """Write predictions to a ``.json`` file (a list of records) or a ``.csv`` (one row per image:
+    path, then class and probability pairs, best first), atomically.
+
+    Raises:
+        ConfigError: ``path`` is neither ``.csv`` nor ``.json``.
+    """
+    if path.suffix == ".json":
+        text = json.dumps([r.__dict__ for r in results], indent=1)
+    elif path.suffix == ".csv":
+        k = len(results[0].classes)  # top_k, or every class when there are fewer
+        rows = [["path", *[f"{kind}{i + 1}" for i in range(k) for kind in ("class", "probability")]]]
+        for r in results:
+            rows.append([r.path, *[str(v) for pair in zip(r.classes, r.probabilities, strict=True) for v in pair]])
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(rows)
+        text = buffer.getvalue()
+    else:
+        raise ConfigError(f"--out {path}: give a .csv or .json file")
+    write_text(path, text)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import sys
@@ -13,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from visionlora.config import DTYPES, LoraConfig
 from visionlora.errors import ConfigError, VisionLoraError
@@ -28,9 +25,10 @@ from visionlora.io import (
     read_adapter,
 )
 from visionlora.io.files import write_text
-from visionlora.io.report import describe_adapter, render
+from visionlora.io.merged import merge_pipeline
+from visionlora.io.report import describe_adapter, models_to_check, render
 from visionlora.io.weights import fit_head, load_base
-from visionlora.models.loading import SOURCES, build_model, example_input_for, load_component
+from visionlora.models.loading import SOURCES, build_model, example_input_for
 from visionlora.models.presets import PRESETS, fitting_presets
 from visionlora.summary import summary
 
@@ -88,28 +86,14 @@ def _merge(args: argparse.Namespace) -> int:
         return 0
     if args.arch is not None:
         raise ConfigError(f"--arch is for weights files; {args.base!r} is a pipeline folder")
-    held = file_components(args.adapter)  # every part the file holds, each onto its component
-    parts = {name: load_component(args.base, name) for name in held}
-    for name, part in parts.items():
-        load_adapter(part, args.adapter, component=name if len(held) > 1 else None)
-    first, *rest = held
-    others = {name: parts[name] for name in rest}
-    out = export_merged(
-        parts[first],
-        args.out,
-        dtype=dtype,
-        pipeline=args.base,
-        component=first,
-        others=others,
-        overwrite=args.overwrite,
-    )
+    out, held = merge_pipeline(args.base, args.adapter, args.out, dtype=dtype, overwrite=args.overwrite)
     print(f"wrote {out}: the pipeline with {args.adapter} merged into {', '.join(held)}")
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
     if args.against is not None:
-        report = describe_adapter(args.file, _models_for(args.against, file_components(args.file)))
+        report = describe_adapter(args.file, models_to_check(args.against, file_components(args.file)))
         print(render(report))
         return 0 if report.loads else 1
     file = read_adapter(args.file, component=args.component)
@@ -137,14 +121,6 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models_for(spec: str, parts: list[str]) -> nn.Module | dict[str, nn.Module]:
-    """The model(s) to check a file against, built on the meta device (names and shapes, no weights)."""
-    if (Path(spec) / "model_index.json").is_file():
-        return {part: load_component(spec, part, weights=False) for part in parts}
-    with torch.device("meta"):
-        return build_model(spec)
-
-
 def _add_overwrite(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing --out (a folder only if it is an earlier export)"
@@ -155,19 +131,16 @@ def _add_component(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--component", choices=list(COMPONENTS), help=help)
 
 
-def _export(args: argparse.Namespace) -> int:
+def _convert(args: argparse.Namespace) -> int:
+    out = args.out or args.out_option
+    if out is None or (args.out and args.out_option):
+        raise ConfigError("give the output path once: convert IN OUT --to FORMAT")
+    model = models_to_check(args.model, file_components(args.file)) if args.model else None
     dtype = DTYPES[args.dtype] if args.dtype else None
-    out = export_adapter(
-        args.file,
-        args.out,
-        format=args.format,
-        dtype=dtype,
-        text_encoder=args.text_encoder,
-        component=args.component,
-        overwrite=args.overwrite,
-    )
+    kwargs = {"dtype": dtype, "text_encoder": args.text_encoder, "component": args.component, "model": model}
+    written = export_adapter(args.file, out, format=args.format, overwrite=args.overwrite, **kwargs)
     with_text = f" with the text encoder's {args.text_encoder}" if args.text_encoder else ""
-    print(f"wrote {out}: {args.file}{with_text} as a {args.format} adapter")
+    print(f"wrote {written}: {args.file}{with_text} as a {args.format} adapter")
     return 0
 
 
@@ -201,7 +174,7 @@ def _load_classifier(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from visionlora.classify import predict
+    from visionlora.classify import predict, write_predictions
 
     model, info = _load_classifier(args)
     results = predict(model, info, args.images, top_k=args.top_k, batch_size=args.batch_size)
@@ -209,21 +182,8 @@ def _predict(args: argparse.Namespace) -> int:
         for r in results:
             print(f"{r.path}: " + ", ".join(f"{c} {p:.3f}" for c, p in zip(r.classes, r.probabilities, strict=True)))
         return 0
-    out = Path(args.out)
-    if out.suffix == ".json":
-        text = json.dumps([r.__dict__ for r in results], indent=1)
-    elif out.suffix == ".csv":
-        k = len(results[0].classes)  # top_k, or every class when there are fewer
-        rows = [["path", *[f"{kind}{i + 1}" for i in range(k) for kind in ("class", "probability")]]]
-        for r in results:
-            rows.append([r.path, *[str(v) for pair in zip(r.classes, r.probabilities, strict=True) for v in pair]])
-        buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerows(rows)
-        text = buffer.getvalue()
-    else:
-        raise ConfigError(f"--out {out}: give a .csv or .json file")
-    write_text(out, text)
-    print(f"wrote {out}: top-{len(results[0].classes)} classes of {len(results)} images")
+    write_predictions(results, Path(args.out))
+    print(f"wrote {args.out}: top-{len(results[0].classes)} classes of {len(results)} images")
     return 0
 
 
@@ -335,24 +295,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.set_defaults(run=_inspect)
 
-    export = commands.add_parser(
-        "export",
-        help="convert an adapter to the PEFT, diffusers or kohya format (or back to visionlora)",
-        description="Read FILE (any supported format) and write it in --format; layers or tensors the "
-        "target format cannot hold exactly are refused by name.",
+    convert = commands.add_parser(
+        "convert",
+        aliases=["export"],
+        help="convert an adapter between the visionlora, PEFT, diffusers and kohya formats",
+        description="Read IN (any supported format) and write it to OUT in --to; layers or tensors the target "
+        "format cannot hold exactly are refused by name. (`export IN --format F --out OUT` is the same command.)",
     )
-    export.add_argument("file", help="an adapter: visionlora, diffusers or kohya file, or a PEFT folder")
-    export.add_argument("--format", required=True, choices=list(FORMATS))
-    export.add_argument("--out", required=True, help="the file to write (a folder for peft)")
-    export.add_argument("--dtype", choices=list(DTYPES), help="dtype of the written weights (default: as stored)")
-    export.add_argument(
+    convert.add_argument("file", metavar="IN", help="an adapter: visionlora, diffusers or kohya file, or a PEFT folder")
+    convert.add_argument("out", metavar="OUT", nargs="?", help="the file to write (a folder for peft)")
+    convert.add_argument("--to", "--format", dest="format", required=True, choices=list(FORMATS))
+    convert.add_argument("--out", dest="out_option", help=argparse.SUPPRESS)
+    convert.add_argument(
+        "--model",
+        help="the model the adapter is for (a name or local folder; a pipeline folder for a pipeline file): maps "
+        "kohya's flattened names and tells Flux from SD3 where the file alone does not",
+    )
+    convert.add_argument("--dtype", choices=list(DTYPES), help="dtype of the written weights (default: as stored)")
+    convert.add_argument(
         "--text-encoder",
         metavar="FILE",
         help="a text encoder's adapter to put in the same diffusers/kohya file (a pipeline LoRA)",
     )
-    _add_component(export, "export only this part of a diffusers/kohya pipeline file (peft/visionlora need one)")
-    _add_overwrite(export)
-    export.set_defaults(run=_export)
+    _add_component(convert, "convert only this part of a diffusers/kohya pipeline file (peft/visionlora need one)")
+    _add_overwrite(convert)
+    convert.set_defaults(run=_convert)
 
     train = commands.add_parser(
         "train",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from visionlora.errors import ConfigError
 from visionlora.io.adapter import AdapterFile, Parts, adapter_record, file_error
-from visionlora.io.convert import COMPONENTS
+from visionlora.io.convert import COMPONENTS, DENOISERS
 from visionlora.io.dit import dit_family
 from visionlora.io.formats import (
     PIPELINE_FORMATS,
@@ -25,6 +26,7 @@ from visionlora.io.formats import (
     refuse_output,
     write_export,
 )
+from visionlora.io.load import fit_file
 from visionlora.state import original_state_dict
 
 __all__ = ["export_adapter"]
@@ -41,6 +43,7 @@ def export_adapter(
     component: str | None = None,
     overwrite: bool = False,
     text_encoder_2: nn.Module | str | os.PathLike[str] | None = None,
+    model: nn.Module | Mapping[str, nn.Module] | None = None,
 ) -> Path:
     """Write an adapter (from a model, or from a file in any format) in ``format``; returns the path.
 
@@ -58,6 +61,10 @@ def export_adapter(
     SDXL's second (``text_encoder_2.*`` / ``lora_te2_*``). ``component`` exports one part of
     such a file only; the ``peft`` and ``visionlora`` formats hold one model, so a file holding
     several parts needs it.
+
+    ``model`` (the model a file's adapter is for, or a pipeline's parts by name; weights are not
+    needed, a meta-device model does) maps kohya's flattened module names onto the model and tells
+    a Flux from an SD3 transformer where the file alone does not.
 
     Every export keeps the full visionlora record in its header, so reading it back with visionlora
     gives the same ranks, alphas, resolutions and config. ``dtype`` casts the written weights.
@@ -97,6 +104,8 @@ def export_adapter(
             te_format, te_source = open_adapter(encoder)
             record = read_component(te_format, te_source, name if name in components_of(te_format, te_source) else None)
         records[name] = dataclasses.replace(record, component=name)
+    if model is not None and not isinstance(model_or_file, nn.Module):
+        records, model_state = _fitted(records, model)
     records = _chosen(records, fmt, component)
     for part in records.values():
         if part.flat_names:
@@ -106,6 +115,20 @@ def export_adapter(
                 "with vl.load_adapter and export the model",
             )
     return write_export(fmt, Parts(records, dtype, model_state), path, overwrite=overwrite)
+
+
+def _fitted(
+    records: dict[str, AdapterFile], model: nn.Module | Mapping[str, nn.Module]
+) -> tuple[dict[str, AdapterFile], dict[str, torch.Tensor] | None]:
+    """Each record with its names mapped onto its part of ``model``, and the denoiser's state dict."""
+    parts = {c: model for c in records} if isinstance(model, nn.Module) else dict(model)
+    state = None
+    for component, part in parts.items():
+        if component in records:
+            records[component] = fit_file(records[component], part)
+        if component in DENOISERS or isinstance(model, nn.Module):
+            state = original_state_dict(part)
+    return records, state
 
 
 def _check_added_part(name: str, fmt: Format, component: str | None) -> None:

@@ -35,7 +35,10 @@ from visionlora._deps import require
 from visionlora._tree import from_diffusers, require_module
 from visionlora.errors import ConfigError, MergeError
 from visionlora.io.files import atomic_folder, refuse_existing, write_safetensors
+from visionlora.io.formats import file_components
 from visionlora.io.ldm import ldm_state_dict, sdxl_state_dict
+from visionlora.io.load import load_adapter
+from visionlora.models.loading import load_component
 from visionlora.state import lora_layers, original_state_dict
 
 __all__ = ["export_merged", "merged_state_dict"]
@@ -218,3 +221,30 @@ def _skip(components: set[Path]) -> Callable[[str, list[str]], set[str]]:
         return {n for n in names if Path(folder) / n in components}
 
     return ignore
+
+
+def merge_pipeline(
+    folder: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, list[str]]:
+    """Merge an adapter file into the pipeline folder ``folder``: every part the file holds (the
+    UNet or transformer, text encoders) onto its component, written as a pipeline folder at
+    ``path``; returns it and the parts merged.
+
+    Raises:
+        AdapterFileError, ConfigError, MergeError: as :func:`load_adapter` and :func:`export_merged`.
+    """
+    held = file_components(adapter)
+    parts = {name: load_component(folder, name) for name in held}
+    for name, part in parts.items():
+        load_adapter(part, adapter, component=name if len(held) > 1 else None)
+    first, *rest = held
+    others = {name: parts[name] for name in rest}
+    out = export_merged(
+        parts[first], path, dtype=dtype, pipeline=folder, component=first, others=others, overwrite=overwrite
+    )
+    return out, held

@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,8 +25,9 @@ from visionlora.io.adapter import AdapterFile
 from visionlora.io.files import read_safetensors
 from visionlora.io.formats import FORMAT_TABLE, components_of, open_adapter, read_component
 from visionlora.io.load import fit_file, fit_problems
+from visionlora.models.loading import build_model, load_component
 
-__all__ = ["FileReport", "PartReport", "describe_adapter", "families_of", "render", "trainer_of"]
+__all__ = ["FileReport", "PartReport", "describe_adapter", "families_of", "models_to_check", "render", "trainer_of"]
 
 _FAMILIES = (
     ("LoHa", ("hada_w1_a", "hada_w2_a")),
@@ -139,6 +141,15 @@ def describe_adapter(
     return FileReport(
         str(source.path), fmt.name, trainer_of(header, list(tensors)), families_of(tensors), parts, against is not None
     )
+
+
+def models_to_check(spec: str, parts: list[str]) -> nn.Module | dict[str, nn.Module]:
+    """The model ``spec`` names (a pipeline folder: each of ``parts``), built on the meta device:
+    names and shapes to check a file against, no weights read and no memory taken."""
+    if (Path(spec) / "model_index.json").is_file():
+        return {part: load_component(spec, part, weights=False) for part in parts}
+    with torch.device("meta"):
+        return build_model(spec)
 
 
 def _with_origin(record: AdapterFile, problem: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ def _diffusers(folder: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Modu
     return cls.from_pretrained(str(root)) if pretrained else cls.from_config(config)
 
 
-def load_component(folder: str | Path, name: str, *, weights: bool = True) -> nn.Module:
+def load_component(folder: str | os.PathLike[str], name: str, *, weights: bool = True) -> nn.Module:
     """Component ``name`` of the diffusers pipeline folder ``folder`` with its weights, in eval mode:
     a diffusers model (``unet``, ``transformer``) or a transformers one (``text_encoder``, ...).
     ``weights=False`` builds it from its config on the meta device: module names and shapes only,
