@@ -25,6 +25,7 @@ from visionlora.io.files import atomic_path
 from visionlora.models.loading import example_input_for
 from visionlora.train.conditioning import ENCODERS, Conditioner, Text
 from visionlora.train.data import EpochBatches, mix_seed
+from visionlora.train.denoising import denoising_for
 from visionlora.train.diffusion_data import (
     Crop,
     Item,
@@ -39,7 +40,7 @@ from visionlora.train.diffusion_data import (
     hold_out,
     style_items,
 )
-from visionlora.train.diffusion_loss import draw_noise, held_out_loss, min_snr_weights, noise_target
+from visionlora.train.diffusion_loss import draw_noise, held_out_loss
 from visionlora.train.outputs import Outputs
 from visionlora.train.recipe import DiffusionModel, DiffusionRecipe
 from visionlora.train.report import plot_losses
@@ -49,7 +50,7 @@ from visionlora.train.task import Built, Prepared, RunState, Task
 
 __all__ = ["StyleTask", "load_pipeline"]
 
-_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "FluxPipeline", "StableDiffusion3Pipeline")
 
 
 def _pipeline_class(folder: Path, key: str) -> Any:
@@ -67,13 +68,13 @@ def _pipeline_class(folder: Path, key: str) -> Any:
 
 
 def load_pipeline(spec: DiffusionModel) -> Any:
-    """A Stable Diffusion 1.x/2.x or SDXL pipeline from a pipeline folder, or from one ``.safetensors``
-    file with local configs."""
+    """A Stable Diffusion 1.x/2.x, SDXL, Flux.1 or SD3 pipeline from a pipeline folder, or from one
+    ``.safetensors`` file with local configs."""
     path = Path(spec.pipeline)
     common = {"safety_checker": None, "requires_safety_checker": False}
     if path.is_dir():
         cls = _pipeline_class(path, "model.pipeline")
-        xl = cls.__name__ == _PIPELINES[1]
+        xl = cls.__name__ != _PIPELINES[0]
         return cls.from_pretrained(str(path), **({} if xl else common))
     if path.suffix == ".safetensors" and path.is_file():
         if spec.config is None:
@@ -82,7 +83,7 @@ def load_pipeline(spec: DiffusionModel) -> Any:
                 "(nothing is downloaded)"
             )
         cls = _pipeline_class(Path(spec.config), "model.config")
-        xl = cls.__name__ == _PIPELINES[1]
+        xl = cls.__name__ != _PIPELINES[0]
         return cls.from_single_file(str(path), config=spec.config, local_files_only=True, **({} if xl else common))
     raise ConfigError(
         f"model.pipeline: {path} is neither a diffusers pipeline folder nor a .safetensors checkpoint "
@@ -91,7 +92,7 @@ def load_pipeline(spec: DiffusionModel) -> Any:
 
 
 def _sample_grid(
-    pipe: Any, adapted: list[nn.Module], recipe: DiffusionRecipe, path: Path, write: bool = True
+    pipe: Any, adapted: list[nn.Module], recipe: DiffusionRecipe, path: Path, write: bool = True, **extra: Any
 ) -> Path | None:
     """Base | adapted samples from the same seeds, one row per prompt, saved as a PNG (if ``write``)."""
     Image = require("PIL.Image")
@@ -110,6 +111,7 @@ def _sample_grid(
                 image = pipe(
                     prompt,
                     num_inference_steps=val.steps,
+                    **extra,
                     guidance_scale=val.guidance_scale,
                     height=recipe.data.resolution,
                     width=recipe.data.resolution,
@@ -149,21 +151,33 @@ class StyleTask(Task):
             self.items = style_items(data.root, db.instance_prompt, None)
         self.items, self.val_items = hold_out(self.items, data.val_fraction, recipe.train.seed)
         self.pipe = pipe = load_pipeline(recipe.model)
-        self.cond = Conditioner(pipe)
+        self.cond = Conditioner(pipe, data.max_sequence_length)
+        self.denoiser = "transformer" if self.cond.kind in ("flux", "sd3") else "unet"
+        self.denoising = denoising_for(pipe, self.cond, recipe.train)
+        length = self.cond.max_sequence_length
+        self.pipe_kwargs = {} if length is None else {"max_sequence_length": length}
+        if self.cond.kind == "flux" and any(
+            (side // pipe.vae_scale_factor) % 2
+            for side in (data.resolution, *([data.bucket_step] if data.buckets else []))
+        ):
+            raise ConfigError(
+                f"data.resolution / data.bucket_step: Flux packs 2x2 latent patches, so image sides must be multiples "
+                f"of {2 * pipe.vae_scale_factor} (twice the VAE's downscaling)"
+            )
         if db is not None and db.class_prompt is not None:  # with the frozen base, before any LoRA
             self.items += self._class_images(accelerator)
-        if recipe.text_encoder_2_lora is not None and not self.cond.xl:
-            raise ConfigError("text_encoder_2_lora: this pipeline has one text encoder (SDXL has two); remove the key")
-        unet, device = pipe.unet, accelerator.device
+        if recipe.text_encoder_2_lora is not None and len(self.cond.names) < 2:
+            raise ConfigError("text_encoder_2_lora: this pipeline has one text encoder; remove the key")
+        unet, device = getattr(pipe, self.denoiser), accelerator.device
         for frozen in [pipe.vae, *(getattr(pipe, n) for n in self.cond.names)]:
             frozen.requires_grad_(False)
             frozen.to(device)
         probe = recipe.lora.rank_by_resolution or recipe.lora.rank_budget is not None
         latent_size = data.resolution // pipe.vae_scale_factor
         apply_lora(unet, recipe.lora, example_input=example_input_for(unet, latent_size) if probe else None)
-        parts: dict[str, nn.Module] = {"unet": unet}
-        sections = {"unet": "lora"}
-        for name, cfg in zip(ENCODERS, (recipe.text_encoder_lora, recipe.text_encoder_2_lora), strict=True):
+        parts: dict[str, nn.Module] = {self.denoiser: unet}
+        sections = {self.denoiser: "lora"}
+        for name, cfg in zip(ENCODERS[:2], (recipe.text_encoder_lora, recipe.text_encoder_2_lora), strict=True):
             if cfg is not None:
                 apply_lora(getattr(pipe, name), cfg)
                 parts[name], sections[name] = getattr(pipe, name), f"{name}_lora"
@@ -184,9 +198,6 @@ class StyleTask(Task):
                 captions = sorted({item.caption for item in self.items} | ({""} if data.caption_dropout else set()))
                 text = self._encode_text(captions, {})
                 self.text_cache = {c: text.rows([i]).to("cpu") for i, c in enumerate(captions)}
-        self.noise_scheduler = require("diffusers").DDPMScheduler.from_config(pipe.scheduler.config)
-        self.v_prediction = self.noise_scheduler.config.prediction_type == "v_prediction"
-        self.scaling = float(getattr(pipe.vae.config, "scaling_factor", 1.0))
         self.adapted = list(parts.values())
         self.names = list(parts)
         self.prior_weight = db.prior_loss_weight if db is not None else 1.0
@@ -227,6 +238,7 @@ class StyleTask(Task):
                     image = self.pipe(
                         db.class_prompt,
                         num_inference_steps=db.class_steps,
+                        **self.pipe_kwargs,
                         guidance_scale=recipe.validation.guidance_scale,
                         height=side,
                         width=side,
@@ -287,12 +299,10 @@ class StyleTask(Task):
         # takes its share, so N processes train on exactly what one process would.
         whole = (len(batch), *mean.shape[1:])
         part = own if not empty else slice(0, 1)
-        latents = (mean + std * torch.randn(whole, device=device)[part]) * self.scaling
+        latents = self.denoising.scale(mean + std * torch.randn(whole, device=device)[part])
         noise = draw_noise(whole, part, recipe.train.noise_offset, device)
-        scheduler = self.noise_scheduler
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), device=device)[part]
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = noise_target(scheduler, latents, noise, timesteps)
+        level = self.denoising.draw(len(batch), part, mean.shape[-2] * mean.shape[-1] // 4, device)
+        noisy, target, level_weights = self.denoising.noised(latents, noise, level)
         captions = [
             caption_for(
                 self.items[i].caption, seed, epoch, i, data.caption_dropout, data.shuffle_tags, data.keep_tokens
@@ -303,16 +313,14 @@ class StyleTask(Task):
         if self.text_cache:
             text = Text.stack([self.text_cache[c] for c in captions]).to(device)
         else:  # a text encoder that trains, or captions that change, are encoded at every step
-            text = self._encode_text(captions, {n: m for n, m in models.items() if n != "unet"})
+            text = self._encode_text(captions, {n: m for n, m in models.items() if n != self.denoiser})
         time_ids = None
         if self.cond.xl:
             ids = [crop_ids(self.items[i], self.crops[i], f) for i, f in zip(mine, flips, strict=True)]
             time_ids = torch.stack(ids).to(device)
-        prediction = models["unet"](noisy, timesteps, **self.cond.unet_kwargs(text, time_ids)).sample
+        prediction = self.denoising.predict(models[self.denoiser], noisy, level, text, time_ids)
         mse = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
-        gamma = recipe.train.min_snr_gamma
-        if gamma is not None:
-            mse = mse * min_snr_weights(scheduler.alphas_cumprod, timesteps, gamma, self.v_prediction)
+        mse = mse * level_weights
         weights = torch.tensor(
             [0.0 if empty else self.prior_weight if self.items[i].prior else 1.0 for i in mine], device=device
         )
@@ -328,27 +336,18 @@ class StyleTask(Task):
         if not self.val_items or (state.history and state.history[-1]["step"] == state.step):
             return
         models = dict(zip(self.names, run.models, strict=True))
-        encoders = {n: m for n, m in models.items() if n != "unet"}
+        encoders = {n: m for n, m in models.items() if n != self.denoiser}
         device, timesteps = run.accelerator.device, self.recipe.validation.loss_timesteps
 
         def predict(noisy: torch.Tensor, t: torch.Tensor, image: int) -> torch.Tensor:
             text = self._encode_text([self.val_items[image].caption] * timesteps, encoders)
             ids = crop_ids(self.val_items[image], self.val_crops[image], False).expand(timesteps, -1).to(device)
-            return models["unet"](noisy, t, **self.cond.unet_kwargs(text.to(device), ids)).sample
+            return self.denoising.predict(models[self.denoiser], noisy, t, text.to(device), ids)
 
         modes = [m.training for m in run.models]
         for model in run.models:
             model.eval()
-        loss = held_out_loss(
-            predict,
-            self.val_latents,
-            self.noise_scheduler,
-            self.scaling,
-            timesteps,
-            self.recipe.validation.seed,
-            self.recipe.train.min_snr_gamma,
-            device,
-        )
+        loss = held_out_loss(predict, self.val_latents, self.denoising, timesteps, self.recipe.validation.seed, device)
         for model, mode in zip(run.models, modes, strict=True):
             model.train(mode)
         if self.best is not None and all(loss < entry["val_loss"] for entry in state.history):
@@ -361,13 +360,17 @@ class StyleTask(Task):
             self._validate(run, state)
             if self._samples_here(run):
                 report = run.out_dir / "report" / f"samples-step{state.step:06d}.png"
-                _sample_grid(self.pipe, self.adapted, self.recipe, report, write=run.accelerator.is_main_process)
+                _sample_grid(
+                    self.pipe, self.adapted, self.recipe, report, run.accelerator.is_main_process, **self.pipe_kwargs
+                )
 
     def finish(self, run: Prepared, state: RunState) -> Outputs:
         self._validate(run, state)
         if self._samples_here(run):  # before the outputs: a sharded UNet samples on every process
             report = run.out_dir / "report" / "samples.png"
-            _sample_grid(self.pipe, self.adapted, self.recipe, report, write=run.accelerator.is_main_process)
+            _sample_grid(
+                self.pipe, self.adapted, self.recipe, report, run.accelerator.is_main_process, **self.pipe_kwargs
+            )
         losses = state.losses
         window = max(1, len(losses) // 10)
         metrics: dict[str, Any] = {

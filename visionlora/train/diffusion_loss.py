@@ -45,32 +45,26 @@ def draw_noise(shape: tuple[int, ...], part: slice, offset: float, device: Any =
 def held_out_loss(
     predict: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
     latents: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    scheduler: Any,
-    scaling: float,
-    timesteps: int,
+    denoising: Any,
+    levels: int,
     seed: int,
-    gamma: float | None,
     device: Any = None,
 ) -> float:
-    """The mean loss over held-out images at ``timesteps`` evenly spaced timesteps, with latents and
-    noise drawn from ``seed`` alone (the same at every call).
+    """The mean loss over held-out images at ``levels`` evenly spaced noise levels (timesteps, or
+    flow-matching σ), with latents and noise drawn from ``seed`` alone (the same at every call).
 
-    ``latents`` holds each image's latent distribution (mean, std); ``predict(noisy, t, image)``
-    runs the model on image ``image``'s conditioning, repeated for each timestep.
+    ``latents`` holds each image's latent distribution (mean, std); ``denoising`` is the run's
+    :class:`~visionlora.train.denoising.Denoising`; ``predict(noisy, level, image)`` runs the model
+    on image ``image``'s conditioning, repeated for each level.
     """
-    total = scheduler.config.num_train_timesteps
-    t = torch.tensor([int((i + 0.5) * total / timesteps) for i in range(timesteps)], device=device)
     generator = torch.Generator().manual_seed(seed)
-    v_prediction = scheduler.config.prediction_type == "v_prediction"
     losses = []
     for image, (mean, std) in enumerate(latents):
-        sample = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
-        noise = torch.randn((timesteps, *mean.shape), generator=generator).to(device)
-        clean = sample.to(device).expand_as(noise)
-        target = noise_target(scheduler, clean, noise, t)
-        prediction = predict(scheduler.add_noise(clean, noise, t), t, image)
+        sample = denoising.scale(mean + std * torch.randn(mean.shape, generator=generator))
+        noise = torch.randn((levels, *mean.shape), generator=generator).to(device)
+        level = denoising.grid(levels, mean.shape[-2] * mean.shape[-1] // 4, device)
+        noisy, target, weights = denoising.noised(sample.to(device).expand_as(noise), noise, level)
+        prediction = predict(noisy, level, image)
         mse = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
-        if gamma is not None:
-            mse = mse * min_snr_weights(scheduler.alphas_cumprod, t, gamma, v_prediction)
-        losses.append(float(mse.mean()))
+        losses.append(float((mse * weights).mean()))
     return sum(losses) / len(losses)

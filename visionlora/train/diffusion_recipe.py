@@ -71,6 +71,9 @@ class DiffusionData:
     val_fraction: float = 0.0
     """Hold out this share of the images (at least one, chosen by the seed) for a validation loss at
     fixed timesteps and noise, every ``validation.every`` steps and at the end (0: none)."""
+    max_sequence_length: int = 512
+    """Flux/SD3: the T5's tokens per caption, at most (its tokenizer's maximum caps it); samples use
+    the same. Fewer is faster (Flux.1-schnell was trained with 256)."""
 
 
 @dataclass
@@ -78,9 +81,24 @@ class DiffusionTrain(Train):
     """:class:`Train` plus the diffusion loss options."""
 
     min_snr_gamma: float | None = 5.0
-    """Min-SNR loss weighting (Hang et al. 2023) with this gamma; null: plain MSE."""
+    """Min-SNR loss weighting (Hang et al. 2023) with this gamma for the noise-predicting UNets (SD
+    1.x/2.x, SDXL); null: plain MSE. Flux and SD3 train by flow matching, which has no SNR
+    weighting: they do not use it."""
     gradient_checkpointing: bool = False
-    """Recompute the UNet's activations in the backward pass: less memory, more time."""
+    """Recompute the denoiser's activations in the backward pass: less memory, more time."""
+    timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    """Flux/SD3: how the flow-matching noise level σ is drawn: sigmoid of a normal (SD3's paper,
+    sd-scripts, diffusers' scripts), or uniform in (0, 1); then shifted (``flow_shift``)."""
+    logit_mean: float = 0.0
+    """Flux/SD3: mean of the logit-normal draw."""
+    logit_std: float = 1.0
+    """Flux/SD3: standard deviation of the logit-normal draw."""
+    flow_shift: float | None = None
+    """Flux/SD3: σ -> s·σ / (1 + (s - 1)·σ) with this s; null: the model's scheduler's (SD3: its
+    shift, 3.0; Flux.1-dev: by the image's token count, as its pipeline shifts at inference)."""
+    flux_guidance: float = 3.5
+    """Flux: the value fed to a guidance-distilled model's (FLUX.1-dev's) guidance embedding during
+    training (diffusers' Flux LoRA script uses 3.5); unused by models without one."""
     noise_offset: float = 0.0
     """Add this times a per-(image, channel) Gaussian to the noise (Guttenberg 2023): darker darks
     and brighter brights; 0.05 to 0.1 is usual."""
@@ -176,6 +194,13 @@ class DiffusionRecipe:
                 "between data.bucket_step and data.bucket_max_side",
             ),
             ("train.noise_offset", self.train.noise_offset >= 0, "a number >= 0"),
+            ("data.max_sequence_length", self.data.max_sequence_length >= 1, "an integer >= 1"),
+            ("train.logit_std", positive(self.train.logit_std), "a number > 0"),
+            (
+                "train.flow_shift",
+                self.train.flow_shift is None or positive(self.train.flow_shift),
+                "null or a number > 0",
+            ),
             (
                 "dreambooth.num_class_images",
                 self.dreambooth is None or self.dreambooth.num_class_images >= 1,

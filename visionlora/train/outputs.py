@@ -102,7 +102,7 @@ def write_outputs(
     """
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (_, main), *others = parts.items()
+        (main_name, main), *others = parts.items()
         for model in parts.values():
             model.eval()
         if outputs.adapter:
@@ -114,6 +114,7 @@ def write_outputs(
                 folder / outputs.merged,
                 dtype=DTYPES[output.merged_dtype],
                 pipeline=outputs.pipeline,
+                **({"component": main_name} if outputs.pipeline is not None else {}),
                 others=dict(others),
                 metadata=outputs.metadata,
                 overwrite=True,
