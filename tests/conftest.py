@@ -321,7 +321,9 @@ def tiny_flux_pipeline(folder: Path, transformer: nn.Module | None = None) -> Pa
     transformer = transformer if transformer is not None else tiny_flux_transformer()
     torch.manual_seed(0)
     pipe = diffusers.FluxPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's: shifted by token count
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+        ),
         vae=_tiny_flow_vae(),
         text_encoder=transformers.CLIPTextModel(_tiny_text_config(24, 24, len(tokenizer), layers=1)),
         tokenizer=tokenizer,
