@@ -233,3 +233,36 @@ def test_the_shipped_transformer_recipes_run_on_a_tiny_pipeline(dit, name, famil
     assert (out / "adapter-kohya.safetensors").is_file() and (out / "adapter-diffusers.safetensors").is_file()
     if name.startswith("dreambooth"):
         assert metrics["class_images"] == 2 and len(list((out / "class-images").iterdir())) == 2
+
+
+def test_a_single_file_flux_base_in_bfl_layout_trains_and_merges_into_one_bfl_checkpoint(dit, tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.conftest import tiny_flux_transformer
+    from tests.io.test_dit_files import with_constants
+    from visionlora.io.dit import diffusers_state_dict, original_state_dict
+
+    base = tiny_flux_transformer()
+    with torch.no_grad():  # not the pipeline folder's weights: the file's must be the ones trained
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    single = tmp_path / "flux1-tiny.safetensors"
+    save_file(
+        {f"model.diffusion_model.{k}": v for k, v in original_state_dict(base.state_dict(), "flux").items()}, single
+    )
+    recipe = _recipe(dit, "flux")
+    recipe.model.pipeline, recipe.model.config = str(single), str(dit / "flux")
+    out = tmp_path / "run"
+    run_recipe(recipe, output=out, progress=False)
+    expected = transformer_output(vl.load_adapter(copy.deepcopy(base), out / "adapter.safetensors"))
+    merged = load_file(out / "merged.safetensors")
+    assert "double_blocks.0.img_attn.qkv.weight" in merged and "single_blocks.0.linear1.weight" in merged
+    import diffusers.loaders.single_file_utils as sfu
+
+    convert = with_constants(
+        sfu, "convert_flux_transformer_checkpoint_to_diffusers", **{"inner_dim = 3072": "inner_dim = 16"}
+    )
+    for state in (diffusers_state_dict(merged, "flux"), convert(dict(merged))):
+        model = tiny_flux_transformer()
+        model.load_state_dict(state)
+        torch.testing.assert_close(transformer_output(model), expected, atol=1e-5, rtol=1e-5)

@@ -34,6 +34,8 @@ from torch import nn
 from visionlora._deps import require
 from visionlora._tree import from_diffusers, require_module
 from visionlora.errors import ConfigError, MergeError
+from visionlora.io.dit import dit_family
+from visionlora.io.dit import original_state_dict as dit_original_state
 from visionlora.io.files import atomic_folder, refuse_existing, write_safetensors
 from visionlora.io.formats import file_components
 from visionlora.io.ldm import ldm_state_dict, sdxl_state_dict
@@ -89,7 +91,8 @@ def export_merged(
     model; ``others`` merges more components the same way (e.g. ``{"text_encoder": text_encoder}``
     for a text encoder with LoRA). A ``path`` ending in ``.safetensors`` with ``pipeline`` (its
     folder, or the loaded pipeline, e.g. from a single-file checkpoint) gets one original-layout
-    SD 1.x checkpoint of the whole pipeline instead. Otherwise ``path`` is a ``.safetensors`` file, whose
+    SD 1.x/SDXL checkpoint of the whole pipeline instead, or for a Flux/SD3 ``transformer`` the
+    transformer alone in BFL's/SAI's layout. Otherwise ``path`` is a ``.safetensors`` file, whose
     header also gets ``metadata`` (e.g. a classifier's class names). Files are written
     atomically and a folder appears complete or not at all. The models are not changed. Returns ``path``.
 
@@ -151,7 +154,20 @@ def _write_single_file(
     dtype: torch.dtype | None,
     overwrite: bool,
 ) -> Path:
-    """The whole SD 1.x or SDXL pipeline, merged, as one original-layout checkpoint (see :mod:`visionlora.io.ldm`)."""
+    """The whole SD 1.x or SDXL pipeline, merged, as one original-layout checkpoint (see :mod:`visionlora.io.ldm`);
+    a Flux or SD3 transformer alone in BFL's or SAI's layout (as ``flux1-dev.safetensors`` holds it)."""
+    if component == "transformer":
+        family = dit_family(original_state_dict(model))
+        if others or family is None:
+            raise ConfigError(
+                "single-file export of a transformer: a Flux or SD3 transformer alone (its text encoders' LoRA "
+                "stays in the adapter files)"
+            )
+        refuse_existing(path, overwrite)
+        tensors = dit_original_state(merged_state_dict(model, dtype=dtype), family)
+        return write_safetensors(
+            path, {k: v.contiguous() for k, v in tensors.items()}, {"format": "pt"}, overwrite=overwrite
+        )
     parts = {component: model, **others}
     names = ["unet", "vae", "text_encoder", "text_encoder_2"]
     unknown = sorted(set(parts) - set(names))

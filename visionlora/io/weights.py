@@ -15,11 +15,12 @@ from torch import nn
 
 from visionlora._tree import from_diffusers
 from visionlora.errors import AdapterFileError, ConfigError, UnsupportedModuleError
+from visionlora.io.dit import diffusers_state_dict, dit_family
 from visionlora.io.files import read_safetensors
 from visionlora.models.heads import classifier_names, replace_head
 from visionlora.models.loading import build_model
 
-__all__ = ["fit_head", "load_base", "read_state_dict"]
+__all__ = ["fit_head", "load_base", "load_original_transformer", "read_state_dict"]
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -97,3 +98,38 @@ def load_base(spec: str, *, arch: str | None = None, kwargs: dict[str, Any] | No
     if arch is not None:
         raise ConfigError(f"--arch is for weights files; {spec!r} names its architecture itself")
     return build_model(spec, pretrained=True, kwargs=kwargs)
+
+
+def load_original_transformer(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> nn.Module:
+    """A Flux or SD3 transformer from one checkpoint in BFL's or SAI's original layout, built from
+    the config of the pipeline folder ``folder`` (its ``transformer/`` subfolder; its weights unread).
+
+    The checkpoint may hold the transformer alone (``flux1-dev.safetensors``) or, under
+    ``model.diffusion_model.``, beside a pipeline's other parts (an SAI SD3 file: only the
+    transformer is taken; the text encoders and VAE come from ``folder``).
+
+    Raises:
+        AdapterFileError: keys or shapes that do not fit the configured transformer, or unreadable values.
+        ConfigError: ``folder`` has no transformer config of a Flux or SD3 model.
+    """
+    with torch.device("meta"):  # module names and shapes only: the weights come from the file
+        model = build_model(str(Path(folder) / "transformer"))
+    family = dit_family(model.state_dict())
+    if family is None:
+        raise ConfigError(f"{folder}/transformer: a {type(model).__name__}, not a Flux or SD3 transformer")
+    state = read_state_dict(path)
+    if any(k.startswith("model.diffusion_model.") for k in state):
+        state = {k: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    try:
+        converted = diffusers_state_dict(state, family)
+    except ConfigError as exc:
+        raise AdapterFileError(f"{path}: not a {family} checkpoint in its original layout ({exc})") from None
+    _check_weights(str(path), converted, model.state_dict())
+    try:
+        model.load_state_dict(converted, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise AdapterFileError(f"{path}: does not fit {folder}/transformer ({exc})") from None
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise AdapterFileError(f"{path}: holds nothing for {left[:5]}")
+    return model.eval()

@@ -22,6 +22,7 @@ from visionlora.adapters import disable_adapters, enable_adapters
 from visionlora.errors import ConfigError
 from visionlora.inject import apply_lora
 from visionlora.io.files import atomic_path
+from visionlora.io.weights import load_original_transformer
 from visionlora.models.loading import example_input_for
 from visionlora.train.conditioning import ENCODERS, Conditioner, Text
 from visionlora.train.data import EpochBatches, mix_seed
@@ -84,6 +85,8 @@ def load_pipeline(spec: DiffusionModel) -> Any:
             )
         cls = _pipeline_class(Path(spec.config), "model.config")
         xl = cls.__name__ != _PIPELINES[0]
+        if cls.__name__ in _PIPELINES[2:]:  # a transformer in BFL's / SAI's layout; the rest from the folder
+            return cls.from_pretrained(spec.config, transformer=load_original_transformer(path, Path(spec.config)))
         return cls.from_single_file(str(path), config=spec.config, local_files_only=True, **({} if xl else common))
     raise ConfigError(
         f"model.pipeline: {path} is neither a diffusers pipeline folder nor a .safetensors checkpoint "
