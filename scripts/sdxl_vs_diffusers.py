@@ -208,6 +208,11 @@ def main() -> None:
             f"--output_dir={work / f'example-{steps}'}",
         ]
         results["diffusers example"][steps] = timed(example, env)
+    report(results, args, f"rank {args.rank}, {args.images} images")
+
+
+def report(results: dict[str, dict[int, tuple[float, float]]], args: argparse.Namespace, setting: str) -> None:
+    """Print (and with ``--json`` write) each tool's seconds per step after warm-up, end to end and peak memory."""
     a, b = args.steps
     rows = {}
     for tool, runs in results.items():
@@ -215,7 +220,7 @@ def main() -> None:
         rows[tool] = {"seconds_per_step": per_step, "end_to_end_seconds": runs[b][0], "peak_rss_mib": runs[b][1]}
     print(
         f"torch {torch.__version__}, {os.cpu_count()} CPU threads, resolution {args.resolution}, batch {args.batch}, "
-        f"rank {args.rank}, {args.images} images, steps {a} and {b}\n"
+        f"{setting}, steps {a} and {b}\n"
     )
     print(f"| tool | s/step after warm-up | end to end ({b} steps) | peak memory (RSS) |")
     print("|---|---|---|---|")
