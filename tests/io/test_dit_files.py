@@ -278,3 +278,30 @@ def test_a_flux_pipeline_file_loads_every_part_onto_the_pipeline_and_merges_from
     torch.testing.assert_close(transformer_output(merged.transformer), transformer_output(trained_pipe.transformer))
     for part in kwargs:
         torch.testing.assert_close(_text_out(getattr(merged, part)), _text_out(getattr(trained_pipe, part)))
+
+
+def test_comfyui_saved_flux_lora_and_a_peft_folder_with_a_component_prefix_read_exactly(tmp_path):
+    model = trained("flux")
+    want = transformer_output(model)
+    kohya = load_file(vl.export_adapter(model, tmp_path / "k.safetensors", format="kohya"))
+    comfy = {}
+    for key, tensor in kohya.items():  # ComfyUI's LoraSave: diffusion_model.<original dotted name>
+        stem, _, part = key.partition(".")
+        dotted = original_name(stem.removeprefix("lora_unet_"))
+        comfy[f"diffusion_model.{dotted}.{part}"] = tensor
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    back = MODELS["flux"]()
+    vl.load_adapter(back, tmp_path / "comfy.safetensors")
+    torch.testing.assert_close(transformer_output(back), want, atol=1e-5, rtol=0)
+    folder = vl.export_adapter(model, tmp_path / "peft", format="peft")
+    weights = folder / "adapter_model.safetensors"
+    save_file({f"transformer.{k}": v for k, v in load_file(weights).items()}, str(weights), metadata=_header(weights))
+    back = MODELS["flux"]()
+    vl.load_adapter(back, folder)
+    torch.testing.assert_close(transformer_output(back), want, atol=1e-5, rtol=0)
+
+
+def original_name(flat: str) -> str:
+    from visionlora.io.dit import flat_original_names
+
+    return flat_original_names([flat], "flux")[1][flat]

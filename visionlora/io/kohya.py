@@ -131,13 +131,33 @@ def _is_flux(raw: Mapping[str, torch.Tensor], header: Mapping[str, str]) -> bool
     return "flux" in network or any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in raw)
 
 
+_COMFY = "diffusion_model."
+
+
+def _kohya_keys(raw: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """ComfyUI's saved form (``diffusion_model.<module>.lora_up.weight``, the original layout's dotted
+    names) as kohya's ``lora_unet_<module>`` keys; any other file unchanged."""
+    if not any(k.startswith(_COMFY) for k in raw):
+        return raw
+    renamed = {}
+    for key, tensor in raw.items():
+        part = next((p for p in _PARTS if key.endswith(p)), None)
+        if key.startswith(_COMFY) and part is not None:
+            key = "lora_unet_" + flat_name(key[len(_COMFY) : -len(part)]) + part
+        renamed[key] = tensor
+    return renamed
+
+
 def is_kohya(raw: Mapping[str, torch.Tensor]) -> bool:
-    """Whether a file's keys are kohya's: some start with a component prefix, none is PEFT-style (``.lora_A.``)."""
+    """Whether a file's keys are kohya's (or ComfyUI's saved form of them): some start with a
+    component prefix, none is PEFT-style (``.lora_A.``)."""
+    raw = _kohya_keys(raw)
     return any(_component_of(k) is not None for k in raw) and not any(".lora_A." in k or ".lora_B." in k for k in raw)
 
 
 def components_in(raw: Mapping[str, torch.Tensor], header: Mapping[str, str] | None = None) -> list[str]:
     """The components a kohya file holds LoRA for, in :data:`PREFIXES` order."""
+    raw = _kohya_keys(raw)
     flux = _is_flux(raw, header or {})
     found = {c[0] for c in (_component_of(k, flux) for k in raw) if c is not None}
     return [c for c in PREFIXES if c in found]
@@ -267,7 +287,7 @@ def read_kohya(source: Source, component: str = "unet") -> AdapterFile:
             holds), or LoHa/LoKr/DoRA/full-diff keys or anything else that is not a LoRA
             down/up(/mid)/alpha of a component's module, listed.
     """
-    path, raw, header = source.path, source.tensors, source.header
+    path, raw, header = source.path, _kohya_keys(source.tensors), source.header
     groups: dict[str, dict[str, torch.Tensor]] = {}
     bad = []
     flux = _is_flux(raw, header)
