@@ -164,7 +164,7 @@ def _tiny_text_config(hidden: int, projection: int, vocab: int, layers: int = 2)
     )
 
 
-def _tiny_vae():
+def _tiny_vae(**overrides):
     diffusers = pytest.importorskip("diffusers")
     return diffusers.AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",),
@@ -173,6 +173,7 @@ def _tiny_vae():
         latent_channels=4,
         norm_num_groups=8,
         sample_size=32,
+        **overrides,
     )
 
 
@@ -297,19 +298,8 @@ def _tiny_t5(vocab: int):
 
 
 def _tiny_flow_vae():
-    diffusers = pytest.importorskip("diffusers")
-    return diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(8,),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-        shift_factor=0.1,
-        scaling_factor=0.5,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    """The tiny VAE as Flux's and SD3's are configured: a latent shift and scale, no quant convs."""
+    return _tiny_vae(shift_factor=0.1, scaling_factor=0.5, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def tiny_flux_pipeline(folder: Path, transformer: nn.Module | None = None) -> Path:

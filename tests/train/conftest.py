@@ -48,3 +48,32 @@ def tiny_recipe(data: Path, **train: object) -> dict:
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     return digit_folder(tmp_path_factory.mktemp("digits") / "data")
+
+
+def run_shipped_recipe(name: str, pipeline, images, out, resolution: int, *overrides: str) -> dict:
+    """Run ``recipes/<name>`` for 2 steps on a tiny local pipeline and images: its keys as shipped,
+    only sizes, steps and paths overridden; checks the merged pipeline and both exports were written."""
+    from visionlora.train import load_recipe, run_recipe
+
+    path = Path(__file__).parents[2] / "recipes" / name
+    settings = [
+        f"model.pipeline={pipeline}",
+        f"data.root={images}",
+        f"data.resolution={resolution}",
+        "data.bucket_step=8",
+        f"data.bucket_min_side={min(16, resolution // 2)}",
+        f"data.bucket_max_side={2 * resolution}",
+        "train.max_steps=2",
+        "validation.steps=2",
+        "validation.every=null",
+        "output.merged_dtype=fp32",
+        *overrides,
+    ]
+    if name.startswith("dreambooth"):
+        settings += ["dreambooth.num_class_images=2", "dreambooth.class_steps=2"]
+    else:
+        settings += ["data.caption=zz style"]
+    metrics = run_recipe(load_recipe(path, settings), output=out, progress=False)
+    assert metrics["steps"] == 2 and (out / "merged" / "model_index.json").is_file()
+    assert (out / "adapter-kohya.safetensors").is_file() and (out / "adapter-diffusers.safetensors").is_file()
+    return metrics

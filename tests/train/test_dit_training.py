@@ -204,33 +204,11 @@ def test_flow_matching_options_on_a_unet_pipeline_are_refused_by_name(dit, tmp_p
     ("name", "family"), [("flux-style.yaml", "flux"), ("sd3-style.yaml", "sd3"), ("dreambooth-flux.yaml", "flux")]
 )
 def test_the_shipped_transformer_recipes_run_on_a_tiny_pipeline(dit, name, family, tmp_path):
-    from pathlib import Path
+    from tests.train.conftest import run_shipped_recipe
 
-    from visionlora.train import load_recipe
-
-    path = Path(__file__).parents[2] / "recipes" / name
-    overrides = [
-        f"model.pipeline={dit / family}",
-        f"data.root={dit / 'images'}",
-        "data.resolution=16",
-        "data.bucket_step=8",
-        "data.bucket_min_side=8",
-        "data.bucket_max_side=32",
-        "lora.rank=4",  # the tiny model is 16 wide
-        "lora.alpha=4",
-        "train.max_steps=2",
-        "validation.steps=2",
-        "validation.every=null",
-        "output.merged_dtype=fp32",
-    ]
-    if name.startswith("dreambooth"):
-        overrides += ["dreambooth.num_class_images=2", "dreambooth.class_steps=2"]
-    else:
-        overrides += ["data.caption=zz style"]
     out = tmp_path / "run"
-    metrics = run_recipe(load_recipe(path, overrides), output=out, progress=False)
-    assert metrics["steps"] == 2 and (out / "merged" / "model_index.json").is_file()
-    assert (out / "adapter-kohya.safetensors").is_file() and (out / "adapter-diffusers.safetensors").is_file()
+    tiny = ["lora.rank=4", "lora.alpha=4"]  # the tiny model is 16 wide
+    metrics = run_shipped_recipe(name, dit / family, dit / "images", out, 16, *tiny)
     if name.startswith("dreambooth"):
         assert metrics["class_images"] == 2 and len(list((out / "class-images").iterdir())) == 2
 

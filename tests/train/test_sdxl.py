@@ -255,32 +255,9 @@ def test_a_single_file_sdxl_base_trains_what_its_folder_does_and_merges_into_one
 
 @pytest.mark.parametrize("name", ["sdxl-style.yaml", "dreambooth-sdxl.yaml"])
 def test_the_shipped_sdxl_recipes_run_on_a_tiny_pipeline(xl, name, tmp_path):
-    from pathlib import Path
+    from tests.train.conftest import run_shipped_recipe
 
-    from visionlora.train import load_recipe
-
-    path = Path(__file__).parents[2] / "recipes" / name
-    overrides = [
-        f"model.pipeline={xl / 'pipe'}",
-        f"data.root={xl / 'images'}",
-        "data.resolution=32",
-        "data.bucket_step=8",
-        "data.bucket_min_side=16",
-        "data.bucket_max_side=64",
-        "data.batch_size=2",
-        "train.max_steps=2",
-        "validation.steps=2",
-        "validation.every=null",
-        "output.merged_dtype=fp32",
-    ]
-    if name.startswith("dreambooth"):
-        overrides += ["dreambooth.num_class_images=2", "dreambooth.class_steps=2"]
-    else:
-        overrides += ["data.caption=zz style"]
-    out = tmp_path / "run"
-    metrics = run_recipe(load_recipe(path, overrides), output=out, progress=False)
-    assert metrics["steps"] == 2 and (out / "merged" / "model_index.json").is_file()
-    assert (out / "adapter-kohya.safetensors").is_file() and (out / "adapter-diffusers.safetensors").is_file()
+    run_shipped_recipe(name, xl / "pipe", xl / "images", tmp_path / "run", 32, "data.batch_size=2")
 
 
 def test_held_out_images_give_a_validation_loss_and_the_best_adapter_is_kept_and_resumed(xl, tmp_path):

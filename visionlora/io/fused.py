@@ -10,15 +10,16 @@ use, or all of them, sharing A, when B is not block-diagonal (sd-scripts' defaul
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
 
 from visionlora.io.adapter import AdapterFile, file_error
-from visionlora.io.convert import layer_scale
-from visionlora.io.dit import Group, layout, split_sizes, swap_halves, swapped
+from visionlora.io.convert import foreign_record, layer_scale
+from visionlora.io.dit import Group, dit_family, layout, split_sizes, swap_halves, swapped
 
-__all__ = ["fuse_lora", "split_lora"]
+__all__ = ["fuse_lora", "fused_record", "split_lora", "split_record"]
 
 
 def _ab(file: AdapterFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,3 +150,29 @@ def _columns(
     if flat and len(flat) == len(set(flat)):  # block-diagonal: each part its own columns
         return [cols or None for cols in support]
     return [every] * len(blocks)
+
+
+def fused_record(file: AdapterFile, model_state: Mapping[str, torch.Tensor] | None) -> AdapterFile:
+    """A Flux or SD3 transformer's LoRA record on its original layout's (fused) modules.
+
+    Raises:
+        AdapterFileError: the layer names (and ``model_state``) do not tell Flux from SD3.
+    """
+    family = dit_family(list(file.layers) + list(model_state or {}))
+    if family is None:
+        raise file_error(
+            file.path,
+            "is a transformer LoRA whose layer names do not tell Flux from SD3; export it from the model "
+            "(vl.export_adapter(pipe.transformer, ...)) or convert it with --model",
+        )
+    tensors, alphas = fuse_lora(file, family, model_state)
+    return dataclasses.replace(foreign_record(file.path, file.format, tensors, alphas), component="transformer")
+
+
+def split_record(file: AdapterFile, family: str, ranks: Mapping[str, int] | None) -> AdapterFile:
+    """An original-layout LoRA record (dotted original names) as the record on diffusers' modules;
+    each part keeps the key stem of its fused module as its origin."""
+    tensors, alphas, fused = split_lora(file, family, ranks)
+    origins = {part: file.origins.get(name, name) for part, name in fused.items()}
+    record = foreign_record(file.path, file.format, tensors, alphas, origins=origins)
+    return dataclasses.replace(record, component="transformer")

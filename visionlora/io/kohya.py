@@ -48,8 +48,8 @@ from visionlora.io.convert import (
     scalar_alpha,
     unmappable,
 )
-from visionlora.io.dit import dit_family, flat_original_names, layout, original_family
-from visionlora.io.fused import fuse_lora, split_lora
+from visionlora.io.dit import flat_original_names, layout, original_family
+from visionlora.io.fused import fused_record, split_record
 from visionlora.io.ldm import unet_ldm_names
 from visionlora.state import original_state_dict
 
@@ -191,7 +191,7 @@ def kohya_tensors(parts: Parts) -> Payload:
     sgm = sgm_names(list(parts.model_state)) if parts.model_state is not None and "unet" in parts.records else None
     for file in parts.records.values():
         require_exportable(file, "kohya", lora_only=True)
-    records = {c: _fused(f, parts.model_state) if c == "transformer" else f for c, f in parts.records.items()}
+    records = {c: fused_record(f, parts.model_state) if c == "transformer" else f for c, f in parts.records.items()}
     flux = "transformer" in records and original_family(records["transformer"].layers) == "flux"
     xl = sgm is not None or "text_encoder_2" in records or "transformer" in records  # sd-scripts' lora_te1_
     # diffusers' kohya converter loses per-module alphas: every module gets one alpha and the rest of
@@ -235,20 +235,6 @@ def kohya_tensors(parts: Parts) -> Payload:
     if sgm is not None:
         header[_NAMES_KEY] = json.dumps({flat_name(sgm[n]): n for n in parts.records["unet"].layers})
     return Payload(tensors, header)
-
-
-def _fused(file: AdapterFile, model_state: Mapping[str, torch.Tensor] | None) -> AdapterFile:
-    """A Flux or SD3 transformer's LoRA on its original layout's (fused) modules, as sd-scripts names them."""
-    names = list(file.layers) + list(model_state or {})
-    family = dit_family(names)
-    if family is None:
-        raise file_error(
-            file.path,
-            "is a transformer LoRA whose layer names do not tell Flux from SD3; export it from the model "
-            "(vl.export_adapter(pipe.transformer, ...)) or convert it with --model",
-        )
-    tensors, alphas = fuse_lora(file, family, model_state)
-    return dataclasses.replace(foreign_record(file.path, "kohya", tensors, alphas), component="transformer")
 
 
 def _warn_attention_without_out_proj(component: str, file: AdapterFile) -> None:
@@ -355,17 +341,8 @@ def _diffusers_names(
     known = [prefix + g.original.replace(".", "_") for g in layout(family or "flux", list(dotted.values()))]
     unmappable(file.path, unknown, f"{where} module", " (no module of that name in the original layout)", known)
     assert family is not None  # every name is known, so the family was found
-    ranks = (
-        None
-        if kept is None
-        else {n: v["rank"] for n, v in kept.items() if isinstance(v, dict) and isinstance(v.get("rank"), int)}
-    )
-    renamed = _rename(file, dotted)
-    tensors, alphas, fused = split_lora(renamed, family, ranks)
-    origins = {part: renamed.origins.get(name, name) for part, name in fused.items()}
-    return dataclasses.replace(
-        foreign_record(file.path, "kohya", tensors, alphas, origins=origins), component="transformer"
-    )
+    ranks = {n: v["rank"] for n, v in (kept or {}).items() if isinstance(v, dict) and isinstance(v.get("rank"), int)}
+    return split_record(_rename(file, dotted), family, ranks if kept is not None else None)
 
 
 def _kept_layers(path: Path, header: Mapping[str, str], component: str) -> dict[str, Any] | None:
