@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ __all__ = ["LORA_WEIGHTS_FILE", "METADATA_KEY", "components_in", "diffusers_tens
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # what load_lora_weights(folder) looks for
 METADATA_KEY = "lora_adapter_metadata"
+logger = logging.getLogger("visionlora")
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -72,6 +74,18 @@ def diffusers_tensors(parts: Parts) -> Payload:
             tensors[f"{component}.{name}.lora_B.weight"] = (b.double() * layer_scale(file, name)).to(out_dtype)
         metadata.update({f"{component}.{k}": v for k, v in _peft_config(file).items()})
         kept.update(export_header(file))
+    t5 = [
+        c
+        for c, f in parts.records.items()
+        if c != "text_encoder" and any(n.startswith("encoder.block.") for n in f.layers)
+    ]
+    if "transformer" in parts.records and t5:
+        logger.warning(
+            "%s: diffusers' Flux and SD3 loaders read no T5 LoRA, so pipe.load_lora_weights would skip the %s part "
+            "of this file; vl.load_adapter(pipe, path) reads it, and the kohya export (lora_te3_) is read by ComfyUI",
+            next(iter(parts.records.values())).path,
+            t5[0],
+        )
     return Payload(tensors, {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True), **kept})
 
 
