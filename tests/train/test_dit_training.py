@@ -219,34 +219,41 @@ def test_the_shipped_transformer_recipes_run_on_a_tiny_pipeline(dit, name, famil
         assert metrics["class_images"] == 2 and len(list((out / "class-images").iterdir())) == 2
 
 
-def test_a_single_file_flux_base_in_bfl_layout_trains_and_merges_into_one_bfl_checkpoint(dit, tmp_path):
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_a_single_file_base_in_the_original_layout_trains_and_merges_into_one_such_checkpoint(dit, tmp_path, family):
     from safetensors.torch import save_file
 
-    from tests.conftest import tiny_flux_transformer
+    from tests.conftest import tiny_flux_transformer, tiny_sd3_transformer
     from tests.io.test_dit_files import with_constants
     from visionlora.io.dit import diffusers_state_dict, original_state_dict
 
-    base = tiny_flux_transformer()
+    build = tiny_flux_transformer if family == "flux" else tiny_sd3_transformer
+    base = build()
     with torch.no_grad():  # not the pipeline folder's weights: the file's must be the ones trained
         for p in base.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    single = tmp_path / "flux1-tiny.safetensors"
-    save_file(
-        {f"model.diffusion_model.{k}": v for k, v in original_state_dict(base.state_dict(), "flux").items()}, single
-    )
-    recipe = _recipe(dit, "flux")
-    recipe.model.pipeline, recipe.model.config = str(single), str(dit / "flux")
+    single = tmp_path / "base.safetensors"
+    original = {f"model.diffusion_model.{k}": v for k, v in original_state_dict(base.state_dict(), family).items()}
+    if family == "sd3":  # an SAI file holds the text encoders and VAE too: only the transformer is read
+        original["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = torch.ones(8)
+    save_file(original, single)  # BFL's files have no prefix; ComfyUI's and SAI's have this one
+    recipe = _recipe(dit, family)
+    recipe.model.pipeline, recipe.model.config = str(single), str(dit / family)
     out = tmp_path / "run"
     run_recipe(recipe, output=out, progress=False)
     expected = transformer_output(vl.load_adapter(copy.deepcopy(base), out / "adapter.safetensors"))
     merged = load_file(out / "merged.safetensors")
-    assert "double_blocks.0.img_attn.qkv.weight" in merged and "single_blocks.0.linear1.weight" in merged
+    fused = "double_blocks.0.img_attn.qkv.weight" if family == "flux" else "joint_blocks.0.x_block.attn.qkv.weight"
+    assert fused in merged
     import diffusers.loaders.single_file_utils as sfu
 
-    convert = with_constants(
-        sfu, "convert_flux_transformer_checkpoint_to_diffusers", **{"inner_dim = 3072": "inner_dim = 16"}
-    )
-    for state in (diffusers_state_dict(merged, "flux"), convert(dict(merged))):
-        model = tiny_flux_transformer()
+    if family == "flux":
+        convert = with_constants(
+            sfu, "convert_flux_transformer_checkpoint_to_diffusers", **{"inner_dim = 3072": "inner_dim = 16"}
+        )
+    else:
+        convert = sfu.convert_sd3_transformer_checkpoint_to_diffusers
+    for state in (diffusers_state_dict(merged, family), convert(dict(merged))):
+        model = build()
         model.load_state_dict(state)
         torch.testing.assert_close(transformer_output(model), expected, atol=1e-5, rtol=1e-5)
