@@ -15,7 +15,7 @@ from torch import nn
 import visionlora as vl
 from tests.conftest import assert_rel_close, conv_magnitude, randomize_lora, reference_conv, reference_conv_delta
 from tests.strategies import ConvCase, conv_cases
-from visionlora.layers import conv_delta, linear_delta, lora_scale, lora_shapes, max_useful_rank
+from visionlora.lora_math import conv_delta, linear_delta, lora_scale, lora_shapes, max_useful_rank
 
 CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 

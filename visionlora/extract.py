@@ -23,7 +23,8 @@ from visionlora.errors import ConfigError, TargetError
 from visionlora.inject import Match, attach, check_new_adapter, match_targets, warn_ranks
 from visionlora.io.adapter import LayerSpec, read_native
 from visionlora.io.formats import write_adapter
-from visionlora.layers import LoraAdapter, base_layer, lora_scale, lora_shapes
+from visionlora.layers import LoraAdapter, base_layer
+from visionlora.lora_math import lora_scale, lora_shapes
 from visionlora.state import lora_layers, original_buffers, original_parameters, require_unmerged, trained_extras
 
 __all__ = ["ResizedLayer", "extract_lora", "factor_svd", "resize_adapter", "split_svd"]

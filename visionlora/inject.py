@@ -36,19 +36,8 @@ from visionlora._tree import adaptable_kind, check_placement, is_under, iter_mod
 from visionlora.config import LoraConfig, is_exact_name, pattern_matches
 from visionlora.errors import AdapterError, ConfigError, TargetError, UnsupportedModuleError
 from visionlora.fastpaths import fast_path_for
-from visionlora.layers import (
-    InitFn,
-    LoraAdapter,
-    LoraConv,
-    LoraLayer,
-    LoraLinear,
-    base_layer,
-    gaussian_init,
-    kaiming_init,
-    layer_kind,
-    lora_shapes,
-    max_useful_rank,
-)
+from visionlora.layers import LoraAdapter, LoraConv, LoraLayer, LoraLinear, base_layer, layer_kind
+from visionlora.lora_math import InitFn, gaussian_init, kaiming_init, lora_shapes, max_useful_rank
 from visionlora.models.presets import expand_preset, presets_in_patterns
 from visionlora.ranks import allocate, probe_resolutions
 from visionlora.state import (

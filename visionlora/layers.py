@@ -23,6 +23,7 @@ Conv and Linear subclasses whose ``forward`` transforms the weight or the input 
 StdConv2d, ScaledStdConv2d, Conv2dSame) are adapted in weight space: their own forward runs on
 W + ΔW, so merging (W <- W + ΔW) gives the same outputs by construction.
 
+The formulas (ΔW, shapes, scale, init) are pure functions in :mod:`visionlora.lora_math`.
 This module is the reference (:meth:`LoraLayer.forward` is the formula above); forms measured to
 be faster live in :mod:`visionlora.fastpaths`, and a layer wrapped by ``apply_lora`` tries its
 one with one call per forward, running the reference wherever it declines.
@@ -31,9 +32,8 @@ one with one call per forward, running the reference wherever it declines.
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Callable, Mapping
-from typing import Literal, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -41,130 +41,26 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from visionlora.errors import AdapterError, ConfigError
+from visionlora.lora_math import AdaptableLayer, conv_delta, linear_delta, lora_scale
 
 __all__ = [
     "AdaptableLayer",
-    "ConvGroups",
     "FastPath",
-    "InitFn",
     "LoraAdapter",
     "LoraConv",
     "LoraLayer",
     "LoraLinear",
     "base_layer",
     "conv_apply",
-    "conv_delta",
-    "gaussian_init",
-    "kaiming_init",
     "layer_kind",
-    "linear_delta",
-    "lora_scale",
-    "lora_shapes",
-    "max_useful_rank",
     "transforms_weight_or_input",
 ]
 
 _CONV_TYPES: dict[type[nn.Module], str] = {nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Conv3d: "Conv3d"}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-AdaptableLayer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
-"""The layer types visionlora adapts (their subclasses included)."""
-
-InitFn = Callable[[Tensor, int, "torch.Generator | None"], None]
-"""Initialises A in place: ``init(a, rank, generator)``."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Pure math
-
-
-def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
-    """The branch multiplier: alpha / r, or alpha / sqrt(r) for rsLoRA (Kalajdzievski 2023).
-
-    Example:
-        >>> lora_scale(8, 4), lora_scale(8, 4, rslora=True)
-        (2.0, 4.0)
-    """
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
-
-
-def linear_delta(a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """ΔW = scale · B @ A for a Linear layer.
-
-    Args:
-        a: A, shape ``(r, in)``.
-        b: B, shape ``(out, r)``.
-        scale: The branch multiplier.
-
-    Returns:
-        ΔW, shape ``(out, in)``, the shape of ``nn.Linear.weight``.
-    """
-    return (b @ a) * scale
-
-
-def conv_delta(a: Tensor, b: Tensor, scale: float, groups: int) -> Tensor:
-    """ΔW for a convolution, in the base kernel's exact shape, for either grouped-conv layout.
-
-    Args:
-        a: A as a conv weight: ``(groups · r, in / groups, *k)`` for the per-group layout (one A_j
-            per group), or ``(r, in / groups, *k)`` for the shared layout (one A for all groups).
-            With groups = 1 the two are the same.
-        b: B as a 1×1 conv weight, shape ``(out, r, 1, …)``.
-        scale: The branch multiplier.
-        groups: The base conv's ``groups``.
-
-    Returns:
-        ΔW, shape ``(out, in / groups, *k)``: group j's block is scale · B_j @ A_j with A and the
-        kernel flattened to ``(r, in / groups · prod(k))`` and B_j = B's rows of group j. Dilation
-        does not enter ΔW; it enters when ΔW is applied through the base conv.
-    """
-    rank = b.shape[1]
-    out = b.shape[0]
-    a_groups = a.reshape(a.shape[0] // rank, rank, -1)  # (g or 1, r, in/g · prod(k))
-    b_groups = b.reshape(groups, out // groups, rank)  # (g, out/g, r)
-    return (torch.matmul(b_groups, a_groups) * scale).reshape(out, *a.shape[1:])
-
-
-ConvGroups = Literal["per_group", "shared"]
-"""Layout of a grouped conv's adapter: one rank-r pair per group, or one shared factorisation."""
-
-
-def lora_shapes(
-    base: AdaptableLayer, rank: int, conv_groups: ConvGroups = "per_group"
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of A and B for a rank-``rank`` adapter on ``base`` (an nn.Linear or nn.ConvNd).
-
-    Example:
-        >>> lora_shapes(nn.Conv2d(8, 16, 3, groups=2), 4), lora_shapes(nn.Conv2d(8, 16, 3, groups=2), 4, "shared")
-        (((8, 4, 3, 3), (16, 4, 1, 1)), ((4, 4, 3, 3), (16, 4, 1, 1)))
-    """
-    if isinstance(base, nn.Linear):
-        return (rank, base.in_features), (base.out_features, rank)
-    kernel = tuple(base.weight.shape[2:])
-    a_rows = rank if conv_groups == "shared" else base.groups * rank
-    return (
-        (a_rows, base.in_channels // base.groups, *kernel),
-        (base.out_channels, rank, *(1 for _ in kernel)),
-    )
-
-
-def max_useful_rank(base: AdaptableLayer, conv_groups: ConvGroups = "per_group") -> int:
-    """The rank above which ΔW cannot grow: min(out, in) of each factorised matrix, kernel included."""
-    if isinstance(base, nn.Linear):
-        return min(base.in_features, base.out_features)
-    per_group_in = base.weight[0].numel()  # in/g · prod(k)
-    out = base.out_channels if conv_groups == "shared" else base.out_channels // base.groups
-    return min(out, per_group_in)
-
-
-def kaiming_init(a: Tensor, rank: int, generator: torch.Generator | None = None) -> None:
-    """Kaiming-uniform with a = sqrt(5), the default init of nn.Linear / nn.Conv weights."""
-    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-
-
-def gaussian_init(a: Tensor, rank: int, generator: torch.Generator | None = None) -> None:
-    """Normal with std 1 / r."""
-    nn.init.normal_(a, std=1.0 / rank, generator=generator)
 
 
 def layer_kind(module: nn.Module) -> str | None:

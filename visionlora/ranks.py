@@ -37,7 +37,7 @@ from torch import nn
 
 from visionlora.config import LoraConfig, pattern_matches
 from visionlora.errors import ConfigError, TargetError
-from visionlora.layers import AdaptableLayer, lora_shapes, max_useful_rank
+from visionlora.lora_math import AdaptableLayer, lora_shapes, max_useful_rank
 
 __all__ = ["allocate", "budget_ranks", "pattern_value", "probe_resolutions", "rank_for_resolution"]
 

@@ -32,7 +32,7 @@ from visionlora.io.adapter import (
     parse_record,
     record_metadata,
 )
-from visionlora.layers import lora_scale
+from visionlora.lora_math import lora_scale
 
 __all__ = [
     "COMPONENTS",

@@ -17,7 +17,8 @@ from visionlora.errors import AdapterError, VisionLoraError
 from visionlora.inject import Match, attach, check_selected, check_wrappable
 from visionlora.io.adapter import AdapterFile, file_error, geometry_of
 from visionlora.io.formats import FORMAT_TABLE, check_component, components_of, open_adapter, read_component
-from visionlora.layers import base_layer, lora_shapes
+from visionlora.layers import base_layer
+from visionlora.lora_math import lora_shapes
 from visionlora.state import adapter_state, check_adapter_name, original_buffers, original_parameters, require_unmerged
 
 __all__ = ["fit_file", "fit_problems", "load_adapter"]

@@ -1,0 +1,122 @@
+"""LoRA's math as pure functions: the scale, ΔW for Linear and Conv layers in either grouped-conv
+layout, the shapes of A and B, the useful rank, and A's initialisations.
+
+The tests check each against the textbook formula; :mod:`visionlora.layers` applies them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "AdaptableLayer",
+    "ConvGroups",
+    "InitFn",
+    "conv_delta",
+    "gaussian_init",
+    "kaiming_init",
+    "linear_delta",
+    "lora_scale",
+    "lora_shapes",
+    "max_useful_rank",
+]
+
+AdaptableLayer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
+"""The layer types visionlora adapts (their subclasses included)."""
+
+InitFn = Callable[[Tensor, int, "torch.Generator | None"], None]
+"""Initialises A in place: ``init(a, rank, generator)``."""
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The branch multiplier: alpha / r, or alpha / sqrt(r) for rsLoRA (Kalajdzievski 2023).
+
+    Example:
+        >>> lora_scale(8, 4), lora_scale(8, 4, rslora=True)
+        (2.0, 4.0)
+    """
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def linear_delta(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """ΔW = scale · B @ A for a Linear layer.
+
+    Args:
+        a: A, shape ``(r, in)``.
+        b: B, shape ``(out, r)``.
+        scale: The branch multiplier.
+
+    Returns:
+        ΔW, shape ``(out, in)``, the shape of ``nn.Linear.weight``.
+    """
+    return (b @ a) * scale
+
+
+def conv_delta(a: Tensor, b: Tensor, scale: float, groups: int) -> Tensor:
+    """ΔW for a convolution, in the base kernel's exact shape, for either grouped-conv layout.
+
+    Args:
+        a: A as a conv weight: ``(groups · r, in / groups, *k)`` for the per-group layout (one A_j
+            per group), or ``(r, in / groups, *k)`` for the shared layout (one A for all groups).
+            With groups = 1 the two are the same.
+        b: B as a 1×1 conv weight, shape ``(out, r, 1, …)``.
+        scale: The branch multiplier.
+        groups: The base conv's ``groups``.
+
+    Returns:
+        ΔW, shape ``(out, in / groups, *k)``: group j's block is scale · B_j @ A_j with A and the
+        kernel flattened to ``(r, in / groups · prod(k))`` and B_j = B's rows of group j. Dilation
+        does not enter ΔW; it enters when ΔW is applied through the base conv.
+    """
+    rank = b.shape[1]
+    out = b.shape[0]
+    a_groups = a.reshape(a.shape[0] // rank, rank, -1)  # (g or 1, r, in/g · prod(k))
+    b_groups = b.reshape(groups, out // groups, rank)  # (g, out/g, r)
+    return (torch.matmul(b_groups, a_groups) * scale).reshape(out, *a.shape[1:])
+
+
+ConvGroups = Literal["per_group", "shared"]
+"""Layout of a grouped conv's adapter: one rank-r pair per group, or one shared factorisation."""
+
+
+def lora_shapes(
+    base: AdaptableLayer, rank: int, conv_groups: ConvGroups = "per_group"
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of A and B for a rank-``rank`` adapter on ``base`` (an nn.Linear or nn.ConvNd).
+
+    Example:
+        >>> lora_shapes(nn.Conv2d(8, 16, 3, groups=2), 4), lora_shapes(nn.Conv2d(8, 16, 3, groups=2), 4, "shared")
+        (((8, 4, 3, 3), (16, 4, 1, 1)), ((4, 4, 3, 3), (16, 4, 1, 1)))
+    """
+    if isinstance(base, nn.Linear):
+        return (rank, base.in_features), (base.out_features, rank)
+    kernel = tuple(base.weight.shape[2:])
+    a_rows = rank if conv_groups == "shared" else base.groups * rank
+    return (
+        (a_rows, base.in_channels // base.groups, *kernel),
+        (base.out_channels, rank, *(1 for _ in kernel)),
+    )
+
+
+def max_useful_rank(base: AdaptableLayer, conv_groups: ConvGroups = "per_group") -> int:
+    """The rank above which ΔW cannot grow: min(out, in) of each factorised matrix, kernel included."""
+    if isinstance(base, nn.Linear):
+        return min(base.in_features, base.out_features)
+    per_group_in = base.weight[0].numel()  # in/g · prod(k)
+    out = base.out_channels if conv_groups == "shared" else base.out_channels // base.groups
+    return min(out, per_group_in)
+
+
+def kaiming_init(a: Tensor, rank: int, generator: torch.Generator | None = None) -> None:
+    """Kaiming-uniform with a = sqrt(5), the default init of nn.Linear / nn.Conv weights."""
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+
+
+def gaussian_init(a: Tensor, rank: int, generator: torch.Generator | None = None) -> None:
+    """Normal with std 1 / r."""
+    nn.init.normal_(a, std=1.0 / rank, generator=generator)
