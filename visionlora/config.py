@@ -42,7 +42,7 @@ __all__ = [
     "pattern_matches",
 ]
 
-LayerKind = Literal["Linear", "Conv1d", "Conv2d", "Conv3d"]
+LayerKind = Literal["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
 LAYER_KINDS: tuple[LayerKind, ...] = typing.get_args(LayerKind)
 
 DtypeName = Literal["fp32", "fp16", "bf16"]

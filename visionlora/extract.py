@@ -19,12 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from visionlora.config import LoraConfig, is_finite_number
-from visionlora.errors import ConfigError, TargetError
+from visionlora.errors import ConfigError, TargetError, UnsupportedModuleError
 from visionlora.inject import Match, attach, check_new_adapter, match_targets, warn_ranks
 from visionlora.io.adapter import LayerSpec, read_native
 from visionlora.io.formats import write_adapter
 from visionlora.layers import LoraAdapter, base_layer
-from visionlora.lora_math import lora_scale, lora_shapes
+from visionlora.lora_math import is_transposed, lora_scale, lora_shapes
 from visionlora.state import lora_layers, original_buffers, original_parameters, require_unmerged, trained_extras
 
 __all__ = ["ResizedLayer", "extract_lora", "factor_svd", "resize_adapter", "split_svd"]
@@ -181,12 +181,21 @@ def _resize_model(model: nn.Module, rank: int | None, energy: float | None, adap
     layers = [(n, layer.adapter(adapter_name)) for n, layer in lora_layers(model) if adapter_name in layer.adapters]
     if not layers:
         raise TargetError(f"resize_adapter: the model has no layer with adapter {adapter_name!r}")
+    _refuse_transposed([n for n, layer in lora_layers(model) if is_transposed(layer.base)], "resize_adapter")
     resized = [(n, ad, *_resize_factors(ad.lora_A, ad.lora_B, ad.rank, rank, energy)) for n, ad in layers]
     report = []
     for name, adapter, a, b, new_rank, error in resized:  # every SVD has succeeded: now write
         report.append(ResizedLayer(name, adapter.rank, new_rank, error))
         _set_factors(adapter, a, b, new_rank)
     return report
+
+
+def _refuse_transposed(names: list[str], what: str) -> None:
+    if names:
+        raise UnsupportedModuleError(
+            f"{what}: ConvTranspose layers {names[:5]} are not supported by the SVD yet (their A is laid out "
+            "per input channel); leave them out of the targets"
+        )
 
 
 def _best_factors(match: Match, tuned: Tensor, base: Tensor, cfg: LoraConfig) -> tuple[Tensor, Tensor]:
@@ -233,6 +242,7 @@ def extract_lora(
     problems = [k for k in needed if k not in tuned or tuned[k].shape != base[k].shape]
     if problems:
         raise TargetError(f"the fine-tuned model lacks, or has other shapes for: {', '.join(problems[:10])}")
+    _refuse_transposed([m.name for m in matches if is_transposed(base_layer(m.module))], "extract_lora")
     values = {k: tuned[k] for k in extras}
     for m in matches:
         b, a = _best_factors(m, tuned[f"{m.name}.weight"], base[f"{m.name}.weight"], cfg)

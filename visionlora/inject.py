@@ -36,8 +36,8 @@ from visionlora._tree import adaptable_kind, check_placement, is_under, iter_mod
 from visionlora.config import LoraConfig, is_exact_name, pattern_matches
 from visionlora.errors import AdapterError, ConfigError, TargetError, UnsupportedModuleError
 from visionlora.fastpaths import fast_path_for
-from visionlora.layers import LoraAdapter, LoraConv, LoraLayer, LoraLinear, base_layer, layer_kind
-from visionlora.lora_math import InitFn, gaussian_init, kaiming_init, lora_shapes, max_useful_rank
+from visionlora.layers import LoraAdapter, LoraConv, LoraConvTranspose, LoraLayer, LoraLinear, base_layer, layer_kind
+from visionlora.lora_math import InitFn, gaussian_init, is_transposed, kaiming_init, lora_shapes, max_useful_rank
 from visionlora.models.presets import expand_preset, presets_in_patterns
 from visionlora.ranks import allocate, probe_resolutions
 from visionlora.state import (
@@ -216,7 +216,8 @@ def warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
             stacklevel=3,  # the caller of apply_lora
         )
     if too_big:
-        grouped = any(getattr(base_layer(m.module), "groups", 1) > 1 for m in matches if m.name in too_big)
+        bases = [base_layer(m.module) for m in matches if m.name in too_big]
+        grouped = any(getattr(b, "groups", 1) > 1 and not is_transposed(b) for b in bases)
         hint = " (for depthwise convs use conv_groups='shared')" if grouped and cfg.conv_groups == "per_group" else ""
         warnings.warn(
             f"adapter has more parameters than the layer it adapts{hint}: " + ", ".join(too_big),
@@ -236,7 +237,8 @@ def wrap_layer(module: nn.Module, name: str = "") -> LoraLayer:
     kind = layer_kind(module)
     if kind is None:
         raise UnsupportedModuleError(
-            f"{label}: visionlora adapts nn.Linear and nn.Conv1d/2d/3d (and their subclasses), "
+            f"{label}: visionlora adapts nn.Linear, nn.Conv1d/2d/3d and nn.ConvTranspose1d/2d/3d (and their "
+            "subclasses), "
             f"not {type(module).__name__}"
         )
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
@@ -249,7 +251,8 @@ def wrap_layer(module: nn.Module, name: str = "") -> LoraLayer:
             "would bypass them, so merged and unmerged outputs would differ. Remove the hooks before adapting"
         )
     base: Any = module
-    wrapper = LoraLinear(base) if kind == "Linear" else LoraConv(base)
+    cls = LoraLinear if kind == "Linear" else LoraConvTranspose if kind.startswith("ConvTranspose") else LoraConv
+    wrapper = cls(base)
     wrapper.fast = fast_path_for(wrapper)
     return wrapper.train(module.training)  # a layer in eval mode stays in eval mode (no branch dropout)
 

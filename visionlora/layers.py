@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +41,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from visionlora.errors import AdapterError, ConfigError
-from visionlora.lora_math import AdaptableLayer, conv_delta, linear_delta, lora_scale
+from visionlora.lora_math import AdaptableLayer, conv_delta, conv_transpose_delta, linear_delta, lora_scale
 
 __all__ = [
     "AdaptableLayer",
     "FastPath",
     "LoraAdapter",
     "LoraConv",
+    "LoraConvTranspose",
     "LoraLayer",
     "LoraLinear",
     "base_layer",
@@ -57,19 +58,25 @@ __all__ = [
 ]
 
 _CONV_TYPES: dict[type[nn.Module], str] = {nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Conv3d: "Conv3d"}
+_CONVT_TYPES: dict[type[nn.Module], str] = {
+    nn.ConvTranspose1d: "ConvTranspose1d",
+    nn.ConvTranspose2d: "ConvTranspose2d",
+    nn.ConvTranspose3d: "ConvTranspose3d",
+}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONVT_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 # ---------------------------------------------------------------------------------------------
 # Pure math
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """``"Linear"``, ``"Conv1d"``, ``"Conv2d"`` or ``"Conv3d"`` for adaptable layers, else None."""
+    """``"Linear"``, ``"Conv1d/2d/3d"`` or ``"ConvTranspose1d/2d/3d"`` for adaptable layers, else None."""
     if isinstance(module, LoraLayer):
         return layer_kind(module.base)
     if isinstance(module, nn.Linear):
         return "Linear"
-    for conv_type, kind in _CONV_TYPES.items():
+    for conv_type, kind in (_CONV_TYPES | _CONVT_TYPES).items():
         if isinstance(module, conv_type):
             return kind
     return None
@@ -77,8 +84,9 @@ def layer_kind(module: nn.Module) -> str | None:
 
 def transforms_weight_or_input(base: nn.Module) -> bool:
     """True when ``type(base)`` overrides how torch's own class runs its weight on the input."""
-    reference = nn.Linear if isinstance(base, nn.Linear) else next(t for t in _CONV_TYPES if isinstance(base, t))
-    methods = ("forward",) if reference is nn.Linear else ("forward", "_conv_forward")
+    references: list[type[nn.Module]] = [nn.Linear, *_CONV_TYPES, *_CONVT_TYPES]
+    reference = next(t for t in references if isinstance(base, t))
+    methods = ("forward", "_conv_forward") if reference in _CONV_TYPES else ("forward",)
     return any(getattr(type(base), m) is not getattr(reference, m) for m in methods)
 
 
@@ -239,14 +247,14 @@ class LoraLayer(nn.Module, abc.ABC):
             return fast
         return self.add_branches(self.base(x), x)
 
-    def add_branches(self, y: Tensor, x: Tensor) -> Tensor:
+    def add_branches(self, y: Tensor, x: Tensor, **kwargs: Any) -> Tensor:
         """``y`` (the base output for ``x``) + Σ weight · scale · B(A(dropout(x))) over the active adapters."""
         for name, w in self.active.items():
             adapter = self.adapter(name)
             a, b = adapter.lora_A, adapter.lora_B
             h = F.dropout(x, adapter.dropout, self.training).to(a.dtype)
             # The scale multiplies B (r·out numbers) rather than the whole output.
-            y = y + self.branch(h, a, b * (w * adapter.scale)).to(y.dtype)
+            y = y + self.branch(h, a, b * (w * adapter.scale), **kwargs).to(y.dtype)
         return y
 
     @abc.abstractmethod
@@ -258,7 +266,7 @@ class LoraLayer(nn.Module, abc.ABC):
         return weight + self.delta(a, b, scale)
 
     @abc.abstractmethod
-    def branch(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    def branch(self, x: Tensor, a: Tensor, b: Tensor, **kwargs: Any) -> Tensor:
         """B(A(x)) of one adapter, in the base output's shape."""
 
     def extra_repr(self) -> str:
@@ -279,7 +287,7 @@ class LoraLinear(LoraLayer):
     def add_delta(self, weight: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
         return torch.addmm(weight, b, a, alpha=scale)  # one kernel, the sum the Linear fast path forms too
 
-    def branch(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    def branch(self, x: Tensor, a: Tensor, b: Tensor, **kwargs: Any) -> Tensor:
         return F.linear(F.linear(x, a), b)
 
 
@@ -292,11 +300,41 @@ class LoraConv(LoraLayer):
     def delta(self, a: Tensor, b: Tensor, scale: float) -> Tensor:
         return conv_delta(a, b, scale, self.base.groups)
 
-    def branch(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    def branch(self, x: Tensor, a: Tensor, b: Tensor, **kwargs: Any) -> Tensor:
         groups = self.base.groups
         if a.shape[0] != groups * b.shape[1]:  # shared layout: run the (small) ΔW itself
             return conv_apply(self.base, x, conv_delta(a, b, 1.0, groups))
         return _CONV_FN[b.dim() - 2](conv_apply(self.base, x, a), b, groups=groups)
+
+
+class LoraConvTranspose(LoraLayer):
+    """LoRA on an ``nn.ConvTranspose1d/2d/3d``: A as a transposed conv with the base's own stride,
+    padding, output padding, dilation and groups (its inputs to r channels per group), then B as a
+    grouped 1×1 conv; ΔW = :func:`~visionlora.lora_math.conv_transpose_delta`. ``output_size``
+    works as for the base."""
+
+    base: nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
+
+    def delta(self, a: Tensor, b: Tensor, scale: float) -> Tensor:
+        return conv_transpose_delta(a, b, scale, self.base.groups)
+
+    def branch(self, x: Tensor, a: Tensor, b: Tensor, **kwargs: Any) -> Tensor:
+        base: Any = self.base  # ConvTranspose's padding is a tuple of ints (no 'same')
+        dims, stride, padding, dilation = b.dim() - 2, base.stride, base.padding, base.dilation
+        extra = base._output_padding(x, kwargs.get("output_size"), stride, padding, base.kernel_size, dims, dilation)
+        h = _CONVT_FN[dims](x, a, None, stride, padding, extra, base.groups, dilation)
+        return _CONV_FN[dims](h, b, groups=base.groups)
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        """base(x, output_size) + Σ weight · scale · B(A(dropout(x))) over the active adapters."""
+        if output_size is None:
+            return super().forward(x)
+        if self.merged or self.disabled or not self.active:
+            return self.base(x, output_size)
+        weight = self.base.weight
+        if self.weight_space:
+            return functional_call(self.base, {"weight": weight + self.delta_weight(weight.dtype)}, (x, output_size))
+        return self.add_branches(self.base(x, output_size), x, output_size=output_size)
 
 
 def base_layer(module: nn.Module) -> AdaptableLayer:

@@ -13,12 +13,16 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from visionlora.errors import ConfigError
+
 __all__ = [
     "AdaptableLayer",
     "ConvGroups",
     "InitFn",
     "conv_delta",
+    "conv_transpose_delta",
     "gaussian_init",
+    "is_transposed",
     "kaiming_init",
     "linear_delta",
     "lora_scale",
@@ -26,7 +30,9 @@ __all__ = [
     "max_useful_rank",
 ]
 
-AdaptableLayer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
+AdaptableLayer = (
+    nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
+)
 """The layer types visionlora adapts (their subclasses included)."""
 
 InitFn = Callable[[Tensor, int, "torch.Generator | None"], None]
@@ -80,6 +86,27 @@ def conv_delta(a: Tensor, b: Tensor, scale: float, groups: int) -> Tensor:
     return (torch.matmul(b_groups, a_groups) * scale).reshape(out, *a.shape[1:])
 
 
+def conv_transpose_delta(a: Tensor, b: Tensor, scale: float, groups: int) -> Tensor:
+    """ΔW for a transposed convolution, in its kernel's exact shape ``(in, out / groups, *k)``.
+
+    Args:
+        a: A as a transposed-conv weight, ``(in, r, *k)``: group j's inputs to its r channels.
+        b: B as a grouped 1×1 conv weight, ``(out, r, 1, …)``.
+        scale: The branch multiplier.
+        groups: The base's ``groups``.
+
+    Returns:
+        ΔW with ΔW[i, o, k] = scale · Σ_t A[i, t, k] · B[o', t] for input channel i and output
+        channel o' = j · out/g + o of the same group j: the weight whose transposed conv (with the
+        base's stride, padding, output padding and dilation) equals A's followed by B's.
+    """
+    rank, out = b.shape[1], b.shape[0]
+    a_groups = a.reshape(groups, a.shape[0] // groups, rank, -1)  # (g, in/g, r, prod(k))
+    b_groups = b.reshape(groups, out // groups, rank)  # (g, out/g, r)
+    delta = torch.einsum("gitk,got->giok", a_groups, b_groups) * scale
+    return delta.reshape(a.shape[0], out // groups, *a.shape[2:])
+
+
 ConvGroups = Literal["per_group", "shared"]
 """Layout of a grouped conv's adapter: one rank-r pair per group, or one shared factorisation."""
 
@@ -96,6 +123,13 @@ def lora_shapes(
     if isinstance(base, nn.Linear):
         return (rank, base.in_features), (base.out_features, rank)
     kernel = tuple(base.weight.shape[2:])
+    if is_transposed(base):  # per group: its inputs to r channels, then a grouped 1x1 conv
+        if conv_groups == "shared" and base.groups > 1:
+            raise ConfigError(
+                f"conv_groups='shared' is for grouped convs; a grouped {type(base).__name__} takes the "
+                "per_group layout only"
+            )
+        return (base.in_channels, rank, *kernel), (base.out_channels, rank, *(1 for _ in kernel))
     a_rows = rank if conv_groups == "shared" else base.groups * rank
     return (
         (a_rows, base.in_channels // base.groups, *kernel),
@@ -107,9 +141,17 @@ def max_useful_rank(base: AdaptableLayer, conv_groups: ConvGroups = "per_group")
     """The rank above which ΔW cannot grow: min(out, in) of each factorised matrix, kernel included."""
     if isinstance(base, nn.Linear):
         return min(base.in_features, base.out_features)
+    if is_transposed(base):  # per group an (in/g · prod(k)) x out/g factorisation
+        per_group = base.in_channels // base.groups * math.prod(base.weight.shape[2:])
+        return min(per_group, base.out_channels // base.groups)
     per_group_in = base.weight[0].numel()  # in/g · prod(k)
     out = base.out_channels if conv_groups == "shared" else base.out_channels // base.groups
     return min(out, per_group_in)
+
+
+def is_transposed(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a transposed convolution (nn.ConvTranspose1d/2d/3d or a subclass)."""
+    return isinstance(layer, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d)
 
 
 def kaiming_init(a: Tensor, rank: int, generator: torch.Generator | None = None) -> None:

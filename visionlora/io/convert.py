@@ -171,6 +171,9 @@ def require_exportable(file: AdapterFile, format_name: str, *, lora_only: bool) 
     """Refuse, naming them, the layers (and tensors) that ``format_name`` would load differently or drop."""
     problems = []
     for name, spec in file.layers.items():
+        if spec.kind.startswith("ConvTranspose"):
+            problems.append(f"{name}: a {spec.kind}, for which {format_name} has no LoRA layer")
+            continue
         if spec.geometry is None:
             if spec.kind != "Linear":
                 problems.append(f"{name}: no conv geometry recorded (file from an older visionlora; export the model)")

@@ -99,7 +99,7 @@ def _is_unet(model: nn.Module) -> bool:
 
 
 def _convs(modules: list[tuple[str, nn.Module]]) -> list[str]:
-    return [n for n, m in modules if (layer_kind(m) or "").startswith("Conv")]
+    return [n for n, m in modules if (layer_kind(m) or "") in ("Conv1d", "Conv2d", "Conv3d")]
 
 
 def _resnet_blocks(model: nn.Module, arg: int | None) -> list[str]:
