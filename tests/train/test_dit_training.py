@@ -164,7 +164,7 @@ def test_resume_with_buckets_and_validation_is_bit_for_bit(dit, tmp_path, family
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", ["flux"])  # SD3 shares every distributed step (suite time: one family)
 def test_two_processes_train_the_adapter_of_one(dit, tmp_path, family):
     from tests.train.test_diffusion import _launch, _same_effect
     from visionlora.train import dump_recipe
