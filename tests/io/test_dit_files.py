@@ -305,3 +305,43 @@ def original_name(flat: str) -> str:
     from visionlora.io.dit import flat_original_names
 
     return flat_original_names([flat], "flux")[1][flat]
+
+
+def test_an_sd_scripts_shaped_flux1_dev_lora_maps_onto_the_real_architecture_as_diffusers_converts_it(tmp_path):
+    """FLUX.1-dev's real sizes (19 double, 38 single blocks, 3072 wide; built on the meta device):
+    every sd-scripts module name maps onto the model, and the split equals diffusers' own kohya
+    converter, run unmodified at these sizes, for a dense (sd-scripts' default) fused LoRA."""
+    import diffusers.loaders.lora_conversion_utils as lcu
+
+    from visionlora.io.report import describe_adapter
+
+    with torch.device("meta"):
+        model = diffusers.FluxTransformer2DModel(num_layers=19, num_single_layers=38, guidance_embeds=True)
+    shapes = {k: v.shape for k, v in original_state_dict(model.state_dict(), "flux").items()}
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for name, shape in shapes.items():
+        if name.startswith(("double_blocks.", "single_blocks.")) and name.endswith(".weight") and len(shape) == 2:
+            key = "lora_unet_" + name.removesuffix(".weight").replace(".", "_")
+            lora[f"{key}.lora_down.weight"] = torch.randn(2, shape[1], generator=g) * 0.02
+            lora[f"{key}.lora_up.weight"] = torch.randn(shape[0], 2, generator=g) * 0.02
+            lora[f"{key}.alpha"] = torch.tensor(1.0)
+    assert len(lora) == 3 * (19 * 10 + 38 * 3)
+    path = tmp_path / "flux1-dev-lora.safetensors"
+    save_file(lora, str(path), metadata={"ss_network_module": "networks.lora_flux"})
+    report = describe_adapter(path, model)
+    (part,) = report.parts
+    assert report.loads and part.record is not None and len(part.record.layers) == 19 * 14 + 38 * 6
+    ours = part.record
+    theirs = lcu._convert_kohya_flux_lora_to_diffusers(dict(lora))
+    for module in (
+        "transformer_blocks.0.attn.to_k",
+        "transformer_blocks.18.attn.add_v_proj",
+        "single_transformer_blocks.37.proj_mlp",
+        "single_transformer_blocks.5.attn.to_q",
+        "transformer_blocks.3.norm1_context.linear",
+    ):
+        a, b = ours.tensors[f"{module}.lora_A.weight"], ours.tensors[f"{module}.lora_B.weight"]
+        scale = ours.layers[module].alpha / ours.layers[module].rank
+        ta, tb = theirs[f"transformer.{module}.lora_A.weight"], theirs[f"transformer.{module}.lora_B.weight"]
+        torch.testing.assert_close((b @ a) * scale, tb @ ta, atol=1e-9, rtol=1e-5)
