@@ -22,7 +22,6 @@ import torch
 from visionlora.errors import ConfigError
 
 __all__ = [
-    "FAMILIES",
     "Group",
     "diffusers_state_dict",
     "dit_family",
@@ -35,8 +34,6 @@ __all__ = [
     "swap_halves",
     "swapped",
 ]
-
-FAMILIES = ("flux", "sd3")
 
 _FLUX_DOUBLE = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),

@@ -37,8 +37,8 @@ def fuse_lora(
     """
     names = list(file.layers)
     groups = layout(family, names + list(model_state or {}))
-    owner = {p: (g, i) for g in groups for i, p in enumerate(g.parts)}
-    missing = [n for n in names if n not in owner]
+    placed = {p for g in groups for p in g.parts}
+    missing = [n for n in names if n not in placed]
     if missing:
         raise file_error(file.path, f"{family} layers with no module in the original layout: {missing[:10]}")
     tensors: dict[str, torch.Tensor] = {}
