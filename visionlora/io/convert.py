@@ -33,6 +33,7 @@ from visionlora.io.adapter import (
     record_metadata,
 )
 from visionlora.lora_math import lora_scale
+from visionlora.models.loading import DENOISERS
 
 __all__ = [
     "COMPONENTS",
@@ -58,8 +59,6 @@ KINDS_BY_NDIM = {2: "Linear", 3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 """The pipeline parts a diffusers or kohya LoRA file can hold; ``unet`` also names the one model of
 a one-model format."""
-DENOISERS = ("unet", "transformer")
-"""The parts that denoise (a UNet, or a Flux/SD3 transformer): a pipeline file's main model."""
 _SAME_SCALE = 1e-6  # relative: alphas stored as float32 round-trip within this
 
 

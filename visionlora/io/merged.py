@@ -43,7 +43,7 @@ from visionlora.io.load import load_adapter
 from visionlora.models.loading import load_component
 from visionlora.state import lora_layers, original_state_dict
 
-__all__ = ["export_merged", "merged_state_dict"]
+__all__ = ["export_merged", "merge_pipeline", "merged_state_dict"]
 
 _DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
