@@ -345,3 +345,11 @@ def test_an_sd_scripts_shaped_flux1_dev_lora_maps_onto_the_real_architecture_as_
         scale = ours.layers[module].alpha / ours.layers[module].rank
         ta, tb = theirs[f"transformer.{module}.lora_A.weight"], theirs[f"transformer.{module}.lora_B.weight"]
         torch.testing.assert_close((b @ a) * scale, tb @ ta, atol=1e-9, rtol=1e-5)
+
+
+def test_a_one_model_file_loads_onto_a_pipelines_transformer(tmp_path):
+    model = trained("flux")
+    path = vl.save_adapter(model, tmp_path / "native.safetensors")
+    pipe = diffusers.FluxPipeline.from_pretrained(str(tiny_flux_pipeline(tmp_path / "pipe")))
+    vl.load_adapter(pipe, path)
+    torch.testing.assert_close(transformer_output(pipe.transformer), transformer_output(model), atol=1e-6, rtol=0)

@@ -19,6 +19,7 @@ from visionlora.io.adapter import AdapterFile, file_error, geometry_of
 from visionlora.io.formats import FORMAT_TABLE, check_component, components_of, open_adapter, read_component
 from visionlora.layers import base_layer
 from visionlora.lora_math import lora_shapes
+from visionlora.models.loading import DENOISERS
 from visionlora.state import adapter_state, check_adapter_name, original_buffers, original_parameters, require_unmerged
 
 __all__ = ["fit_file", "fit_problems", "load_adapter"]
@@ -148,7 +149,7 @@ def load_adapter(
     check_component(component)
     fmt, source = open_adapter(path)
     held = components_of(fmt, source)
-    targets = _targets(model, source.path, held, component)
+    targets = _targets(model, source.path, held if fmt.pipeline else [], component)
     prepared = [_prepare(read_component(fmt, source, part), module, adapter_name) for part, module in targets.items()]
     for file, module, matches, name in prepared:  # every part was checked: attaching cannot fail midway
         attach(module, matches, file.config, name, values=file.tensors)
@@ -156,7 +157,14 @@ def load_adapter(
 
 
 def _targets(model: Any, path: Path, held: list[str], component: str | None) -> dict[str | None, nn.Module]:
-    """The module each part of the file goes to: a pipeline's components, or the one model."""
+    """The module each part of the file goes to: a pipeline's components, or the one model. ``held``
+    is empty for a one-model format, which goes to the pipeline's UNet or transformer (or ``component``)."""
+    if not isinstance(model, nn.Module) and not held:
+        denoiser = component or next((d for d in DENOISERS if isinstance(getattr(model, d, None), nn.Module)), None)
+        module = getattr(model, denoiser, None) if denoiser is not None else None
+        if not isinstance(module, nn.Module):
+            raise file_error(path, f"holds one model's adapter; {type(model).__name__} has no {denoiser or 'UNet'}")
+        return {None: module}
     if isinstance(model, nn.Module):
         if component is None and len(held) > 1:
             raise file_error(
