@@ -122,8 +122,36 @@ def test_saved_and_loaded_exactly_and_refused_by_the_formats_with_no_transposed_
     for fmt in ("peft", "diffusers", "kohya"):
         with pytest.raises(vl.AdapterFileError, match=r"1: a ConvTranspose2d, for which .* has no LoRA layer"):
             vl.export_adapter(model, tmp_path / f"x-{fmt}", format=fmt)
-    with pytest.raises(vl.UnsupportedModuleError, match=r"ConvTranspose layers \['1'\]"):
-        vl.resize_adapter(model, rank=1)
     wide = nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=2))
     with pytest.raises(vl.ConfigError, match="per_group layout only"):
         vl.apply_lora(wide, vl.LoraConfig(targets=["0"], rank=2, conv_groups="shared"))
+
+
+def test_resize_and_extract_work_per_group_on_transposed_convs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(8, 12, 3, stride=2, groups=2))
+    vl.apply_lora(model, vl.LoraConfig(targets=["0"], rank=3, alpha=6.0))
+    with torch.no_grad():
+        model[0].adapters["default"].lora_B.normal_(std=0.3)
+    layer = model[0]
+    before = layer.delta_weight(torch.float64)
+    report = vl.resize_adapter(model, rank=3)  # the same rank: the same ΔW (refactored by SVD)
+    assert report[0].relative_error < 1e-12
+    torch.testing.assert_close(layer.delta_weight(torch.float64), before, atol=1e-6, rtol=1e-5)
+    # rank 1: per group, the best rank-1 approximation of that group's (out/g) x (in/g · k) block
+    vl.resize_adapter(model, rank=1)
+    blocks = before.reshape(2, 4, 6, 9).transpose(1, 2).reshape(2, 6, 36)
+    u, sv, vh = torch.linalg.svd(blocks, full_matrices=False)
+    best = (u[:, :, :1] * sv[:, None, :1]) @ vh[:, :1]
+    got = layer.delta_weight(torch.float64).reshape(2, 4, 6, 9).transpose(1, 2).reshape(2, 6, 36)
+    torch.testing.assert_close(got, best, atol=1e-6, rtol=1e-5)
+    # extract: a fine-tuned weight whose change has rank 2 per group comes back exactly at rank 2
+    base = nn.Sequential(nn.ConvTranspose2d(8, 12, 3, stride=2, groups=2))
+    tuned = nn.Sequential(nn.ConvTranspose2d(8, 12, 3, stride=2, groups=2))
+    tuned.load_state_dict(base.state_dict())
+    change = torch.randn(2, 6, 2) @ torch.randn(2, 2, 36)  # per group (out/g) x (in/g · k), rank 2
+    with torch.no_grad():
+        tuned[0].weight += change.reshape(2, 6, 4, 9).transpose(1, 2).reshape(8, 6, 3, 3)
+    vl.extract_lora(base, tuned, vl.LoraConfig(targets=["0"], rank=2, alpha=2.0))
+    x = torch.randn(1, 8, 5, 5)
+    assert_rel_close(base(x), tuned(x), 1e-5)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from visionlora.config import LoraConfig, is_finite_number
-from visionlora.errors import ConfigError, TargetError, UnsupportedModuleError
+from visionlora.errors import ConfigError, TargetError
 from visionlora.inject import Match, attach, check_new_adapter, match_targets, warn_ranks
 from visionlora.io.adapter import LayerSpec, read_native
 from visionlora.io.formats import write_adapter
@@ -91,13 +91,35 @@ def _dropped_error(s: Tensor, rank: int) -> float:
     return 0.0 if total == 0 else math.sqrt(((s[:, rank:] ** 2).sum() / total).item())
 
 
+def _rows_of_transposed(a: Tensor, groups: int) -> Tensor:
+    """A transposed conv's A ``(in, r, *k)`` as a conv's ``(g·r, in/g · prod(k))``: group j's rows."""
+    rank = a.shape[1]
+    return a.reshape(groups, a.shape[0] // groups, rank, -1).transpose(1, 2).reshape(groups * rank, -1)
+
+
+def _transposed_of_rows(rows: Tensor, groups: int, inputs: int, kernel: tuple[int, ...]) -> Tensor:
+    """The inverse of :func:`_rows_of_transposed`: ``(g·r, in/g · prod(k))`` -> ``(in, r, *k)``."""
+    rank = rows.shape[0] // groups
+    return rows.reshape(groups, rank, inputs // groups, -1).transpose(1, 2).reshape(inputs, rank, *kernel)
+
+
+def _transposed_groups(layer: nn.Module) -> int:
+    """A ConvTranspose's groups; 0 for any other layer."""
+    return int(getattr(layer, "groups", 1)) if is_transposed(layer) else 0
+
+
 def _resize_factors(
-    a: Tensor, b: Tensor, old_rank: int, target: int | None, energy: float | None
+    a: Tensor, b: Tensor, old_rank: int, target: int | None, energy: float | None, transposed: int = 0
 ) -> tuple[Tensor, Tensor, int, float]:
-    u, s, vh = factor_svd(a, b)
+    """New (A, B) of a rank-``target`` (or ``energy``) truncation; ``transposed``: a ConvTranspose's groups."""
+    rows = _rows_of_transposed(a, transposed) if transposed else a
+    u, s, vh = factor_svd(rows, b)
     new_rank = min(old_rank, target if target is not None else _energy_rank(s, energy or 1.0))
     b_new, a_new = split_svd(u, s, vh, new_rank, 1.0)
-    a_out = a_new.reshape(-1, *a.shape[1:]).to(a.dtype)
+    if transposed:
+        a_out = _transposed_of_rows(a_new.reshape(-1, a_new.shape[-1]), transposed, a.shape[0], a.shape[2:]).to(a.dtype)
+    else:
+        a_out = a_new.reshape(-1, *a.shape[1:]).to(a.dtype)
     b_out = b_new.reshape(b.shape[0], new_rank, *b.shape[2:]).to(b.dtype)
     return a_out, b_out, new_rank, _dropped_error(s, new_rank)
 
@@ -178,24 +200,19 @@ def _set_factors(adapter: LoraAdapter, a: Tensor, b: Tensor, rank: int) -> None:
 
 def _resize_model(model: nn.Module, rank: int | None, energy: float | None, adapter_name: str) -> list[ResizedLayer]:
     require_unmerged(model, "resize an adapter")
-    layers = [(n, layer.adapter(adapter_name)) for n, layer in lora_layers(model) if adapter_name in layer.adapters]
+    layers = [
+        (n, layer.adapter(adapter_name), _transposed_groups(layer.base))
+        for n, layer in lora_layers(model)
+        if adapter_name in layer.adapters
+    ]
     if not layers:
         raise TargetError(f"resize_adapter: the model has no layer with adapter {adapter_name!r}")
-    _refuse_transposed([n for n, layer in lora_layers(model) if is_transposed(layer.base)], "resize_adapter")
-    resized = [(n, ad, *_resize_factors(ad.lora_A, ad.lora_B, ad.rank, rank, energy)) for n, ad in layers]
+    resized = [(n, ad, *_resize_factors(ad.lora_A, ad.lora_B, ad.rank, rank, energy, t)) for n, ad, t in layers]
     report = []
     for name, adapter, a, b, new_rank, error in resized:  # every SVD has succeeded: now write
         report.append(ResizedLayer(name, adapter.rank, new_rank, error))
         _set_factors(adapter, a, b, new_rank)
     return report
-
-
-def _refuse_transposed(names: list[str], what: str) -> None:
-    if names:
-        raise UnsupportedModuleError(
-            f"{what}: ConvTranspose layers {names[:5]} are not supported by the SVD yet (their A is laid out "
-            "per input channel); leave them out of the targets"
-        )
 
 
 def _best_factors(match: Match, tuned: Tensor, base: Tensor, cfg: LoraConfig) -> tuple[Tensor, Tensor]:
@@ -206,8 +223,13 @@ def _best_factors(match: Match, tuned: Tensor, base: Tensor, cfg: LoraConfig) ->
     if not torch.isfinite(delta).all():
         raise TargetError(f"{match.name}: the fine-tuned weight holds NaN or Inf")
     layer = base_layer(match.module)
-    groups = getattr(layer, "groups", 1) if cfg.conv_groups == "per_group" else 1
-    u, s, vh = torch.linalg.svd(delta.reshape(groups, delta.shape[0] // groups, -1), full_matrices=False)
+    groups = getattr(layer, "groups", 1) if cfg.conv_groups == "per_group" or is_transposed(layer) else 1
+    if is_transposed(layer):  # (in, out/g, *k) -> each group's (out/g, in/g · prod(k))
+        matrices = delta.reshape(groups, delta.shape[0] // groups, delta.shape[1], -1).transpose(1, 2)
+        matrices = matrices.reshape(groups, delta.shape[1], -1)
+    else:
+        matrices = delta.reshape(groups, delta.shape[0] // groups, -1)
+    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
     return split_svd(u, s, vh, match.rank, lora_scale(match.alpha, match.rank, cfg.rslora))
 
 
@@ -242,11 +264,13 @@ def extract_lora(
     problems = [k for k in needed if k not in tuned or tuned[k].shape != base[k].shape]
     if problems:
         raise TargetError(f"the fine-tuned model lacks, or has other shapes for: {', '.join(problems[:10])}")
-    _refuse_transposed([m.name for m in matches if is_transposed(base_layer(m.module))], "extract_lora")
     values = {k: tuned[k] for k in extras}
     for m in matches:
         b, a = _best_factors(m, tuned[f"{m.name}.weight"], base[f"{m.name}.weight"], cfg)
-        a_shape, b_shape = lora_shapes(base_layer(m.module), m.rank, cfg.conv_groups)
+        layer = base_layer(m.module)
+        a_shape, b_shape = lora_shapes(layer, m.rank, cfg.conv_groups)
+        if is_transposed(layer):
+            a = _transposed_of_rows(a.reshape(-1, a.shape[-1]), _transposed_groups(layer), a_shape[0], a_shape[2:])
         values[f"{m.name}.lora_A.weight"], values[f"{m.name}.lora_B.weight"] = a.reshape(a_shape), b.reshape(b_shape)
     tuned_buffers = original_buffers(finetuned_model)
     for key, buffer in original_buffers(base_model).items():
