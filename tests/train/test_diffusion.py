@@ -120,26 +120,9 @@ def test_captions_come_from_txt_files_else_the_recipe_and_missing_ones_are_named
 
 @pytest.mark.parametrize("name", ["diffusion-style.yaml", "dreambooth-sd15.yaml"])
 def test_the_shipped_sd1_recipes_run_on_a_tiny_pipeline(style, name, tmp_path):
-    from pathlib import Path
+    from tests.train.conftest import run_shipped_recipe
 
-    from visionlora.train import load_recipe
-
-    path = Path(__file__).parents[2] / "recipes" / name
-    overrides = [
-        f"model.pipeline={style / 'pipe'}",
-        f"data.root={style}",
-        "data.caption=zz style",
-        "data.resolution=16",
-        "data.batch_size=2",
-        "train.max_steps=2",
-        "validation.steps=2",
-        "validation.every=null",
-        "output.merged_dtype=fp32",
-    ]
-    if name.startswith("dreambooth"):
-        overrides += ["dreambooth.num_class_images=2", "dreambooth.class_steps=2"]
-    metrics = run_recipe(load_recipe(path, overrides), output=tmp_path / "run", progress=False)
-    assert metrics["steps"] == 2 and (tmp_path / "run" / "merged" / "model_index.json").is_file()
+    run_shipped_recipe(name, style / "pipe", style, tmp_path / "run", 16, "data.batch_size=2")
 
 
 def test_uncached_encoding_trains_the_same_adapter_as_cached(style, tmp_path):
