@@ -197,6 +197,7 @@ def test_summary_lists_layers_ranks_and_totals():
         "resolution",
         "rank",
         "alpha",
+        "family",
         "LoRA",
         "params",
     ]
@@ -211,6 +212,7 @@ def test_summary_lists_layers_ranks_and_totals():
         "-",  # no probe: resolution not measured
         "16",
         "8",
+        "lora",
         f"{16 * 512 * 9 + 512 * 16:,}",
     ]
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)

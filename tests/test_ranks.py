@@ -144,7 +144,8 @@ def test_a_budget_below_rank_one_everywhere_is_an_error():
 
 
 def test_budget_ranks_rounds_down_and_respects_caps():
-    ranks = budget_ranks({"a": 10, "b": 10}, {"a": 4.0, "b": 1.0}, {"a": 3, "b": 100}, budget=200)
+    per_rank = lambda r: 10 * r  # noqa: E731
+    ranks = budget_ranks({"a": per_rank, "b": per_rank}, {"a": 4.0, "b": 1.0}, {"a": 3, "b": 100}, budget=200)
     assert ranks["a"] == 3  # capped
     assert sum(ranks[n] * 10 for n in ranks) <= 200
     assert ranks["b"] >= 1

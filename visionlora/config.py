@@ -31,9 +31,11 @@ from visionlora.errors import ConfigError
 
 __all__ = [
     "DTYPES",
+    "FAMILIES",
     "LAYER_KINDS",
     "MAX_RANK",
     "DtypeName",
+    "Family",
     "LoraConfig",
     "config_from_dict",
     "config_to_dict",
@@ -44,6 +46,10 @@ __all__ = [
 
 LayerKind = Literal["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
 LAYER_KINDS: tuple[LayerKind, ...] = typing.get_args(LayerKind)
+
+Family = Literal["lora", "dora", "loha", "lokr"]
+"""An adapter family: LoRA, DoRA (LoRA plus a learned magnitude), LoHa, LoKr (see visionlora.family_math)."""
+FAMILIES: tuple[Family, ...] = typing.get_args(Family)
 
 DtypeName = Literal["fp32", "fp16", "bf16"]
 """How recipes and the command line name the dtype of written weights."""
@@ -105,6 +111,12 @@ class LoraConfig:
     """Module name patterns to adapt: globs over full names, or ``re:<regex>``."""
     rank: int = 8
     """Rank r of every adapter unless ``rank_pattern`` says otherwise (r >= 1)."""
+    family: Family = "lora"
+    """Adapter family of every target: ``lora``; ``dora`` (LoRA times a learned magnitude per output
+    channel, Liu et al. 2024); ``loha`` (Hadamard product of two rank-r pairs); ``lokr`` (Kronecker
+    product of a small and a rank-r matrix). LoHa and LoKr follow LyCORIS' definitions."""
+    family_pattern: dict[str, Family] = field(default_factory=dict)
+    """Per-layer families, pattern -> family, with the same precedence as ``rank_pattern``."""
     alpha: float = 8.0
     """Scale numerator: the branch is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -134,6 +146,13 @@ class LoraConfig:
     """Which biases train: none, every bias in the model, or the biases of adapted layers."""
     trainable: list[str] = field(default_factory=list)
     """Patterns of modules trained in full (e.g. a new classifier head) and saved with the adapter."""
+    lokr_factor: int = -1
+    """LoKr: split channels as factor × rest (-1: the split closest to square), as LyCORIS' ``factor``."""
+    decompose_both: bool = False
+    """LoKr: the small Kronecker half is a rank-r product too (where r < half its size), as LyCORIS'."""
+    tucker: bool = False
+    """LoHa and LoKr on convs with a spatial kernel: a Tucker core (r × r × kernel) per rank-r product
+    instead of the kernel flattened into the factors (LyCORIS' ``use_tucker``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -164,6 +183,10 @@ class LoraConfig:
             raise ConfigError("rank_budget and rank_by_resolution are two rules for the same ranks; set one of them")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: {self.dropout} is out of range; expected 0 <= dropout < 1")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ConfigError(f"lokr_factor: {self.lokr_factor} is invalid; use -1 (automatic) or an integer >= 1")
+        for pattern in self.family_pattern:
+            _check_pattern(pattern, "family_pattern")
         if not self.target_types:
             raise ConfigError(f"target_types: empty; choose from {list(LAYER_KINDS)}")
 

@@ -23,9 +23,16 @@ from visionlora.errors import ConfigError, TargetError
 from visionlora.inject import Match, attach, check_new_adapter, match_targets, warn_ranks
 from visionlora.io.adapter import LayerSpec, read_native
 from visionlora.io.formats import write_adapter
-from visionlora.layers import LoraAdapter, base_layer
-from visionlora.lora_math import is_transposed, lora_scale, lora_shapes
-from visionlora.state import lora_layers, original_buffers, original_parameters, require_unmerged, trained_extras
+from visionlora.layers import Adapter, LoraAdapter, LoraLayer, base_layer
+from visionlora.lora_math import ConvGroups, is_transposed, lora_scale, lora_shapes
+from visionlora.state import (
+    adapter_state,
+    lora_layers,
+    original_buffers,
+    original_parameters,
+    require_unmerged,
+    trained_extras,
+)
 
 __all__ = ["ResizedLayer", "extract_lora", "factor_svd", "resize_adapter", "split_svd"]
 
@@ -173,6 +180,12 @@ def resize_adapter(
     if out is None:
         raise ConfigError("resize_adapter: give out= (the path of the resized file) when resizing a file")
     file = read_native(model_or_file)
+    others = sorted(n for n, spec in file.layers.items() if spec.family not in ("lora", "dora"))
+    if others:
+        raise ConfigError(
+            f"resize_adapter: {others[0]!r} is a {file.layers[others[0]].family} layer, whose kernel shape the file "
+            "does not record; load the file onto its model (vl.load_adapter) and resize the model"
+        )
     tensors = dict(file.tensors)
     layers: dict[str, LayerSpec] = {}
     report = []
@@ -200,19 +213,57 @@ def _set_factors(adapter: LoraAdapter, a: Tensor, b: Tensor, rank: int) -> None:
 
 def _resize_model(model: nn.Module, rank: int | None, energy: float | None, adapter_name: str) -> list[ResizedLayer]:
     require_unmerged(model, "resize an adapter")
-    layers = [
-        (n, layer.adapter(adapter_name), _transposed_groups(layer.base))
-        for n, layer in lora_layers(model)
-        if adapter_name in layer.adapters
-    ]
-    if not layers:
+    cfg = adapter_state(model).configs.get(adapter_name)
+    layers = [(n, layer) for n, layer in lora_layers(model) if adapter_name in layer.adapters]
+    if cfg is None or not layers:
         raise TargetError(f"resize_adapter: the model has no layer with adapter {adapter_name!r}")
-    resized = [(n, ad, *_resize_factors(ad.lora_A, ad.lora_B, ad.rank, rank, energy, t)) for n, ad, t in layers]
+    resized: list[tuple[str, LoraLayer, Adapter, Tensor, Tensor, int, float]] = []
+    for name, layer in layers:
+        adapter = layer.adapter(adapter_name)
+        if isinstance(adapter, LoraAdapter):
+            t = _transposed_groups(layer.base)
+            resized.append(
+                (name, layer, adapter, *_resize_factors(adapter.lora_A, adapter.lora_B, adapter.rank, rank, energy, t))
+            )
+        else:
+            delta = adapter.factor_delta(layer.base.weight.shape, layer.delta, torch.float64)
+            resized.append((name, layer, adapter, *_lora_of_delta(layer.base, delta, rank, energy, cfg.conv_groups)))
     report = []
-    for name, adapter, a, b, new_rank, error in resized:  # every SVD has succeeded: now write
+    for name, layer, adapter, a, b, new_rank, error in resized:  # every SVD has succeeded: now write
         report.append(ResizedLayer(name, adapter.rank, new_rank, error))
-        _set_factors(adapter, a, b, new_rank)
+        if isinstance(adapter, LoraAdapter):
+            _set_factors(adapter, a, b, new_rank)
+        else:
+            layer.adapters[adapter_name] = _as_lora(adapter, a, b, new_rank)
+    families = {layer.adapter(adapter_name).family for _, layer in layers}
+    cfg.family, cfg.family_pattern = (families.pop(), {}) if len(families) == 1 else (cfg.family, {
+        n: layer.adapter(adapter_name).family for n, layer in layers
+    })  # fmt: skip
     return report
+
+
+def _lora_of_delta(
+    base: nn.Module, delta: Tensor, target: int | None, energy: float | None, conv_groups: ConvGroups
+) -> tuple[Tensor, Tensor, int, float]:
+    """(A, B) of the best LoRA of ``delta`` (a LoHa's or LoKr's ΔW) at rank ``target`` (or ``energy``), scale 1."""
+    layer: Any = base
+    groups = layer.groups if isinstance(base, nn.Conv1d | nn.Conv2d | nn.Conv3d) and conv_groups == "per_group" else 1
+    u, s, vh = torch.linalg.svd(delta.reshape(groups, delta.shape[0] // groups, -1), full_matrices=False)
+    new_rank = target if target is not None else _energy_rank(s, energy or 1.0)
+    b, a = split_svd(u, s, vh, new_rank, 1.0)
+    a_shape, b_shape = lora_shapes(layer, new_rank, conv_groups)
+    return a.reshape(a_shape), b.reshape(b_shape), new_rank, _dropped_error(s, new_rank)
+
+
+def _as_lora(adapter: Adapter, a: Tensor, b: Tensor, rank: int) -> LoraAdapter:
+    """The LoRA adapter (scale 1) that replaces a LoHa or LoKr ``adapter``; a DoRA magnitude is kept."""
+    like = next(iter(adapter.factors().values()))
+    alpha = _same_scale_alpha(1.0, rank, adapter.rslora)
+    new = LoraAdapter(
+        a.to(like.dtype), b.to(like.dtype), rank=rank, alpha=alpha, rslora=adapter.rslora, dropout=adapter.dropout
+    )
+    new.resolution, new.magnitude, new.norm_axis = adapter.resolution, adapter.magnitude, adapter.norm_axis
+    return new.requires_grad_(like.requires_grad)
 
 
 def _best_factors(match: Match, tuned: Tensor, base: Tensor, cfg: LoraConfig) -> tuple[Tensor, Tensor]:
@@ -258,6 +309,12 @@ def extract_lora(
     """
     cfg = check_new_adapter(base_model, cfg, adapter_name)
     matches = match_targets(base_model, cfg, adapter_name=adapter_name, example_input=example_input)
+    others = [m for m in matches if m.family != "lora"]
+    if others:
+        raise ConfigError(
+            f"extract_lora: {others[0].name!r} would get family {others[0].family!r}; extraction gives the best "
+            "rank-r LoRA (truncated SVD), which has no DoRA, LoHa or LoKr counterpart; use family='lora'"
+        )
     tuned, base = original_parameters(finetuned_model), original_parameters(base_model)
     extras = list(trained_extras(base_model, cfg, {m.name for m in matches}))
     needed = [f"{m.name}.weight" for m in matches] + extras

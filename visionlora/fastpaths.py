@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visionlora.layers import FastPath, LoraConv, LoraLayer, LoraLinear, conv_apply
+from visionlora.layers import FastPath, LoraAdapter, LoraConv, LoraLayer, LoraLinear, conv_apply
 
 __all__ = ["conv_gemm", "fast_path_for", "linear_fast"]
 
@@ -56,8 +56,8 @@ def linear_fast(layer: LoraLayer, x: Tensor) -> Tensor | None:
     dtype = weight.dtype
     if x.dtype != dtype or torch.is_autocast_enabled(x.device.type):
         return None
-    adapters = [(layer.adapter(name), w) for name, w in layer.active.items()]
-    if any(ad.lora_A.dtype != dtype or ad.lora_B.dtype != dtype for ad, _ in adapters):
+    adapters = _lora_adapters(layer)
+    if adapters is None or any(ad.lora_A.dtype != dtype or ad.lora_B.dtype != dtype for ad, _ in adapters):
         return None
     dropout = any(ad.dropout and layer.training for ad, _ in adapters)
     if dtype not in _EXACT_DTYPES or dropout or torch._C._are_functorch_transforms_active():
@@ -188,12 +188,9 @@ def conv_gemm(layer: LoraLayer, x: Tensor) -> Tensor | None:
     few = x.shape[0] <= _GEMM_MAX_BATCH or (pointwise and math.prod(x.shape[2:]) >= _GEMM_MIN_POSITIONS)
     if not few or torch.is_autocast_enabled("cpu"):
         return None
-    adapters = []
-    for name, w in layer.active.items():
-        adapter = layer.adapter(name)
-        if adapter.lora_A.dtype != x.dtype or adapter.lora_B.dtype != x.dtype:
-            return None
-        adapters.append((adapter, w))
+    adapters = _lora_adapters(layer)
+    if adapters is None or any(ad.lora_A.dtype != x.dtype or ad.lora_B.dtype != x.dtype for ad, _ in adapters):
+        return None
     y = base(x)
     if y.dtype != x.dtype or not y.is_contiguous():  # channels-last: no per-sample matrix view of y
         return layer.add_branches(y, x)
@@ -207,6 +204,13 @@ def conv_gemm(layer: LoraLayer, x: Tensor) -> Tensor | None:
             ha = conv_apply(base, h, a).reshape(n, a.shape[0], -1)
         y = torch.baddbmm(y.view(n, y.shape[1], -1), _per_sample(b, n), ha, alpha=w * adapter.scale).view(y.shape)
     return y
+
+
+def _lora_adapters(layer: LoraLayer) -> list[tuple[LoraAdapter, float]] | None:
+    """The active adapters with their weights, or None unless every one is plain LoRA."""
+    adapters = [(layer.adapter(name), w) for name, w in layer.active.items()]
+    plain = [(ad, w) for ad, w in adapters if isinstance(ad, LoraAdapter) and ad.plain]
+    return plain if len(plain) == len(adapters) else None
 
 
 def _pointwise(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> bool:

@@ -33,11 +33,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from visionlora._tree import adaptable_kind, check_placement, is_under, iter_modules, replace_module
-from visionlora.config import LoraConfig, is_exact_name, pattern_matches
+from visionlora.branches import Adapter, adapter_shapes, check_family, new_adapter, param_count
+from visionlora.config import Family, LoraConfig, is_exact_name, pattern_matches
 from visionlora.errors import AdapterError, ConfigError, TargetError, UnsupportedModuleError
 from visionlora.fastpaths import fast_path_for
-from visionlora.layers import LoraAdapter, LoraConv, LoraConvTranspose, LoraLayer, LoraLinear, base_layer, layer_kind
-from visionlora.lora_math import InitFn, gaussian_init, is_transposed, kaiming_init, lora_shapes, max_useful_rank
+from visionlora.layers import LoraConv, LoraConvTranspose, LoraLayer, LoraLinear, base_layer, layer_kind
+from visionlora.lora_math import InitFn, gaussian_init, is_transposed, kaiming_init, max_useful_rank
 from visionlora.models.presets import expand_preset, presets_in_patterns
 from visionlora.ranks import allocate, probe_resolutions
 from visionlora.state import (
@@ -79,6 +80,8 @@ class Match:
     alpha: float
     resolution: int | None = None
     """min(H, W) of the feature map the layer works on, when measured (see visionlora.ranks)."""
+    family: Family = "lora"
+    """The adapter family the layer gets."""
 
 
 def check_selected(model: nn.Module, selected: dict[str, nn.Module], adapter_name: str) -> None:
@@ -181,9 +184,10 @@ def match_targets(
     resolutions = None if example_input is None else probe_resolutions(model, bases, example_input, modules=selected)
     ranks = allocate(bases, presets_in_patterns(model, cfg), resolutions)
     matches = [
-        Match(n, selected[n], layer_kind(selected[n]) or "", *ranks[n], resolutions[n] if resolutions else None)
+        Match(n, selected[n], layer_kind(selected[n]) or "", *ranks[n][:2], resolutions[n] if resolutions else None,
+              ranks[n][2])
         for n in ordered
-    ]
+    ]  # fmt: skip
     check_wrappable(matches, cfg.dropout)
     return matches
 
@@ -194,6 +198,7 @@ def check_wrappable(matches: list[Match], dropout: float) -> None:
         layer = m.module if isinstance(m.module, LoraLayer) else wrap_layer(m.module, m.name)
         try:
             layer.check_dropout(dropout)
+            check_family(layer.base, m.family)
         except ConfigError as exc:
             raise ConfigError(f"{m.name!r}: {exc}") from None
 
@@ -206,8 +211,7 @@ def warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
         usable = max_useful_rank(base, cfg.conv_groups)
         if m.rank > usable:
             too_high.append(f"{m.name} (r={m.rank} > {usable})")
-        a_shape, b_shape = lora_shapes(base, m.rank, cfg.conv_groups)
-        if torch.Size(a_shape).numel() + torch.Size(b_shape).numel() > base.weight.numel():
+        if param_count(base, m.family, m.rank, cfg) > base.weight.numel():
             too_big.append(m.name)
     if too_high:
         warnings.warn(
@@ -271,10 +275,6 @@ def check_new_adapter(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> L
     return dataclasses.replace(copy.deepcopy(cfg))  # our own copy, checked again in case it was edited
 
 
-def _leave_empty(a: torch.Tensor, rank: int, generator: torch.Generator | None = None) -> None:
-    """An init that draws nothing: the values are copied in afterwards, the caller's random stream untouched."""
-
-
 def attach(
     model: nn.Module,
     matches: list[Match],
@@ -294,8 +294,8 @@ def attach(
     leaves the model unchanged. New wrappers take the model's disabled state.
     """
     if values is not None:
-        _check_values(model, matches, values)
-    init = _leave_empty if values is not None else _INITS[cfg.init]
+        _check_values(model, matches, values, cfg)
+    init = None if values is not None else _INITS[cfg.init]
     disabled = any(layer.disabled for _, layer in lora_layers(model))
     built = []
     for m in matches:
@@ -304,7 +304,7 @@ def attach(
         else:
             layer = wrap_layer(m.module, m.name)
             layer.disabled = disabled
-        built.append((m, layer, _new_adapter(layer, m, cfg, init, generator)))
+        built.append((m, layer, _new_adapter(layer, m, cfg, init, generator, values)))
     snapshot_buffers(model)  # before any value is copied in: what differs from it is saved with the adapter
     for m, layer, adapter in built:
         layer.adapters[adapter_name] = adapter
@@ -318,35 +318,45 @@ def attach(
 
 
 def _new_adapter(
-    layer: LoraLayer, m: Match, cfg: LoraConfig, init: InitFn, generator: torch.Generator | None
-) -> LoraAdapter:
-    """A new adapter for ``layer`` (A from ``init``, B = 0), not yet attached to it."""
+    layer: LoraLayer,
+    m: Match,
+    cfg: LoraConfig,
+    init: InitFn | None,
+    generator: torch.Generator | None,
+    values: Mapping[str, torch.Tensor] | None,
+) -> Adapter:
+    """A new adapter for ``layer`` (ΔW = 0, or empty for ``values``), not yet attached to it."""
     layer.check_dropout(cfg.dropout)
-    weight = layer.base.weight
-    a_shape, b_shape = lora_shapes(layer.base, m.rank, cfg.conv_groups)
-    a = torch.empty(a_shape, dtype=weight.dtype, device=weight.device)
-    init(a, m.rank, generator)
-    b = torch.zeros(b_shape, dtype=weight.dtype, device=weight.device)
-    adapter = LoraAdapter(a, b, rank=m.rank, alpha=m.alpha, rslora=cfg.rslora, dropout=cfg.dropout)
+    given = None if values is None else _given_shapes(m.name, values)
+    adapter = new_adapter(layer.base, m.family, m.rank, m.alpha, cfg, init, generator, given)
     adapter.resolution = m.resolution
     return adapter
 
 
-def _check_values(model: nn.Module, matches: list[Match], values: Mapping[str, torch.Tensor]) -> None:
+def _given_shapes(layer: str, values: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``values``' tensors of adapted layer ``layer`` (``<layer>.lora_A.weight`` -> ``lora_A.weight``)."""
+    prefix = layer + "."
+    return {k[len(prefix) :]: tuple(v.shape) for k, v in values.items() if k.startswith(prefix)}
+
+
+def _check_values(model: nn.Module, matches: list[Match], values: Mapping[str, torch.Tensor], cfg: LoraConfig) -> None:
     """Refuse, before any change, values that miss a matched layer's A or B or name nothing in the model."""
-    lora = {f"{m.name}.lora_{ab}.weight" for m in matches for ab in "AB"}
+    lora = {
+        f"{m.name}.{key}"
+        for m in matches
+        for key in adapter_shapes(base_layer(m.module), m.family, m.rank, cfg, _given_shapes(m.name, values))
+    }
     missing, others = sorted(lora - set(values)), set(values) - lora
     unknown = sorted(others - set(original_parameters(model)) - set(original_buffers(model))) if others else []
     if missing or unknown:
         raise AdapterError(f"adapter values: missing {missing[:10]}, naming no tensor of the model {unknown[:10]}")
 
 
-def _copy_in(model: nn.Module, adapters: list[tuple[str, LoraAdapter]], values: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``values`` into the new adapters' A and B and the model's parameters and buffers."""
+def _copy_in(model: nn.Module, adapters: list[tuple[str, Adapter]], values: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``values`` into the new adapters' tensors and the model's parameters and buffers."""
     tensors: dict[str, torch.Tensor] = {}
     for name, adapter in adapters:
-        tensors[f"{name}.lora_A.weight"] = adapter.lora_A
-        tensors[f"{name}.lora_B.weight"] = adapter.lora_B
+        tensors.update({f"{name}.{key}": t for key, t in adapter.tensors().items()})
     if set(values) - set(tensors):  # trained modules, biases or buffers too: find them by their original names
         tensors.update({**original_parameters(model), **original_buffers(model), **tensors})
     with torch.no_grad():

@@ -40,11 +40,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from visionlora.branches import Adapter, LoraAdapter
 from visionlora.errors import AdapterError, ConfigError
-from visionlora.lora_math import AdaptableLayer, conv_delta, conv_transpose_delta, linear_delta, lora_scale
+from visionlora.lora_math import AdaptableLayer, conv_delta, conv_transpose_delta, linear_delta
 
 __all__ = [
     "AdaptableLayer",
+    "Adapter",
     "FastPath",
     "LoraAdapter",
     "LoraConv",
@@ -101,46 +103,10 @@ def conv_apply(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor, weight: Tenso
 # Modules
 
 
-class LoraAdapter(nn.Module):
-    """One named adapter of one layer: A, B and the scalars that define its branch.
-
-    Attributes:
-        lora_A: A; ``(r, in)`` for Linear, ``(groups · r, in / groups, *k)`` for convs.
-        lora_B: B; ``(out, r)`` for Linear, ``(out, r, 1, …)`` for convs.
-        rank, alpha, scale, dropout: as configured; scale = alpha / r (or / sqrt(r)).
-    """
-
-    lora_A: nn.Parameter
-    lora_B: nn.Parameter
-
-    def __init__(
-        self,
-        a: Tensor,
-        b: Tensor,
-        *,
-        rank: int,
-        alpha: float,
-        rslora: bool,
-        dropout: float,
-    ) -> None:
-        super().__init__()
-        self.lora_A = nn.Parameter(a)
-        self.lora_B = nn.Parameter(b)
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.rslora = rslora
-        self.scale = lora_scale(alpha, rank, rslora)
-        self.dropout = dropout
-        self.resolution: int | None = None  # feature-map size the rank was chosen for, when measured
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout:g}"
-
-
 class LoraLayer(nn.Module, abc.ABC):
     """A base layer plus named adapters; ``forward`` is the base output plus the active branches.
 
-    Adapters live in ``self.adapters`` (an ``nn.ModuleDict`` of :class:`LoraAdapter`). The active
+    Adapters live in ``self.adapters`` (an ``nn.ModuleDict`` of :class:`~visionlora.branches.Adapter`). The active
     ones and their weights are ``self.active`` (name -> weight); the output adds
     ``weight · scale · B(A(x))`` for each. While merged, the base weight holds W + ΔW and the
     original W is kept to restore it exactly on :meth:`unmerge`. ``fast`` (from
@@ -176,9 +142,13 @@ class LoraLayer(nn.Module, abc.ABC):
     def merged(self) -> bool:
         return self._original_weight is not None
 
-    def adapter(self, name: str) -> LoraAdapter:
+    def adapter(self, name: str) -> Adapter:
         """Adapter ``name`` of this layer (``self.adapters[name]``, typed)."""
-        return cast(LoraAdapter, self.adapters[name])
+        return cast(Adapter, self.adapters[name])
+
+    def plain(self) -> bool:
+        """Whether every active adapter is plain LoRA (a branch added to the base output)."""
+        return all(self.adapter(n).plain for n in self.active)
 
     def check_dropout(self, dropout: float) -> None:
         """Raise :class:`ConfigError` if this layer cannot apply input dropout ``dropout``."""
@@ -201,10 +171,10 @@ class LoraLayer(nn.Module, abc.ABC):
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Σ weight · ΔW over the active adapters, in the base weight's shape, computed in ``dtype``."""
-        delta = torch.zeros(self.base.weight.shape, dtype=dtype, device=self.base.weight.device)
+        weight = self.base.weight
+        delta = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
         for name, w in self.active.items():
-            adapter = self.adapter(name)
-            delta = delta + w * self.delta(adapter.lora_A.to(dtype), adapter.lora_B.to(dtype), adapter.scale)
+            delta = delta + w * self.adapter(name).delta(weight, self.delta, dtype)
         return delta
 
     def write_merged(self, new_weight: Tensor) -> None:
@@ -240,21 +210,37 @@ class LoraLayer(nn.Module, abc.ABC):
         """base(x) + Σ weight · scale · B(A(dropout(x))) over the active adapters."""
         if self.merged or self.disabled or not self.active:
             return self.base(x)
-        if self.weight_space:  # the base's own forward, on W + ΔW
+        if self.in_weight_space():  # the base's own forward, on W + ΔW
             weight = self.base.weight
             return functional_call(self.base, {"weight": weight + self.delta_weight(weight.dtype)}, (x,))
-        if self.fast is not None and (fast := self.fast(self, x)) is not None:
+        if self.fast is not None and self.plain() and (fast := self.fast(self, x)) is not None:
             return fast
         return self.add_branches(self.base(x), x)
 
+    def in_weight_space(self) -> bool:
+        """Whether forward runs the base once on W + ΔW: always for a layer whose forward transforms its
+        weight or input; for DoRA, LoHa and LoKr adapters wherever no input dropout is active (one
+        convolution instead of the base's plus one per adapter)."""
+        if self.weight_space:
+            return True
+        if self.plain():
+            return False
+        return not self.training or all(self.adapter(n).dropout == 0 for n in self.active)
+
     def add_branches(self, y: Tensor, x: Tensor, **kwargs: Any) -> Tensor:
-        """``y`` (the base output for ``x``) + Σ weight · scale · B(A(dropout(x))) over the active adapters."""
+        """``y`` (the base output for ``x``) + Σ weight · scale · B(A(dropout(x))) over the active adapters
+        (for the other families, weight · ΔW applied to dropout(x) through the base's geometry)."""
         for name, w in self.active.items():
             adapter = self.adapter(name)
-            a, b = adapter.lora_A, adapter.lora_B
-            h = F.dropout(x, adapter.dropout, self.training).to(a.dtype)
-            # The scale multiplies B (r·out numbers) rather than the whole output.
-            y = y + self.branch(h, a, b * (w * adapter.scale), **kwargs).to(y.dtype)
+            if isinstance(adapter, LoraAdapter) and adapter.plain:
+                a, b = adapter.lora_A, adapter.lora_B
+                h = F.dropout(x, adapter.dropout, self.training).to(a.dtype)
+                # The scale multiplies B (r·out numbers) rather than the whole output.
+                y = y + self.branch(h, a, b * (w * adapter.scale), **kwargs).to(y.dtype)
+            else:
+                weight = self.base.weight
+                h = F.dropout(x, adapter.dropout, self.training).to(weight.dtype)
+                y = y + self.apply_weight(h, w * adapter.delta(weight, self.delta, weight.dtype), **kwargs).to(y.dtype)
         return y
 
     @abc.abstractmethod
@@ -268,6 +254,10 @@ class LoraLayer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def branch(self, x: Tensor, a: Tensor, b: Tensor, **kwargs: Any) -> Tensor:
         """B(A(x)) of one adapter, in the base output's shape."""
+
+    @abc.abstractmethod
+    def apply_weight(self, x: Tensor, weight: Tensor, **kwargs: Any) -> Tensor:
+        """The base's operation on ``x`` with ``weight`` in place of its own and no bias."""
 
     def extra_repr(self) -> str:
         active = ", ".join(f"{n}:{w:g}" for n, w in self.active.items()) or "-"
@@ -290,6 +280,9 @@ class LoraLinear(LoraLayer):
     def branch(self, x: Tensor, a: Tensor, b: Tensor, **kwargs: Any) -> Tensor:
         return F.linear(F.linear(x, a), b)
 
+    def apply_weight(self, x: Tensor, weight: Tensor, **kwargs: Any) -> Tensor:
+        return F.linear(x, weight)
+
 
 class LoraConv(LoraLayer):
     """LoRA on an ``nn.Conv1d/2d/3d``: A through the base's own geometry, then B as a grouped 1×1 conv
@@ -306,6 +299,9 @@ class LoraConv(LoraLayer):
             return conv_apply(self.base, x, conv_delta(a, b, 1.0, groups))
         return _CONV_FN[b.dim() - 2](conv_apply(self.base, x, a), b, groups=groups)
 
+    def apply_weight(self, x: Tensor, weight: Tensor, **kwargs: Any) -> Tensor:
+        return conv_apply(self.base, x, weight)
+
 
 class LoraConvTranspose(LoraLayer):
     """LoRA on an ``nn.ConvTranspose1d/2d/3d``: A as a transposed conv with the base's own stride,
@@ -319,11 +315,13 @@ class LoraConvTranspose(LoraLayer):
         return conv_transpose_delta(a, b, scale, self.base.groups)
 
     def branch(self, x: Tensor, a: Tensor, b: Tensor, **kwargs: Any) -> Tensor:
+        return _CONV_FN[b.dim() - 2](self.apply_weight(x, a, **kwargs), b, groups=self.base.groups)
+
+    def apply_weight(self, x: Tensor, weight: Tensor, **kwargs: Any) -> Tensor:
         base: Any = self.base  # ConvTranspose's padding is a tuple of ints (no 'same')
-        dims, stride, padding, dilation = b.dim() - 2, base.stride, base.padding, base.dilation
+        dims, stride, padding, dilation = weight.dim() - 2, base.stride, base.padding, base.dilation
         extra = base._output_padding(x, kwargs.get("output_size"), stride, padding, base.kernel_size, dims, dilation)
-        h = _CONVT_FN[dims](x, a, None, stride, padding, extra, base.groups, dilation)
-        return _CONV_FN[dims](h, b, groups=base.groups)
+        return _CONVT_FN[dims](x, weight, None, stride, padding, extra, base.groups, dilation)
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         """base(x, output_size) + Σ weight · scale · B(A(dropout(x))) over the active adapters."""
@@ -332,7 +330,7 @@ class LoraConvTranspose(LoraLayer):
         if self.merged or self.disabled or not self.active:
             return self.base(x, output_size)
         weight = self.base.weight
-        if self.weight_space:
+        if self.in_weight_space():
             return functional_call(self.base, {"weight": weight + self.delta_weight(weight.dtype)}, (x, output_size))
         return self.add_branches(self.base(x, output_size), x, output_size=output_size)
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from visionlora._tree import replace_module
 from visionlora.errors import AdapterError, MergeError
-from visionlora.layers import LoraLayer
+from visionlora.layers import LoraAdapter, LoraLayer
 from visionlora.state import forget, lora_layers
 
 __all__ = ["all_finite", "merge", "merge_and_unload", "merged_weight", "unmerge"]
@@ -40,7 +40,10 @@ def merged_weight(layer: LoraLayer) -> Tensor:
     new = weight.detach().float()
     for name, w in layer.active.items():
         adapter = layer.adapter(name)
-        new = layer.add_delta(new, adapter.lora_A.float(), adapter.lora_B.float(), w * adapter.scale)
+        if isinstance(adapter, LoraAdapter) and adapter.plain:
+            new = layer.add_delta(new, adapter.lora_A.float(), adapter.lora_B.float(), w * adapter.scale)
+        else:  # DoRA's decomposition is of the original W, as in forward
+            new = new + w * adapter.delta(weight.detach(), layer.delta)
     new = new.to(weight.dtype)
     if not all_finite(new):
         raise MergeError(

@@ -28,20 +28,22 @@ A pattern key that selects none of the targeted layers is an error (it is almost
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
 
-from visionlora.config import LoraConfig, pattern_matches
+from visionlora.branches import param_count
+from visionlora.config import Family, LoraConfig, pattern_matches
 from visionlora.errors import ConfigError, TargetError
-from visionlora.lora_math import AdaptableLayer, lora_shapes, max_useful_rank
+from visionlora.lora_math import AdaptableLayer, max_useful_rank
 
 __all__ = ["allocate", "budget_ranks", "pattern_value", "probe_resolutions", "rank_for_resolution"]
 
-V = TypeVar("V", int, float)
+V = TypeVar("V", int, float, str)
 
 
 def pattern_value(name: str, patterns: Mapping[str, V], default: V) -> V:
@@ -71,12 +73,13 @@ def rank_for_resolution(resolution: int, thresholds: Mapping[int, int], default:
 
 
 def budget_ranks(
-    costs: Mapping[str, int], weights: Mapping[str, float], caps: Mapping[str, int], budget: int
+    costs: Mapping[str, Callable[[int], int]], weights: Mapping[str, float], caps: Mapping[str, int], budget: int
 ) -> dict[str, int]:
-    """Ranks r_i = clamp(floor(t · w_i), 1, cap_i) with the largest t such that Σ r_i · cost_i <= budget.
+    """Ranks r_i = clamp(floor(t · w_i), 1, cap_i) with the largest t such that Σ cost_i(r_i) <= budget.
 
     Args:
-        costs: Parameters one unit of rank costs on each layer (A and B together).
+        costs: The parameters each layer's adapter has at a given rank (r · (A and B per rank) for
+            LoRA; see :func:`visionlora.branches.param_count` for the other families).
         weights: Positive weights (resolutions, or 1 for an even spread).
         caps: Largest useful rank of each layer.
         budget: Total parameters allowed.
@@ -84,7 +87,7 @@ def budget_ranks(
     Raises:
         ConfigError: if rank 1 everywhere already exceeds the budget.
     """
-    floor_cost = sum(costs.values())
+    floor_cost = sum(c(1) for c in costs.values())
     if floor_cost > budget:
         raise ConfigError(
             f"rank_budget: {budget} parameters are fewer than the {floor_cost} that rank 1 on every target needs"
@@ -94,7 +97,7 @@ def budget_ranks(
         return {n: max(1, min(caps[n], math.floor(t * weights[n]))) for n in costs}
 
     def cost(r: Mapping[str, int]) -> int:
-        return sum(r[n] * costs[n] for n in costs)
+        return sum(costs[n](r[n]) for n in costs)
 
     lo, hi = 0.0, max(caps.values()) / min(weights.values()) + 1.0
     for _ in range(64):  # cost(ranks(t)) is monotone in t: bisect for the largest affordable t
@@ -211,15 +214,21 @@ def allocate(
     layers: Mapping[str, AdaptableLayer],
     cfg: LoraConfig,
     resolutions: Mapping[str, int] | None = None,
-) -> dict[str, tuple[int, float]]:
-    """Rank and alpha for each targeted layer (name -> base layer), by the precedence in this module's docstring.
+) -> dict[str, tuple[int, float, Family]]:
+    """Rank, alpha and family for each targeted layer (name -> base layer), by the precedence in this
+    module's docstring (families by ``family_pattern`` as alphas by ``alpha_pattern``).
 
     Raises:
         TargetError: if a ``rank_pattern`` or ``alpha_pattern`` key selects none of the layers.
         ConfigError: if ``rank_by_resolution`` is set without resolutions, or the budget is too small.
     """
     names: Sequence[str] = list(layers)
-    for field_name, patterns in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
+    patterns_of: tuple[tuple[str, Mapping[str, Any]], ...] = (
+        ("rank_pattern", cfg.rank_pattern),
+        ("alpha_pattern", cfg.alpha_pattern),
+        ("family_pattern", cfg.family_pattern),
+    )
+    for field_name, patterns in patterns_of:
         for pattern in patterns:
             if not any(pattern_matches(pattern, n) for n in names):
                 raise TargetError(
@@ -231,15 +240,16 @@ def allocate(
             "rank_by_resolution needs the feature-map size of each layer: pass example_input= to apply_lora "
             "(a tensor, a tuple of positional arguments or a dict of keyword arguments)"
         )
+    families = {n: cast(Family, pattern_value(n, cfg.family_pattern, cfg.family)) for n in names}
     fixed = {n for n in names if n in cfg.rank_pattern or any(pattern_matches(p, n) for p in cfg.rank_pattern)}
     ranks = {n: pattern_value(n, cfg.rank_pattern, cfg.rank) for n in names}
     free = [n for n in names if n not in fixed]
     if cfg.rank_by_resolution and resolutions is not None:
         ranks.update({n: rank_for_resolution(resolutions[n], cfg.rank_by_resolution, cfg.rank) for n in free})
     elif cfg.rank_budget is not None:
-        per_rank = {n: sum(math.prod(s) for s in lora_shapes(layers[n], 1, cfg.conv_groups)) for n in names}
-        spent = sum(ranks[n] * per_rank[n] for n in fixed)
-        floor = sum(per_rank[n] for n in free)
+        costs = {n: functools.partial(param_count, layers[n], families[n], cfg=cfg) for n in names}
+        spent = sum(costs[n](ranks[n]) for n in fixed)
+        floor = sum(costs[n](1) for n in free)
         if spent + floor > cfg.rank_budget:
             raise ConfigError(
                 f"rank_budget: {cfg.rank_budget} parameters are fewer than the {spent} that rank_pattern's ranks "
@@ -248,5 +258,5 @@ def allocate(
         if free:
             weights = {n: float(max(resolutions[n], 1)) if resolutions else 1.0 for n in free}
             caps = {n: max_useful_rank(layers[n], cfg.conv_groups) for n in free}
-            ranks.update(budget_ranks({n: per_rank[n] for n in free}, weights, caps, cfg.rank_budget - spent))
-    return {n: (ranks[n], pattern_value(n, cfg.alpha_pattern, cfg.alpha)) for n in names}
+            ranks.update(budget_ranks({n: costs[n] for n in free}, weights, caps, cfg.rank_budget - spent))
+    return {n: (ranks[n], pattern_value(n, cfg.alpha_pattern, cfg.alpha), families[n]) for n in names}

@@ -12,12 +12,15 @@ __all__ = ["summary"]
 
 def summary(model: nn.Module) -> str:
     """A table of the LoRA layers (layer, adapter, kind, in/out, kernel, groups, resolution, rank, alpha,
-    params) with totals; resolution is "-" where no probe measured it.
+    family, params) with totals; resolution is "-" where no probe measured it, params are every value the
+    adapter trains (DoRA's magnitude, LoHa's and LoKr's factors included).
 
     Example:
         >>> print(vl.summary(model))
     """
-    header = ("layer", "adapter", "kind", "in/out", "kernel", "groups", "resolution", "rank", "alpha", "LoRA params")
+    header = (
+        "layer", "adapter", "kind", "in/out", "kernel", "groups", "resolution", "rank", "alpha", "family", "LoRA params"
+    )  # fmt: skip
     rows = []
     lora_total = 0
     for name, layer in lora_layers(model):
@@ -32,7 +35,7 @@ def summary(model: nn.Module) -> str:
             kernel, groups = "x".join(str(k) for k in base.weight.shape[2:]), str(base.groups)
         for adapter_name in layer.adapters:
             adapter = layer.adapter(adapter_name)
-            count = adapter.lora_A.numel() + adapter.lora_B.numel()
+            count = adapter.num_params()
             lora_total += count
             mark = "" if adapter_name in layer.active else " (inactive)"
             rows.append(
@@ -46,6 +49,7 @@ def summary(model: nn.Module) -> str:
                     "-" if adapter.resolution is None else str(adapter.resolution),
                     str(adapter.rank),
                     f"{adapter.alpha:g}",
+                    adapter.family,
                     f"{count:,}",
                 )
             )

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionlora.config import LAYER_KINDS, MAX_RANK, LoraConfig, is_finite_number
+from visionlora.branches import FAMILY_KEYS, REQUIRED_KEYS
+from visionlora.config import FAMILIES, LAYER_KINDS, MAX_RANK, Family, LoraConfig, is_finite_number
 from visionlora.errors import AdapterError, AdapterFileError, ConfigError
 from visionlora.io.files import read_safetensors
 from visionlora.layers import base_layer, layer_kind, transforms_weight_or_input
@@ -113,6 +114,8 @@ class LayerSpec:
     alpha: float
     resolution: int | None
     geometry: Geometry | None = None
+    family: Family = "lora"
+    """``lora``, ``dora``, ``loha`` or ``lokr``; the layer's tensors are :data:`FAMILY_KEYS` of it."""
 
 
 @dataclass(frozen=True)
@@ -179,10 +182,10 @@ def adapter_record(model: nn.Module, path: Path, adapter_name: str = "default") 
     for name, layer in lora_layers(model):
         if adapter_name in layer.adapters:
             adapter = layer.adapter(adapter_name)
-            tensors[f"{name}.lora_A.weight"] = adapter.lora_A.detach()
-            tensors[f"{name}.lora_B.weight"] = adapter.lora_B.detach()
+            tensors.update({f"{name}.{key}": t.detach() for key, t in adapter.tensors().items()})
             kind = layer_kind(layer.base) or ""
-            layers[name] = LayerSpec(kind, adapter.rank, adapter.alpha, adapter.resolution, geometry_of(layer))
+            spec = LayerSpec(kind, adapter.rank, adapter.alpha, adapter.resolution, geometry_of(layer), adapter.family)
+            layers[name] = spec
     extra = {k: v.detach() for k, v in extra_parameters(model, adapter_name).items()}
     buffers = changed_buffers(model)
     tensors.update(extra)
@@ -206,6 +209,8 @@ def record_metadata(file: AdapterFile, format_name: str = FORMAT) -> str:
 
 def _spec_to_dict(spec: LayerSpec) -> dict[str, Any]:
     out = dataclasses.asdict(spec)
+    if spec.family == "lora":  # LoRA files stay readable by versions before families
+        del out["family"]
     if spec.geometry is None:
         del out["geometry"]
     else:
@@ -264,12 +269,15 @@ def _parse_layers(path: Path, raw: Any) -> dict[str, LayerSpec]:
     layers = {}
     required = {"kind", "rank", "alpha", "resolution"}
     for name, spec in raw.items():
-        if not isinstance(spec, dict) or not required <= set(spec) <= required | {"geometry"}:
+        if not isinstance(spec, dict) or not required <= set(spec) <= required | {"geometry", "family"}:
             raise file_error(
                 path,
-                f"metadata for layer {name!r} must have kind, rank, alpha, resolution (and optionally geometry), "
-                f"got {spec!r}",
+                f"metadata for layer {name!r} must have kind, rank, alpha, resolution (and optionally geometry, "
+                f"family), got {spec!r}",
             )
+        family = spec.get("family", "lora")
+        if family not in FAMILIES:
+            raise file_error(path, f"layer {name!r}: family {family!r} is not one of {list(FAMILIES)}")
         kind, rank, alpha, resolution = spec["kind"], spec["rank"], spec["alpha"], spec["resolution"]
         if kind not in LAYER_KINDS:
             raise file_error(path, f"layer {name!r}: kind {kind!r} is not one of {list(LAYER_KINDS)}")
@@ -284,7 +292,7 @@ def _parse_layers(path: Path, raw: Any) -> dict[str, LayerSpec]:
                 path, f"layer {name!r}: resolution {resolution!r} is not null or an integer in [0, {_MAX_RESOLUTION}]"
             )
         geometry = _parse_geometry(path, name, spec["geometry"]) if "geometry" in spec else None
-        layers[name] = LayerSpec(kind, rank, float(alpha), resolution, geometry)
+        layers[name] = LayerSpec(kind, rank, float(alpha), resolution, geometry, family)
     return layers
 
 
@@ -338,7 +346,10 @@ def parse_record(path: Path, raw: str, tensors: dict[str, torch.Tensor], format_
     for field_name, names in (("extra", extra), ("buffers", buffers)):
         if not isinstance(names, list) or not all(isinstance(k, str) for k in names):
             raise file_error(path, f"metadata {field_name!r} must be a list of tensor names")
-    expected = {f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"} | set(extra) | set(buffers)
+    expected = set(extra) | set(buffers)
+    for n, spec in layers.items():
+        held = {k[len(n) + 1 :] for k in tensors if k.startswith(n + ".")} & set(FAMILY_KEYS[spec.family])
+        expected |= {f"{n}.{key}" for key in held | set(REQUIRED_KEYS[spec.family])}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise file_error(

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from visionlora._tree import adaptable_kind, iter_modules
-from visionlora.errors import AdapterError, VisionLoraError
+from visionlora.branches import FAMILY_KEYS, adapter_shapes
+from visionlora.errors import AdapterError, ConfigError, VisionLoraError
 from visionlora.inject import Match, attach, check_selected, check_wrappable
 from visionlora.io.adapter import AdapterFile, file_error, geometry_of
 from visionlora.io.formats import FORMAT_TABLE, check_component, components_of, open_adapter, read_component
 from visionlora.layers import base_layer
-from visionlora.lora_math import lora_shapes
 from visionlora.models.loading import DENOISERS
 from visionlora.state import adapter_state, check_adapter_name, original_buffers, original_parameters, require_unmerged
 
@@ -45,18 +45,28 @@ def fit_problems(file: AdapterFile, model: nn.Module) -> tuple[list[Match], list
             problems.append(f"{name}: file has a {spec.kind} adapter, the model has a {type(module).__name__} there")
             continue
         base = base_layer(module)
-        for key, shape in zip(
-            (f"{name}.lora_A.weight", f"{name}.lora_B.weight"),
-            lora_shapes(base, spec.rank, file.config.conv_groups),
-            strict=True,
-        ):
-            if tuple(file.tensors[key].shape) != shape:
+        held = {k[len(name) + 1 :]: tuple(t.shape) for k, t in file.tensors.items() if k.startswith(name + ".")}
+        held = {k: s for k, s in held.items() if k in FAMILY_KEYS[spec.family]}
+        try:
+            shapes = adapter_shapes(base, spec.family, spec.rank, file.config, held)
+        except ConfigError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        for key in sorted(set(held) - set(shapes)):
+            problems.append(f"{name}.{key}: not part of a {spec.family} adapter laid out as {sorted(shapes)}")
+        for suffix, shape in shapes.items():
+            key = f"{name}.{suffix}"
+            if key not in file.tensors:
+                problems.append(
+                    f"{key}: missing; a {spec.family} adapter of rank {spec.rank} here has {sorted(shapes)}"
+                )
+            elif tuple(file.tensors[key].shape) != shape:
                 problems.append(
                     f"{key}: shape {tuple(file.tensors[key].shape)} in the file, {shape} expected for rank {spec.rank}"
                 )
             elif not _fits_dtype(file.tensors[key], base.weight.dtype):
                 problems.append(f"{key}: its values overflow the model's {base.weight.dtype} (Inf after the cast)")
-        matches.append(Match(name, module, spec.kind, spec.rank, spec.alpha, spec.resolution))
+        matches.append(Match(name, module, spec.kind, spec.rank, spec.alpha, spec.resolution, spec.family))
     for keys, existing, what in (
         (file.extra, original_parameters(model), "parameter"),
         (file.buffers, original_buffers(model), "buffer"),
