@@ -62,13 +62,14 @@ def test_rank_and_alpha_patterns_take_preset_names_per_block_kind():
         rank=8,
         rank_pattern={"preset:flux-single": 2, "preset:flux-context": 4},
         alpha_pattern={"preset:flux-context": 1.0},
+        family_pattern={"preset:flux-single": "dora"},
     )
     vl.apply_lora(flux, cfg)
     rows = {line.split()[0]: line.split() for line in vl.summary(flux).splitlines()[2:] if line.startswith(("t", "s"))}
-    assert rows["single_transformer_blocks.0.attn.to_q"][-3:-1] == ["2", "8"]
-    assert rows["transformer_blocks.0.attn.add_q_proj"][-3:-1] == ["4", "1"]
-    assert rows["transformer_blocks.0.ff_context.net.2"][-3:-1] == ["4", "1"]
-    assert rows["transformer_blocks.0.attn.to_q"][-3:-1] == ["8", "8"]
+    assert rows["single_transformer_blocks.0.attn.to_q"][-4:-1] == ["2", "8", "dora"]  # rank, alpha, family
+    assert rows["transformer_blocks.0.attn.add_q_proj"][-4:-1] == ["4", "1", "lora"]
+    assert rows["transformer_blocks.0.ff_context.net.2"][-4:-1] == ["4", "1", "lora"]
+    assert rows["transformer_blocks.0.attn.to_q"][-4:-1] == ["8", "8", "lora"]
 
 
 def test_rank_budget_spreads_over_a_transformer_and_is_never_exceeded():

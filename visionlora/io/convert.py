@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from visionlora.branches import FAMILY_KEYS
 from visionlora.config import MAX_RANK, LoraConfig, is_finite_number
 from visionlora.io.adapter import (
     EXPORT_FORMAT,
@@ -32,6 +33,7 @@ from visionlora.io.adapter import (
     parse_record,
     record_metadata,
 )
+from visionlora.io.lycoris import family_of, family_rank, full_kron, scale_key
 from visionlora.lora_math import lora_scale
 from visionlora.models.loading import DENOISERS
 
@@ -39,6 +41,8 @@ __all__ = [
     "COMPONENTS",
     "DENOISERS",
     "KINDS_BY_NDIM",
+    "PEFT_MAGNITUDE",
+    "adapter_tensors",
     "anchored",
     "check_patterns",
     "exact_regex",
@@ -50,12 +54,17 @@ __all__ = [
     "layer_scale",
     "most_common",
     "pattern_value",
+    "peft_dora",
+    "peft_magnitude",
+    "record_magnitude",
     "require_exportable",
     "scalar_alpha",
+    "split_adapter_key",
     "unmappable",
 ]
 
 KINDS_BY_NDIM = {2: "Linear", 3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
+KINDS_BY_NDIM_INV = {kind: ndim for ndim, kind in KINDS_BY_NDIM.items()}
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 """The pipeline parts a diffusers or kohya LoRA file can hold; ``unet`` also names the one model of
 a one-model format."""
@@ -166,8 +175,21 @@ def unmappable(path: Path, keys: Iterable[str], what: str, hint: str = "", known
         raise file_error(path, f"{len(keys)} keys cannot be mapped onto a {what}: {keys[:20]}{more}{hint}{nearest}")
 
 
-def require_exportable(file: AdapterFile, format_name: str, *, lora_only: bool) -> None:
-    """Refuse, naming them, the layers (and tensors) that ``format_name`` would load differently or drop."""
+def require_exportable(
+    file: AdapterFile, format_name: str, *, lora_only: bool, families: Iterable[str] = ("lora", "dora")
+) -> None:
+    """Refuse, naming them, the layers (and tensors) that ``format_name`` would load differently or drop,
+    and layers of a family other than ``families``."""
+    families = tuple(families)
+    other = sorted(n for n, s in file.layers.items() if s.family not in families)
+    if other:
+        family = file.layers[other[0]].family
+        raise file_error(
+            file.path,
+            f"{other[0]!r} is a {family} adapter, which {format_name} files cannot hold (they hold "
+            f"{', '.join(families)}); {len(other)} such layers. Export LoHa and LoKr to 'kohya' or keep the "
+            "visionlora file",
+        )
     problems = []
     for name, spec in file.layers.items():
         if spec.kind.startswith("ConvTranspose"):
@@ -195,6 +217,42 @@ def require_exportable(file: AdapterFile, format_name: str, *, lora_only: bool) 
         )
 
 
+PEFT_MAGNITUDE = "lora_magnitude_vector"
+"""PEFT's (and diffusers') name of a DoRA layer's magnitude: ``(out,)`` on a Linear, ``(1, out, 1, …)`` on a conv."""
+
+
+def peft_magnitude(magnitude: torch.Tensor) -> torch.Tensor:
+    """A record's magnitude ``(out, 1, …)`` in PEFT's shape."""
+    return magnitude.reshape(-1) if magnitude.ndim == 2 else magnitude.reshape(1, -1, *magnitude.shape[2:])
+
+
+def record_magnitude(magnitude: torch.Tensor, ndim: int) -> torch.Tensor:
+    """PEFT's magnitude of a layer whose A has ``ndim`` dimensions in the record's shape ``(out, 1, …)``."""
+    return magnitude.reshape(-1, *([1] * (ndim - 1)))
+
+
+def peft_dora(file: AdapterFile, format_name: str) -> bool:
+    """Whether ``file`` is DoRA in PEFT's sense (every layer; magnitude per output channel), False for plain
+    LoRA; refuses a mix, which PEFT's one ``use_dora`` cannot express, and per-input-channel magnitudes."""
+    dora = sorted(n for n, spec in file.layers.items() if spec.family == "dora")
+    if dora and len(dora) != len(file.layers):
+        plain = sorted(set(file.layers) - set(dora))
+        raise file_error(
+            file.path,
+            f"mixes DoRA ({dora[0]!r}, ...) and LoRA ({plain[0]!r}, ...) layers; {format_name}'s use_dora is one "
+            "setting for every layer of a model (export to 'kohya' or keep the visionlora file)",
+        )
+    for name in dora:
+        m, b = file.tensors[f"{name}.magnitude"], file.tensors[f"{name}.lora_B.weight"]
+        if m.shape[0] != b.shape[0] or any(s != 1 for s in m.shape[1:]):
+            raise file_error(
+                file.path,
+                f"{name}: DoRA magnitude {tuple(m.shape)} is per input channel (LyCORIS' wd_on_out=False); "
+                f"{format_name}'s DoRA is per output channel (export to 'kohya')",
+            )
+    return bool(dora)
+
+
 def foreign_record(
     path: Path,
     format_name: str,
@@ -209,29 +267,51 @@ def foreign_record(
     origins: Mapping[str, str] | None = None,
 ) -> AdapterFile:
     """The record for canonical ``tensors`` read from another tool's file, ranks taken from the shapes;
-    ``origins``: each layer's key stem in the file (see :attr:`AdapterFile.origins`)."""
+    ``origins``: each layer's key stem in the file (see :attr:`AdapterFile.origins`). A layer's family
+    follows from its tensors' names (:func:`~visionlora.io.lycoris.family_of`)."""
     layers: dict[str, LayerSpec] = {}
-    names = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if k.endswith((".lora_A.weight", ".lora_B.weight"))})
-    if not names:
+    grouped = adapter_tensors(tensors)
+    if not grouped:
         raise file_error(path, f"no LoRA layers found in this {format_name} file")
-    for name in names:
-        a, b = tensors.get(f"{name}.lora_A.weight"), tensors.get(f"{name}.lora_B.weight")
-        if a is None or b is None:
-            raise file_error(path, f"layer {name!r} has only one of its two LoRA matrices")
-        kind = KINDS_BY_NDIM.get(a.ndim)
-        rank = a.shape[0] if kind is not None else 0  # a scalar or vector A has no rank to read
-        if kind is None or b.ndim != a.ndim or b.shape[1] != rank or not 1 <= rank <= MAX_RANK:
-            raise file_error(
-                path, f"layer {name!r}: LoRA matrices of shapes {tuple(a.shape)} and {tuple(b.shape)} do not pair up"
-            )
+    for name, group in sorted(grouped.items()):
+        family = family_of(group)
+        if family in ("lora", "dora"):
+            a, b = group.get("lora_A.weight"), group.get("lora_B.weight")
+            if a is None or b is None:
+                raise file_error(path, f"layer {name!r} has only one of its two LoRA matrices")
+            kind = KINDS_BY_NDIM.get(a.ndim)
+            rank = a.shape[0] if kind is not None else 0  # a scalar or vector A has no rank to read
+            if kind is None or b.ndim != a.ndim or b.shape[1] != rank or not 1 <= rank <= MAX_RANK:
+                raise file_error(
+                    path,
+                    f"layer {name!r}: LoRA matrices of shapes {tuple(a.shape)} and {tuple(b.shape)} do not pair up",
+                )
+        else:
+            assert family is not None
+            rank = family_rank(family, group) or 0
+            if not 1 <= rank <= MAX_RANK:
+                raise file_error(
+                    path, f"layer {name!r}: {family} tensors {sorted(group)} show no rank in [1, {MAX_RANK}]"
+                )
+            # A 2-D factor does not say whether the kernel was a conv's: the model settles the kind on load.
+            ndim = max(t.ndim for n, t in group.items() if n != "magnitude")
+            kind = KINDS_BY_NDIM.get(ndim, "Linear")
         alpha = alphas.get(name, float(rank))
+        if family == "lokr" and full_kron(group):
+            alpha = float(rank)  # two full halves: scale 1, whatever the file's alpha
         if not is_finite_number(alpha) or alpha <= 0:
             raise file_error(path, f"layer {name!r}: alpha {alpha!r} is not a finite number > 0")
         # The tools that write these formats only build plain layers: no groups, dilation or padding modes.
-        layers[name] = LayerSpec(kind, rank, float(alpha), None, Geometry(dilation=(1,) * (a.ndim - 2)))
+        geometry = Geometry(dilation=(1,) * (KINDS_BY_NDIM_INV[kind] - 2))
+        layers[name] = LayerSpec(kind, rank, float(alpha), None, geometry, family)
     check_tensors(path, tensors, [k for k in tensors if k.endswith("num_batches_tracked")])
+    families = {s.family for s in layers.values()}
     config = LoraConfig(
-        targets=["re:" + exact_regex(names)[1:-1]],
+        targets=["re:" + exact_regex(layers)[1:-1]],
+        family=families.pop() if len(families) == 1 else "lora",
+        family_pattern={}
+        if len({s.family for s in layers.values()}) == 1
+        else {n: s.family for n, s in layers.items()},
         rank=most_common(s.rank for s in layers.values()),
         alpha=most_common(s.alpha for s in layers.values()),
         rslora=rslora,
@@ -244,6 +324,28 @@ def foreign_record(
     held = [k for k in held if k not in buffers]
     kept = {n: o for n, o in (origins or {}).items() if n in layers}
     return AdapterFile(path, "default", config, layers, held, buffers, tensors, format_name, origins=kept)
+
+
+_ADAPTER_SUFFIXES = tuple(sorted({f".{k}" for keys in FAMILY_KEYS.values() for k in keys}, key=len, reverse=True))
+
+
+def split_adapter_key(key: str) -> tuple[str, str] | None:
+    """(layer, record name) of an adapter tensor key (``fc.lora_A.weight`` -> ``("fc", "lora_A.weight")``),
+    or None for any other key."""
+    for suffix in _ADAPTER_SUFFIXES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], suffix[1:]
+    return None
+
+
+def adapter_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter tensors of a record grouped by layer: layer -> record name -> tensor."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        split = split_adapter_key(key)
+        if split is not None:
+            grouped.setdefault(split[0], {})[split[1]] = tensor
+    return grouped
 
 
 def header_json(path: Path, raw: str, key: str) -> Any:
@@ -277,17 +379,20 @@ def kept_record(file: AdapterFile, header: Mapping[str, str]) -> AdapterFile:
             raise file_error(file.path, f"the kept visionlora record's {key!r} is not a list of tensor names")
         listed += names
     # PEFT also stores the untouched tensors of every modules_to_save module; the record lists what trained.
-    kept_tensors = {
-        k: v for k, v in file.tensors.items() if k in listed or k.endswith((".lora_A.weight", ".lora_B.weight"))
-    }
+    kept_tensors = {k: v for k, v in file.tensors.items() if k in listed or split_adapter_key(k) is not None}
     kept = parse_record(file.path, raw, kept_tensors, EXPORT_FORMAT)
-    if set(kept.layers) != set(file.layers) or any(kept.layers[n].rank != file.layers[n].rank for n in file.layers):
+    grouped = adapter_tensors(kept_tensors)
+    if set(kept.layers) != set(file.layers) or any(
+        kept.layers[n].family != file.layers[n].family
+        or (kept.layers[n].rank != file.layers[n].rank and not full_kron(grouped[n]))
+        for n in file.layers
+    ):
         raise file_error(file.path, "the kept visionlora record does not match the file's LoRA tensors")
     tensors = dict(kept_tensors)
     for name in file.layers:
         ratio = layer_scale(file, name) / layer_scale(kept, name)
         if abs(ratio - 1) > _SAME_SCALE:
-            key = f"{name}.lora_B.weight"
+            key = f"{name}.{scale_key(file.layers[name].family, grouped[name])}"
             tensors[key] = (tensors[key].double() * ratio).to(tensors[key].dtype)
             if not torch.isfinite(tensors[key]).all():  # a record whose alpha lies can overflow B here
                 raise file_error(

@@ -29,6 +29,7 @@ import torch
 from visionlora.io.adapter import AdapterFile, Parts, Payload, Source, file_error
 from visionlora.io.convert import (
     COMPONENTS,
+    PEFT_MAGNITUDE,
     anchored,
     check_patterns,
     exact_regex,
@@ -39,6 +40,9 @@ from visionlora.io.convert import (
     layer_scale,
     most_common,
     pattern_value,
+    peft_dora,
+    peft_magnitude,
+    record_magnitude,
     require_exportable,
     scalar_alpha,
     unmappable,
@@ -67,12 +71,16 @@ def diffusers_tensors(parts: Parts) -> Payload:
     kept: dict[str, str] = {}
     for component, file in parts.records.items():
         require_exportable(file, "diffusers", lora_only=True)
+        dora = peft_dora(file, "diffusers")
         for name in file.layers:
             a, b = file.tensors[f"{name}.lora_A.weight"], file.tensors[f"{name}.lora_B.weight"]
             out_dtype = parts.dtype or b.dtype
             tensors[f"{component}.{name}.lora_A.weight"] = a.to(out_dtype)
             tensors[f"{component}.{name}.lora_B.weight"] = (b.double() * layer_scale(file, name)).to(out_dtype)
-        metadata.update({f"{component}.{k}": v for k, v in _peft_config(file).items()})
+            if dora:
+                magnitude = peft_magnitude(file.tensors[f"{name}.magnitude"])
+                tensors[f"{component}.{name}.{PEFT_MAGNITUDE}"] = magnitude.to(out_dtype)
+        metadata.update({f"{component}.{k}": v for k, v in _peft_config(file, dora).items()})
         kept.update(export_header(file))
     t5 = [
         c
@@ -89,7 +97,7 @@ def diffusers_tensors(parts: Parts) -> Payload:
     return Payload(tensors, {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True), **kept})
 
 
-def _peft_config(file: AdapterFile) -> dict[str, Any]:
+def _peft_config(file: AdapterFile, dora: bool) -> dict[str, Any]:
     """The LoraConfig diffusers builds for one component: alpha = rank everywhere (the scale is in B)."""
     ranks = {n: s.rank for n, s in file.layers.items()}
     rank = most_common(ranks.values())
@@ -103,7 +111,7 @@ def _peft_config(file: AdapterFile) -> dict[str, Any]:
         "lora_dropout": 0.0,
         "bias": "none",
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": dora,
         "lora_bias": False,
         "init_lora_weights": True,
     }
@@ -130,8 +138,8 @@ def _declared_alphas(
     own = {k.removeprefix(f"{component}."): v for k, v in meta.items() if k.startswith(f"{component}.")}
     if not own and component == COMPONENTS[0] and not any(k.split(".", 1)[0] in COMPONENTS for k in meta):
         own = meta  # written without prefixes: the UNet's
-    if own.get("use_dora") or own.get("lora_bias"):
-        raise file_error(path, "the adapter uses DoRA or LoRA biases, which visionlora does not reproduce")
+    if own.get("lora_bias"):
+        raise file_error(path, "the adapter uses LoRA biases, which visionlora does not reproduce")
     alpha, patterns = own.get("lora_alpha", own.get("r")), own.get("alpha_pattern") or {}
     check_patterns(path, patterns, f"the {METADATA_KEY!r} header's alpha_pattern")
     alphas = {n: pattern_value(patterns, n, alpha) for n in names}
@@ -155,6 +163,7 @@ def read_diffusers(source: Source, component: str = COMPONENTS[0]) -> AdapterFil
     tensors: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     origins: dict[str, str] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     bad = []
     for key, tensor in raw.items():
         if prefixed and not key.startswith(f"{component}."):
@@ -164,13 +173,22 @@ def read_diffusers(source: Source, component: str = COMPONENTS[0]) -> AdapterFil
         if name.endswith((".lora_A.weight", ".lora_B.weight")):
             tensors[name] = tensor
             origins[name.rsplit(".lora_", 1)[0]] = key.rsplit(".lora_", 1)[0]
+        elif name.endswith(f".{PEFT_MAGNITUDE}"):
+            magnitudes[name.removesuffix(f".{PEFT_MAGNITUDE}")] = tensor
         elif name.endswith(".alpha"):
             alphas[name.removesuffix(".alpha")] = scalar_alpha(path, key, tensor)
         else:
             bad.append(key)
     names = {k.rsplit(".lora_", 1)[0] for k in tensors}
-    bad += [f"{n}.alpha" for n in alphas if n not in names]
-    unmappable(path, bad, "LoRA layer", " (expected <module>.lora_A.weight / .lora_B.weight / .alpha)")
+    bad += [f"{n}.alpha" for n in alphas if n not in names] + [
+        f"{n}.{PEFT_MAGNITUDE}" for n in magnitudes if n not in names
+    ]
+    for name, magnitude in magnitudes.items():
+        if name in names and f"{name}.lora_A.weight" in tensors:
+            tensors[f"{name}.magnitude"] = record_magnitude(magnitude, tensors[f"{name}.lora_A.weight"].ndim)
+    unmappable(
+        path, bad, "LoRA layer", " (expected <module>.lora_A.weight / .lora_B.weight / .alpha / .lora_magnitude_vector)"
+    )
     declared, rslora = _declared_alphas(path, header, names, component)
     file = foreign_record(path, "diffusers", tensors, {**declared, **alphas}, rslora=rslora, origins=origins)
     return kept_record(dataclasses.replace(file, component=component), header)

@@ -36,7 +36,8 @@ from visionlora.io.diffusers_lora import LORA_WEIGHTS_FILE, diffusers_tensors, r
 from visionlora.io.diffusers_lora import components_in as diffusers_components
 from visionlora.io.files import atomic_folder, read_safetensors, refuse_existing, write_safetensors, write_text
 from visionlora.io.kohya import components_in as kohya_components
-from visionlora.io.kohya import is_kohya, kohya_tensors, read_kohya, resolve_names
+from visionlora.io.kohya import is_kohya, read_kohya, resolve_names
+from visionlora.io.kohya_export import kohya_tensors
 from visionlora.io.peft import CONFIG_FILE as PEFT_CONFIG
 from visionlora.io.peft import WEIGHTS_FILE as PEFT_WEIGHTS
 from visionlora.io.peft import peft_tensors, read_peft
@@ -81,6 +82,8 @@ class Format:
     """It can hold trained non-LoRA tensors (a new head, BatchNorm statistics), not LoRA weights only."""
     runs_lora_layers: bool = False
     """Its tools run LoRA through PEFT's layers (not on merged weights), so conv geometry matters on load."""
+    families: tuple[str, ...] = ("lora", "dora", "loha", "lokr")
+    """The adapter families it holds; with ``runs_lora_layers`` (PEFT's one ``use_dora``) one per model."""
     fit_names: Callable[[AdapterFile, nn.Module], AdapterFile] | None = None
     """Maps the module names a file could not keep onto a model's (kohya's flattened ones); None: exact."""
     weights_file: str | None = None
@@ -128,6 +131,7 @@ FORMAT_TABLE: dict[str, Format] = {
             read_peft,
             peft_tensors,
             runs_lora_layers=True,
+            families=("lora", "dora"),
             weights_file=PEFT_WEIGHTS,
             folder_marker=PEFT_CONFIG,
         ),
@@ -139,6 +143,7 @@ FORMAT_TABLE: dict[str, Format] = {
             components=lambda source: diffusers_components(source.tensors),
             holds_extras=False,
             runs_lora_layers=True,
+            families=("lora", "dora"),
             weights_file=LORA_WEIGHTS_FILE,
         ),
         Format(

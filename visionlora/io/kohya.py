@@ -23,7 +23,6 @@ visionlora's own record (``visionlora``; ``visionlora.text_encoder`` for the tex
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from collections.abc import Mapping
@@ -34,39 +33,37 @@ import torch
 from torch import nn
 
 from visionlora._tree import adaptable_kind, iter_modules
-from visionlora.io.adapter import AdapterFile, LayerSpec, Parts, Payload, Source, check_tensors, file_error
+from visionlora.io.adapter import AdapterFile, LayerSpec, Source, check_tensors, file_error
 from visionlora.io.convert import (
     KINDS_BY_NDIM,
-    export_header,
     foreign_record,
     header_json,
     kept_key,
     kept_record,
-    layer_scale,
-    most_common,
-    require_exportable,
     scalar_alpha,
+    split_adapter_key,
     unmappable,
 )
-from visionlora.io.dit import flat_original_names, layout, original_family
-from visionlora.io.fused import fused_record, split_record
+from visionlora.io.dit import flat_original_names, layout
+from visionlora.io.fused import split_record
 from visionlora.io.ldm import unet_ldm_names
+from visionlora.io.lycoris import FAMILY_PARTS, record_parts
 from visionlora.state import original_state_dict
 
 __all__ = [
+    "NAMES_KEY",
     "PREFIXES",
     "components_in",
     "flat_name",
     "is_kohya",
     "kohya_name",
-    "kohya_tensors",
     "read_kohya",
     "resolve_names",
     "sgm_names",
 ]
 
 PREFIXES: dict[str, tuple[str, ...]] = {
-    "unet": ("lora_unet_",),
+    "unet": ("lora_unet_", "lycoris_"),  # lycoris_: LyCORIS' own wrapper on any model
     "transformer": ("lora_unet_",),  # Flux / SD3, with the original layout's module names
     "text_encoder": ("lora_te_", "lora_te1_"),  # SD 1.x/2.x, and SDXL's, SD3's and Flux's CLIP-L
     "text_encoder_2": ("lora_te2_", "lora_te3_"),  # SDXL's and SD3's second CLIP; Flux's T5 is lora_te3_
@@ -79,9 +76,9 @@ _DIT_NAMES = re.compile(
 )
 """Flattened module names of Flux's (BFL) and SD3's (SAI) original layouts, which sd-scripts writes."""
 logger = logging.getLogger("visionlora")
-_PARTS = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha")
+_PARTS = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", *FAMILY_PARTS)
 _TEXT_MODEL = "text_model."
-_NAMES_KEY = "visionlora.kohya_names"
+NAMES_KEY = "visionlora.kohya_names"
 """Header entry of an export with SGM names: its flattened UNet names -> the diffusers module names."""
 
 
@@ -163,98 +160,6 @@ def components_in(raw: Mapping[str, torch.Tensor], header: Mapping[str, str] | N
     return [c for c in PREFIXES if c in found]
 
 
-def _prefix_for(component: str, names: list[str], xl: bool, flux: bool) -> str:
-    """The prefix sd-scripts writes for ``component``: ``lora_te1_`` beside a second encoder (SDXL,
-    SD3, Flux), ``lora_te3_`` for a T5 (Flux's ``text_encoder_2``)."""
-    if component == "text_encoder":
-        return "lora_te1_" if xl else "lora_te_"
-    if component == "text_encoder_2" and (flux or any(n.startswith("encoder.block.") for n in names)):
-        return "lora_te3_"
-    return PREFIXES[component][0]
-
-
-def kohya_tensors(parts: Parts) -> Payload:
-    """``parts.records`` (component -> record) as one kohya LoRA (LoCon for convs) file, every module
-    with the same ``.alpha`` (the most common true alpha) and its own scale folded into its up.
-
-    The UNet's modules become ``lora_unet_<name>``, a text encoder's ``lora_te_text_model_<name>``
-    (``lora_te2_`` for a second one).
-
-    Raises:
-        AdapterFileError: a layer kohya-style loaders would run differently, trained non-LoRA
-            tensors, or two module names that flatten to the same kohya name; each is named.
-    """
-    by_flat: dict[str, str] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    kept: dict[str, str] = {}
-    dtype = parts.dtype
-    sgm = sgm_names(list(parts.model_state)) if parts.model_state is not None and "unet" in parts.records else None
-    for file in parts.records.values():
-        require_exportable(file, "kohya", lora_only=True)
-    records = {c: fused_record(f, parts.model_state) if c == "transformer" else f for c, f in parts.records.items()}
-    flux = "transformer" in records and original_family(records["transformer"].layers) == "flux"
-    xl = sgm is not None or "text_encoder_2" in records or "transformer" in records  # sd-scripts' lora_te1_
-    # diffusers' kohya converter loses per-module alphas: every module gets one alpha and the rest of
-    # its scale is folded into B (the kept record unfolds it). Modules whose alpha is the shared one
-    # keep B bit for bit.
-    shared = most_common(s.alpha for file in records.values() for s in file.layers.values())
-    for component, file in records.items():
-        prefix = _prefix_for(component, list(file.layers), xl, flux)
-        for name, spec in file.layers.items():
-            flat = flat_name(sgm[name]) if sgm is not None and component == "unet" else kohya_name(component, name)
-            key = prefix + flat
-            if key in by_flat:
-                raise file_error(file.path, f"modules {by_flat[key]!r} and {name!r} both flatten to kohya name {key!r}")
-            by_flat[key] = name
-            a, b = file.tensors[f"{name}.lora_A.weight"], file.tensors[f"{name}.lora_B.weight"]
-            scale = layer_scale(file, name)
-            if abs(shared / spec.rank / scale - 1) > 1e-12:
-                b = (b.double() * (scale * spec.rank / shared)).to(b.dtype)
-            tensors[f"{key}.lora_down.weight"] = a if dtype is None else a.to(dtype)
-            tensors[f"{key}.lora_up.weight"] = b if dtype is None else b.to(dtype)
-            # alpha / r gives the layer's scale; float32 so any alpha survives (fp16 would round it).
-            tensors[f"{key}.alpha"] = torch.tensor(shared, dtype=torch.float32)
-        kept.update(export_header(parts.records[component]))
-        _warn_attention_without_out_proj(component, file)
-    specs = [s for file in records.values() for s in file.layers.values()]
-    linear = [s for s in specs if s.kind == "Linear"] or specs
-    conv = [s for s in specs if s.kind != "Linear"]
-    header = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(most_common(s.rank for s in linear)),
-        "ss_network_alpha": str(shared),
-        **({"ss_network_args": _conv_args(conv, shared)} if conv else {}),
-        **kept,
-    }
-    if "transformer" in records and not flux:
-        logger.warning(
-            "%s: SD3 LoRA in sd-scripts' layout (lora_unet_joint_blocks_*) is read by ComfyUI and sd-scripts; "
-            "diffusers' load_lora_weights has no converter for it and loads nothing: use format='diffusers' there",
-            records["transformer"].path,
-        )
-    if sgm is not None:
-        header[_NAMES_KEY] = json.dumps({flat_name(sgm[n]): n for n in parts.records["unet"].layers})
-    return Payload(tensors, header)
-
-
-def _warn_attention_without_out_proj(component: str, file: AdapterFile) -> None:
-    """diffusers' kohya converter misreads text-encoder q/k/v LoRA unless out_proj has LoRA too: say so."""
-    attention = [n for n in file.layers if n.endswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
-    if component != "unet" and attention and not any(n.endswith("self_attn.out_proj") for n in file.layers):
-        logger.warning(
-            "%s: the %s adapter has q/k/v_proj LoRA but none on out_proj; A1111 and ComfyUI read this kohya file "
-            "whole, but diffusers' load_lora_weights cannot convert those keys without out_proj's (it refuses the "
-            "file, or drops them next to MLP LoRA). For diffusers, export format='diffusers' or adapt out_proj too",
-            file.path,
-            component,
-        )
-
-
-def _conv_args(conv: list[LayerSpec], alpha: float) -> str:
-    """kohya's ``network_args`` for LoCon: the conv layers' (most common) rank and the file's alpha."""
-    return json.dumps({"conv_dim": str(most_common(s.rank for s in conv)), "conv_alpha": str(alpha)})
-
-
 def _fold_mid(path: Path, base: str, down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
     """A for a Tucker (down 1x1, mid kxk) LoCon: A[a, i, ...] = sum_b mid[a, b, ...] · down[b, i]."""
     if down.ndim != mid.ndim or down.ndim < 3 or any(s != 1 for s in down.shape[2:]) or mid.shape[1] != down.shape[0]:
@@ -284,7 +189,12 @@ def read_kohya(source: Source, component: str = "unet") -> AdapterFile:
             bad.append(key)
         elif owner[0] == component:
             groups.setdefault(key[len(owner[1]) : -len(part)], {})[part] = tensor
-    unmappable(path, bad, "LoRA layer", " (LoHa, LoKr, DoRA and full-weight diffs are not LoRA)")
+    unmappable(
+        path,
+        bad,
+        "LoRA, DoRA, LoHa or LoKr layer",
+        " (full-weight diffs and LyCORIS' OFT, BOFT, GLoRA, IA3 are not read)",
+    )
     if not groups:
         held = components_in(raw, header)
         raise file_error(path, f"holds no {component} LoRA; it holds LoRA for {held} (pass component=<one of those>)")
@@ -295,27 +205,41 @@ def read_kohya(source: Source, component: str = "unet") -> AdapterFile:
     alphas: dict[str, float] = {}
     for base, parts in groups.items():
         down, up, mid = parts.get(".lora_down.weight"), parts.get(".lora_up.weight"), parts.get(".lora_mid.weight")
-        if down is None or up is None:
-            raise file_error(path, f"{prefix}{base}: needs both lora_down and lora_up, has {sorted(parts)}")
-        tensors[f"{base}.lora_A.weight"] = down if mid is None else _fold_mid(path, prefix + base, down, mid)
-        tensors[f"{base}.lora_B.weight"] = up
+        family = record_parts(path, prefix + base, parts)  # LyCORIS' tensors, DoRA's magnitude included
+        if down is not None or up is not None or mid is not None or set(family) <= {"magnitude"}:
+            if down is None or up is None or set(family) - {"magnitude"}:
+                raise file_error(path, f"{prefix}{base}: needs both lora_down and lora_up, has {sorted(parts)}")
+            tensors[f"{base}.lora_A.weight"] = down if mid is None else _fold_mid(path, prefix + base, down, mid)
+            tensors[f"{base}.lora_B.weight"] = up
+        tensors.update({f"{base}.{n}": t for n, t in family.items()})
         if ".alpha" in parts:
             alphas[base] = scalar_alpha(path, f"{prefix}{base}.alpha", parts[".alpha"])
     origins = {base: prefix + base for base in groups}
     file = dataclasses.replace(foreign_record(path, "kohya", tensors, alphas, origins=origins), component=component)
     kept_layers = _kept_layers(path, header, component)
     if component == "transformer":
+        other = sorted(origins[n] for n, spec in file.layers.items() if spec.family != "lora")
+        if other:
+            raise file_error(
+                path,
+                f"{other[0]} is a {file.layers[_stem_of(other[0], prefix)].family} module of Flux's or SD3's original "
+                "layout; visionlora splits LoRA on fused modules exactly, but not yet DoRA, LoHa or LoKr",
+            )
         return kept_record(_diffusers_names(file, header, prefix, kept_layers), header)
     real = None if kept_layers is None else list(kept_layers)
     if real is None:
         return dataclasses.replace(file, flat_names=True)
     flat = {kohya_name(component, n): n for n in real}
-    if component == "unet" and _NAMES_KEY in header:
-        names = header_json(path, header[_NAMES_KEY], _NAMES_KEY)
+    if component == "unet" and NAMES_KEY in header:
+        names = header_json(path, header[NAMES_KEY], NAMES_KEY)
         if not isinstance(names, dict) or sorted(names.values()) != sorted(real):
-            raise file_error(path, f"the {_NAMES_KEY!r} header entry does not list the kept record's layers")
+            raise file_error(path, f"the {NAMES_KEY!r} header entry does not list the kept record's layers")
         flat = names
     return kept_record(_rename(file, flat), header)
+
+
+def _stem_of(key: str, prefix: str) -> str:
+    return key[len(prefix) :]
 
 
 def _owned(key: str, component: str, flux: bool) -> bool:
@@ -361,8 +285,8 @@ def _rename(file: AdapterFile, names: Mapping[str, str]) -> AdapterFile:
     """``file`` with layer names replaced through ``names`` (tensors renamed to match)."""
     tensors = {}
     for key, tensor in file.tensors.items():
-        layer, _, suffix = key.rpartition(".lora_")
-        tensors[f"{names.get(layer, layer)}.lora_{suffix}"] = tensor
+        layer, suffix = split_adapter_key(key) or (key, "")
+        tensors[f"{names.get(layer, layer)}.{suffix}" if suffix else key] = tensor
     layers = {names.get(n, n): s for n, s in file.layers.items()}
     origins = {names.get(n, n): o for n, o in file.origins.items()}
     return dataclasses.replace(file, layers=layers, tensors=tensors, flat_names=False, origins=origins)
@@ -407,7 +331,14 @@ def resolve_names(file: AdapterFile, model: nn.Module) -> AdapterFile:
     tensors, layers = dict(renamed.tensors), dict(renamed.layers)
     for name, spec in renamed.layers.items():
         kind = adaptable_kind(name, modules[name], modules) or spec.kind
-        a_key, b_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
-        tensors[a_key], tensors[b_key] = _reshaped(spec, tensors[a_key], tensors[b_key], kind)
-        layers[name] = dataclasses.replace(spec, kind=KINDS_BY_NDIM.get(tensors[a_key].ndim, spec.kind))
+        if spec.family in ("lora", "dora"):
+            a_key, b_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+            tensors[a_key], tensors[b_key] = _reshaped(spec, tensors[a_key], tensors[b_key], kind)
+            kind = KINDS_BY_NDIM.get(tensors[a_key].ndim, spec.kind)
+        dims = 2 if kind == "Linear" else int(kind[-2]) + 2
+        for suffix in ("magnitude", "lokr_w2"):  # kept as (out, 1, …) / (b, d, …): the layer's dimensions
+            if f"{name}.{suffix}" in tensors:
+                t = tensors[f"{name}.{suffix}"]
+                tensors[f"{name}.{suffix}"] = t.reshape(*t.shape[:2], *([1] * (dims - 2))) if t.ndim != dims else t
+        layers[name] = dataclasses.replace(spec, kind=kind)
     return dataclasses.replace(renamed, tensors=tensors, layers=layers)

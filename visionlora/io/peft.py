@@ -23,6 +23,7 @@ import torch
 from visionlora.io.adapter import AdapterFile, Parts, Payload, Source, cast_tensors, file_error
 from visionlora.io.convert import (
     COMPONENTS,
+    PEFT_MAGNITUDE,
     anchored,
     check_patterns,
     exact_regex,
@@ -31,6 +32,9 @@ from visionlora.io.convert import (
     kept_record,
     most_common,
     pattern_value,
+    peft_dora,
+    peft_magnitude,
+    record_magnitude,
     require_exportable,
     unmappable,
 )
@@ -44,7 +48,6 @@ _PREFIX = "base_model.model."
 _MAX_CONFIG_BYTES = 4 * 1024 * 1024  # PEFT writes a few KB; rank_pattern for every layer of a UNet is ~100 KB
 # Config entries whose non-default values change what the adapter computes in ways visionlora cannot.
 _UNSUPPORTED = {
-    "use_dora": False,
     "lora_bias": False,
     "fan_in_fan_out": False,
     "layers_to_transform": None,
@@ -75,10 +78,13 @@ def peft_tensors(parts: Parts) -> Payload:
     (file,) = parts.records.values()
     model_state = parts.model_state
     require_exportable(file, "PEFT", lora_only=False)
+    dora = peft_dora(file, "PEFT")
     tensors: dict[str, torch.Tensor] = {}
     for name in file.layers:
         for ab in "AB":
             tensors[f"{_PREFIX}{name}.lora_{ab}.weight"] = file.tensors[f"{name}.lora_{ab}.weight"]
+        if dora:
+            tensors[f"{_PREFIX}{name}.{PEFT_MAGNITUDE}"] = peft_magnitude(file.tensors[f"{name}.magnitude"])
     lora_biases, owners = [], set()
     for key in file.extra + file.buffers:
         owner = _owner(key)
@@ -141,6 +147,7 @@ def peft_tensors(parts: Parts) -> Payload:
         "modules_to_save": sorted(to_save) or None,
         "init_lora_weights": True,
         **_UNSUPPORTED,
+        "use_dora": dora,
     }
     config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     header = {"format": "pt", **export_header(file)}
@@ -160,6 +167,7 @@ def _check_config(path: Path, config: dict[str, Any]) -> None:
         "alpha_pattern": lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
         "lora_dropout": lambda v: _number(v) and 0 <= v < 1,
         "use_rslora": lambda v: isinstance(v, bool),
+        "use_dora": lambda v: isinstance(v, bool),
         "bias": lambda v: v in ("none", "all", "lora_only"),
         "modules_to_save": lambda v: v is None or (isinstance(v, list) and all(isinstance(m, str) and m for m in v)),
     }
@@ -183,8 +191,8 @@ def read_peft(source: Source, component: str = "unet") -> AdapterFile:
     """Read a PEFT LoRA adapter folder into a record (names as in the base model; one model: no ``component``).
 
     Raises:
-        AdapterFileError: not a LoRA adapter, a feature visionlora does not reproduce (DoRA,
-            lora_bias, ...), a pickled ``adapter_model.bin``, or keys that cannot be mapped.
+        AdapterFileError: not a LoRA adapter, a feature visionlora does not reproduce (lora_bias,
+            ...), a pickled ``adapter_model.bin``, or keys that cannot be mapped. DoRA (``use_dora``) is read.
     """
     folder = source.path
     size = (folder / CONFIG_FILE).stat().st_size
@@ -211,20 +219,30 @@ def read_peft(source: Source, component: str = "unet") -> AdapterFile:
     outside = [k for k in raw if not k.startswith(_PREFIX)]
     unmappable(weights, outside, "model", f" (PEFT keys start with {_PREFIX!r})")
     tensors: dict[str, torch.Tensor] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     extra, bad = [], []
     for key, tensor in raw.items():
         name = key[len(_PREFIX) :]
         if name.endswith((".lora_A.weight", ".lora_B.weight")):
             tensors[name] = tensor
-        elif ".lora_" in name or "lora_magnitude_vector" in name:
+        elif name.endswith(f".{PEFT_MAGNITUDE}") and config.get("use_dora") is True:
+            magnitudes[name.removesuffix(f".{PEFT_MAGNITUDE}")] = tensor
+        elif ".lora_" in name or PEFT_MAGNITUDE in name:
             bad.append(key)
         else:
             name = name.replace(".base_layer.", ".")
             tensors[name] = tensor
             extra.append(name)
-    unmappable(weights, bad, "visionlora LoRA layer", " (DoRA, embedding LoRA and LoRA biases are not supported)")
+    unmappable(weights, bad, "visionlora LoRA layer", " (embedding LoRA and LoRA biases are not supported)")
     rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     names = {k.rsplit(".lora_", 1)[0] for k in tensors if k.endswith(".lora_A.weight")}
+    if config.get("use_dora") is True:
+        missing = sorted(names - set(magnitudes))
+        unmappable(weights, [f"{_PREFIX}{n}.{PEFT_MAGNITUDE}" for n in set(magnitudes) - names], "DoRA layer")
+        if missing:
+            raise file_error(weights, f"use_dora is set but layers {missing[:5]} have no {PEFT_MAGNITUDE}")
+        for name, magnitude in magnitudes.items():
+            tensors[f"{name}.magnitude"] = record_magnitude(magnitude, tensors[f"{name}.lora_A.weight"].ndim)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     file = foreign_record(
         weights,

@@ -32,7 +32,7 @@ __all__ = ["FileReport", "PartReport", "describe_adapter", "families_of", "model
 _FAMILIES = (
     ("LoHa", ("hada_w1_a", "hada_w2_a")),
     ("LoKr", ("lokr_w1", "lokr_w2")),
-    ("DoRA", ("dora_scale", "lora_magnitude_vector")),
+    ("DoRA", ("dora_scale", "lora_magnitude_vector", ".magnitude")),
     ("full diff", (".diff", ".diff_b")),
     ("LoRA", (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.")),
 )

@@ -259,8 +259,8 @@ def expand_preset(model: nn.Module, target: str) -> list[str]:
 
 
 def presets_in_patterns(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
-    """``cfg`` with ``preset:<name>`` keys of ``rank_pattern`` / ``alpha_pattern`` spelled out as the
-    exact names the preset selects in ``model`` (one regex per key, the keys' order kept).
+    """``cfg`` with ``preset:<name>`` keys of ``rank_pattern`` / ``alpha_pattern`` / ``family_pattern`` spelled
+    out as the exact names the preset selects in ``model`` (one regex per key, the keys' order kept).
 
     Raises:
         TargetError: as :func:`expand_preset`, for a preset key that does not fit ``model``.
@@ -272,6 +272,11 @@ def presets_in_patterns(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
             for k, v in patterns.items()
         }
 
-    if not any(k.startswith("preset:") for k in (*cfg.rank_pattern, *cfg.alpha_pattern)):
+    if not any(k.startswith("preset:") for k in (*cfg.rank_pattern, *cfg.alpha_pattern, *cfg.family_pattern)):
         return cfg
-    return dataclasses.replace(cfg, rank_pattern=spelled(cfg.rank_pattern), alpha_pattern=spelled(cfg.alpha_pattern))
+    return dataclasses.replace(
+        cfg,
+        rank_pattern=spelled(cfg.rank_pattern),
+        alpha_pattern=spelled(cfg.alpha_pattern),
+        family_pattern=spelled(cfg.family_pattern),
+    )

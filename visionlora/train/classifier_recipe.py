@@ -8,7 +8,16 @@ from typing import Any, Literal
 from visionlora.config import LoraConfig, is_finite_number
 from visionlora.io.formats import FORMAT_TABLE
 from visionlora.preprocess import AutoAugment
-from visionlora.train.sections import Output, Train, check_train, fraction, holding_extras, positive, raise_first
+from visionlora.train.sections import (
+    Output,
+    Train,
+    check_train,
+    families_problem,
+    fraction,
+    holding_extras,
+    positive,
+    raise_first,
+)
 
 __all__ = [
     "ClassifierData",
@@ -203,6 +212,11 @@ class ClassifierRecipe:
                 "output.export",
                 all(FORMAT_TABLE[f].holds_extras for f in self.output.export),
                 f"formats that can hold the new head: {holding_extras()} (the others hold LoRA weights only)",
+            ),
+            (
+                "output.export",
+                (problem := families_problem([self.lora], self.output.export)) is None,
+                f"formats that hold the adapter families trained: {problem}",
             ),
         ]
         raise_first(self, checks)

@@ -7,7 +7,15 @@ from typing import Literal
 
 from visionlora.config import LoraConfig
 from visionlora.io.formats import FORMAT_TABLE
-from visionlora.train.sections import Output, Train, check_train, holding_extras, positive, raise_first
+from visionlora.train.sections import (
+    Output,
+    Train,
+    check_train,
+    families_problem,
+    holding_extras,
+    positive,
+    raise_first,
+)
 
 __all__ = [
     "DiffusionData",
@@ -180,6 +188,10 @@ class DiffusionRecipe:
     output: DiffusionOutput = field(default_factory=lambda: DiffusionOutput(export=["diffusers", "kohya"]))
     """Where the results go and in which formats."""
 
+    def lora_configs(self) -> list[LoraConfig | None]:
+        """The adapters' configs: the denoiser's and each text encoder's (None where it has none)."""
+        return [self.lora, self.text_encoder_lora, self.text_encoder_2_lora]
+
     def __post_init__(self) -> None:
         check_train(self.train)
         checks: list[tuple[str, bool, str]] = [
@@ -231,6 +243,16 @@ class DiffusionRecipe:
                 all(FORMAT_TABLE[f].holds_extras for f in self.output.export)
                 or not (self.lora.trainable or self.lora.bias != "none"),
                 f"formats that can hold lora.trainable modules and biases: {holding_extras()}",
+            ),
+            (
+                "output.export",
+                (
+                    problem := families_problem(
+                        [self.lora, self.text_encoder_lora, self.text_encoder_2_lora], self.output.export
+                    )
+                )
+                is None,
+                f"formats that hold the adapter families trained: {problem}",
             ),
         ]
         raise_first(self, checks)

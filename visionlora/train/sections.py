@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from visionlora.config import DtypeName, config_to_dict, is_finite_number
+from visionlora.config import DtypeName, LoraConfig, config_to_dict, is_finite_number
 from visionlora.errors import ConfigError
 from visionlora.io.formats import FORMAT_TABLE, AdapterFormat
 
@@ -58,6 +59,19 @@ class Output:
     """Other formats to write beside adapter.safetensors (e.g. ``[peft]``)."""
     merged_dtype: DtypeName = "fp32"
     """dtype of the merged checkpoint's weights (the merge math runs in float32)."""
+
+
+def families_problem(configs: Sequence[LoraConfig | None], export: Sequence[str]) -> str | None:
+    """Why an ``output.export`` format cannot hold the adapter families one of ``configs`` (one per
+    model) trains, or None if every format can."""
+    for cfg in configs:
+        used = set() if cfg is None else {cfg.family, *cfg.family_pattern.values()}
+        for name in export:
+            fmt = FORMAT_TABLE[name]
+            if used - set(fmt.families) or (fmt.runs_lora_layers and len(used) > 1):
+                one = " (one per model)" if fmt.runs_lora_layers else ""
+                return f"{name} holds {', '.join(fmt.families)}{one}; the adapter trains {', '.join(sorted(used))}"
+    return None
 
 
 def holding_extras() -> str:
