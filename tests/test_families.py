@@ -261,12 +261,14 @@ def test_every_conv_geometry_runs_the_reference_formula_merged_and_unmerged(fami
         with torch.no_grad():
             expected = reference_conv(conv.double(), x, expected_weight)
             conv.float()
+        trained = model(x.float()).detach()  # with gradients on: DoRA runs PEFT's form, the others W + ΔW
+        with torch.no_grad():
             actual = model(x.float())
             vl.merge(model)
             merged = model(x.float())
             vl.unmerge(model)
-        assert_rel_close(actual, expected, 1e-5, magnitude=expected.abs().max().item())
-        assert_rel_close(merged, expected, 1e-5, magnitude=expected.abs().max().item())
+        for output in (trained, actual, merged):
+            assert_rel_close(output, expected, 1e-5, magnitude=expected.abs().max().item())
 
 
 @pytest.mark.filterwarnings("ignore:adapter has more parameters")
@@ -406,3 +408,11 @@ def test_weighted_combination_of_two_families_is_the_weighted_sum_of_their_chang
     x = torch.randn(2, 4, 5, 5)
     expected = F.conv2d(x, w + 0.7 * d1 - 0.4 * d2, layer.base.bias, padding=1)
     assert_rel_close(layer(x), expected, 1e-5)
+
+
+def test_the_hadamard_product_has_autograd_s_gradients():
+    g = torch.Generator().manual_seed(2)
+    factors = [
+        torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((5, 2), (2, 7), (5, 2), (2, 7))
+    ]
+    assert torch.autograd.gradcheck(lambda *f: hadamard_delta(*f, 0.7, (5, 7)), factors)

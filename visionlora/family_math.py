@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -101,10 +101,25 @@ def hadamard_delta(
     t2 ``(r, r, *k)``: w1a, w2a ``(r, out)``; w1b, w2b ``(r, in/g)`` (see :func:`tucker_rebuild`).
     """
     if t1 is None or t2 is None:
-        first, second = w1a @ w1b, w2a @ w2b
-    else:
-        first, second = tucker_rebuild(t1, w1a, w1b), tucker_rebuild(t2, w2a, w2b)
+        return (_Hadamard.apply(w1a, w1b, w2a, w2b) * scale).reshape(shape)
+    first, second = tucker_rebuild(t1, w1a, w1b), tucker_rebuild(t2, w2a, w2b)
     return (first * second * scale).reshape(shape)
+
+
+class _Hadamard(torch.autograd.Function):
+    """(W1a W1b) ⊙ (W2a W2b) keeping the four thin factors for backward, not the two kernel-sized
+    products (recomputed there): half the memory a LoHa layer holds for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        return (w1a @ w1b) * (w2a @ w2b)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        g1, g2 = grad * (w2a @ w2b), grad * (w1a @ w1b)
+        return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2
 
 
 def kronecker_delta(w1: Tensor, w2: Tensor, scale: float, shape: torch.Size | tuple[int, ...]) -> Tensor:

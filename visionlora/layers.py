@@ -42,6 +42,7 @@ from torch.func import functional_call
 
 from visionlora.branches import Adapter, LoraAdapter
 from visionlora.errors import AdapterError, ConfigError
+from visionlora.family_math import channel_norm
 from visionlora.lora_math import AdaptableLayer, conv_delta, conv_transpose_delta, linear_delta
 
 __all__ = [
@@ -210,26 +211,33 @@ class LoraLayer(nn.Module, abc.ABC):
         """base(x) + Σ weight · scale · B(A(dropout(x))) over the active adapters."""
         if self.merged or self.disabled or not self.active:
             return self.base(x)
-        if self.in_weight_space():  # the base's own forward, on W + ΔW
+        if self.in_weight_space(x):  # the base's own forward, on W + ΔW
             weight = self.base.weight
             return functional_call(self.base, {"weight": weight + self.delta_weight(weight.dtype)}, (x,))
         if self.fast is not None and self.plain() and (fast := self.fast(self, x)) is not None:
             return fast
         return self.add_branches(self.base(x), x)
 
-    def in_weight_space(self) -> bool:
+    def in_weight_space(self, x: Tensor) -> bool:
         """Whether forward runs the base once on W + ΔW: always for a layer whose forward transforms its
-        weight or input; for DoRA, LoHa and LoKr adapters wherever no input dropout is active (one
-        convolution instead of the base's plus one per adapter)."""
+        weight or input; for LoHa and LoKr adapters wherever no input dropout is active (one convolution
+        instead of the base's plus one per adapter); for DoRA too, except where gradients are taken and
+        the weight is larger than the input ``x`` (a low-resolution conv, say): there PEFT's form, which
+        needs no weight-sized gradient, keeps less for backward (measured in scripts/families_bench.py)."""
         if self.weight_space:
             return True
-        if self.plain():
+        adapters = [self.adapter(n) for n in self.active]
+        if all(a.plain for a in adapters):
             return False
-        return not self.training or all(self.adapter(n).dropout == 0 for n in self.active)
+        large = self.base.weight.numel() > x.numel()
+        if large and torch.is_grad_enabled() and all(a.plain or _dora_branch(a) for a in adapters):
+            return False
+        return not self.training or all(a.dropout == 0 for a in adapters)
 
     def add_branches(self, y: Tensor, x: Tensor, **kwargs: Any) -> Tensor:
         """``y`` (the base output for ``x``) + Σ weight · scale · B(A(dropout(x))) over the active adapters
         (for the other families, weight · ΔW applied to dropout(x) through the base's geometry)."""
+        base = y
         for name, w in self.active.items():
             adapter = self.adapter(name)
             if isinstance(adapter, LoraAdapter) and adapter.plain:
@@ -237,11 +245,36 @@ class LoraLayer(nn.Module, abc.ABC):
                 h = F.dropout(x, adapter.dropout, self.training).to(a.dtype)
                 # The scale multiplies B (r·out numbers) rather than the whole output.
                 y = y + self.branch(h, a, b * (w * adapter.scale), **kwargs).to(y.dtype)
+            elif isinstance(adapter, LoraAdapter) and _dora_branch(adapter):
+                y = y + self._dora(adapter, w, base, x, **kwargs).to(y.dtype)
             else:
                 weight = self.base.weight
                 h = F.dropout(x, adapter.dropout, self.training).to(weight.dtype)
                 y = y + self.apply_weight(h, w * adapter.delta(weight, self.delta, weight.dtype), **kwargs).to(y.dtype)
         return y
+
+    def _dora(self, adapter: LoraAdapter, w: float, base: Tensor, x: Tensor, **kwargs: Any) -> Tensor:
+        """One DoRA adapter's change to the output in PEFT's form, ``(m/n − 1) · W x + (m/n) · s · B(A(x))``
+        with n = ‖W + s·B·A‖ per output channel, a constant for backward: no weight-sized gradient, and
+        ``base`` (= W x + bias) reused where no input dropout is active."""
+        weight, a, b = self.base.weight, adapter.lora_A, adapter.lora_B
+        with torch.no_grad():
+            norm = channel_norm(weight.float() + self.delta(a.float(), b.float(), adapter.scale))
+        assert adapter.magnitude is not None
+        ratio = self.per_channel(adapter.magnitude.reshape(-1).float() / norm, base).to(base.dtype)
+        if adapter.dropout and self.training:
+            h = F.dropout(x, adapter.dropout, True)
+            plain = self.apply_weight(h.to(weight.dtype), weight, **kwargs)
+        else:
+            h = x
+            bias = self.base.bias
+            plain = base if bias is None else base - self.per_channel(bias, base)
+        lora = self.branch(h.to(a.dtype), a, b * adapter.scale, **kwargs).to(base.dtype)
+        return w * ((ratio - 1) * plain + ratio * lora)
+
+    def per_channel(self, values: Tensor, y: Tensor) -> Tensor:
+        """A per-output-channel vector shaped to broadcast over the output ``y`` (channels in dim 1)."""
+        return values.reshape(1, -1, *([1] * (y.dim() - 2)))
 
     @abc.abstractmethod
     def delta(self, a: Tensor, b: Tensor, scale: float) -> Tensor:
@@ -282,6 +315,9 @@ class LoraLinear(LoraLayer):
 
     def apply_weight(self, x: Tensor, weight: Tensor, **kwargs: Any) -> Tensor:
         return F.linear(x, weight)
+
+    def per_channel(self, values: Tensor, y: Tensor) -> Tensor:
+        return values  # a Linear's channels are its output's last dimension
 
 
 class LoraConv(LoraLayer):
@@ -330,9 +366,14 @@ class LoraConvTranspose(LoraLayer):
         if self.merged or self.disabled or not self.active:
             return self.base(x, output_size)
         weight = self.base.weight
-        if self.in_weight_space():
+        if self.in_weight_space(x):
             return functional_call(self.base, {"weight": weight + self.delta_weight(weight.dtype)}, (x, output_size))
         return self.add_branches(self.base(x, output_size), x, output_size=output_size)
+
+
+def _dora_branch(adapter: Adapter) -> bool:
+    """Whether ``adapter`` is DoRA with its magnitude per output channel (PEFT's form applies)."""
+    return isinstance(adapter, LoraAdapter) and adapter.magnitude is not None and adapter.norm_axis == "out"
 
 
 def base_layer(module: nn.Module) -> AdaptableLayer:
