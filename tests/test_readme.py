@@ -122,3 +122,21 @@ def test_readme_recipe_key_table_is_the_one_the_dataclasses_give():
     assert found.group(1) == keys_table(), "README.md's recipe keys are stale: run python -m visionlora.train.keys"
     undocumented = [k.key for cls in RECIPES.values() for k in recipe_keys(cls) if not k.doc]
     assert not undocumented, f"recipe fields without a docstring: {undocumented}"
+
+
+def test_readme_family_examples_build_configs_that_apply():
+    import torchvision
+
+    import visionlora as vl
+    from tests.conftest import tiny_unet
+
+    lines = [line for line in python_block('family="dora"').splitlines() if line.startswith("cfg = ")]
+    assert len(lines) == 4
+    for line in lines:
+        namespace: dict = {"vl": vl}
+        exec(compile(line, "README.md", "exec"), namespace)
+        cfg = namespace["cfg"]
+        model = tiny_unet() if "unet" in line else torchvision.models.resnet18()
+        vl.apply_lora(model, cfg)
+        families = {m.adapter("default").family for m in model.modules() if isinstance(m, vl.LoraLayer)}
+        assert families == ({"lokr", "dora"} if cfg.family_pattern else {cfg.family}), line

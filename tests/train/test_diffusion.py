@@ -383,3 +383,24 @@ def test_dreambooth_on_sd1_captions_every_instance_image_with_the_prompt_and_gen
     items = stop.value.args[0]
     assert items[:6] == [("a photo of zwx", False)] * 6  # img0.txt is not read
     assert items[6:] == [("a photo", True)] * 2
+
+
+@pytest.mark.parametrize("family", ["loha", "dora"])
+def test_a_style_run_trains_loha_and_dora_and_its_merged_pipeline_and_exports_match(style, family, tmp_path):
+    recipe = _recipe(style, max_steps=2)
+    recipe.lora.family = family
+    recipe.validation.prompts = []
+    recipe.output.export = ["kohya"] if family == "loha" else ["diffusers", "kohya"]
+    run_recipe(recipe, output=tmp_path / "run", progress=False)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(style / "pipe" / "unet").eval()
+    adapted = vl.load_adapter(copy.deepcopy(unet), tmp_path / "run" / "adapter.safetensors")
+    assert {m.adapter("default").family for m in adapted.modules() if isinstance(m, vl.LoraLayer)} == {family}
+    merged = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "run" / "merged" / "unet").eval()
+    with torch.no_grad():
+        expected = adapted(**unet_input()).sample
+        assert (expected - unet(**unet_input()).sample).abs().max() > 0  # it trained
+        assert (merged(**unet_input()).sample - expected).abs().max() <= 1e-4 * expected.abs().max()
+        for name in recipe.output.export:
+            path = tmp_path / "run" / f"adapter-{name}.safetensors"
+            again = vl.load_adapter(copy.deepcopy(unet), path)(**unet_input()).sample
+            assert (again - expected).abs().max() <= 1e-5 * expected.abs().max(), name
