@@ -58,11 +58,11 @@ def conv_magnitude(conv: nn.Module, x: Tensor, weight_magnitude: Tensor) -> floa
 
 
 def randomize_lora(model: nn.Module, seed: int = 0, std: float = 0.1) -> None:
-    """Give every LoRA A and B random non-zero values, as after some training."""
+    """Give every LoRA A and B (and LoHa's and LoKr's factors) random non-zero values, as after some training."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".lora_A" in name or ".lora_B" in name:
+            if any(part in name for part in (".lora_A", ".lora_B", ".hada_", ".lokr_")):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 

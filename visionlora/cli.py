@@ -24,6 +24,7 @@ from visionlora.io import (
     load_adapter,
     read_adapter,
 )
+from visionlora.io.convert import adapter_tensors
 from visionlora.io.files import write_text
 from visionlora.io.merged import merge_pipeline
 from visionlora.io.report import describe_adapter, models_to_check, render
@@ -98,13 +99,13 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0 if report.loads else 1
     file = read_adapter(args.file, component=args.component)
     held = file_components(args.file)
-    rows = [("layer", "kind", "resolution", "rank", "alpha", "LoRA params")]
-    total = 0
+    rows = [("layer", "kind", "resolution", "rank", "alpha", "family", "LoRA params")]
+    total, grouped = 0, adapter_tensors(file.tensors)
     for name, spec in file.layers.items():
-        count = sum(file.tensors[f"{name}.lora_{ab}.weight"].numel() for ab in "AB")
+        count = sum(t.numel() for t in grouped.get(name, {}).values())
         total += count
         resolution = "-" if spec.resolution is None else str(spec.resolution)
-        rows.append((name, spec.kind, resolution, str(spec.rank), f"{spec.alpha:g}", f"{count:,}"))
+        rows.append((name, spec.kind, resolution, str(spec.rank), f"{spec.alpha:g}", spec.family, f"{count:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     names = " (kohya's flattened module names)" if file.flat_names else ""
     part = f" ({file.component}; the file holds {', '.join(held)})" if len(held) > 1 else ""

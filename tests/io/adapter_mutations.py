@@ -230,6 +230,29 @@ def seeds() -> tuple[Seed, ...]:
         out.append(Seed("kohya", "kohya", "fuzznet", {"k.safetensors": kohya}, "k.safetensors"))
         out.append(Seed("kohya-tucker", "kohya", "fuzznet", {"k.safetensors": _kohya_tucker(kohya)}, "k.safetensors"))
 
+        families = _adapted(
+            "fuzznet",
+            vl.LoraConfig(
+                targets=plain, rank=2, family="loha", family_pattern={"fc": "dora", "pw": "lokr"}, tucker=True
+            ),
+        )
+        out.append(
+            Seed("native-families", "visionlora", "fuzznet", {"a.safetensors": _save(families, root)}, "a.safetensors")
+        )
+        lycoris = _without_record(_export(families, root / "ly.safetensors", "kohya"))
+        out.append(Seed("kohya-lycoris-foreign", "kohya", "fuzznet", {"k.safetensors": lycoris}, "k.safetensors"))
+        dora = _adapted("fuzznet", vl.LoraConfig(targets=plain, rank=2, alpha=3, family="dora"))
+        vl.export_adapter(dora, root / "peft-dora", format="peft")
+        out.append(
+            Seed(
+                "peft-dora",
+                "peft",
+                "fuzznet",
+                {f"adapter/{k}": v for k, v in _read_tree(root / "peft-dora").items()},
+                "adapter",
+            )
+        )
+
         unet_cfg = vl.LoraConfig(targets=["*attn1.to_q", "*attn2.to_k", "down_blocks.0.resnets.0.conv1"], rank=2)
         unet = _adapted("unet", unet_cfg)
         unet_diffusers = _export(unet, root / "ud.safetensors", "diffusers")

@@ -333,7 +333,7 @@ def split_adapter_key(key: str) -> tuple[str, str] | None:
     """(layer, record name) of an adapter tensor key (``fc.lora_A.weight`` -> ``("fc", "lora_A.weight")``),
     or None for any other key."""
     for suffix in _ADAPTER_SUFFIXES:
-        if key.endswith(suffix) and len(key) > len(suffix):
+        if key.endswith(suffix):
             return key[: -len(suffix)], suffix[1:]
     return None
 
