@@ -137,8 +137,8 @@ def peak_mb(step: Step, device: str) -> float | None:
 # ------------------------------------------------------------------------------------------ contenders
 
 
-def resnet_contenders(device: str) -> tuple[dict[str, nn.Module], Callable[[nn.Module], torch.Tensor], torch.Tensor]:
-    import peft
+def resnet_setup(device: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[str]]:
+    """The ResNet-50 benchmark: the base, a batch and its labels, and the layer4 convs every contender adapts."""
     import torchvision
 
     size, batch = (224, 64) if device == "cuda" else (128, 8)
@@ -147,6 +147,13 @@ def resnet_contenders(device: str) -> tuple[dict[str, nn.Module], Callable[[nn.M
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     targets = [n for n, m in base.named_modules() if n.startswith("layer4") and isinstance(m, nn.Conv2d)]
+    return base, x, y, targets
+
+
+def resnet_contenders(device: str) -> tuple[dict[str, nn.Module], Callable[[nn.Module], torch.Tensor], torch.Tensor]:
+    import peft
+
+    base, x, y, targets = resnet_setup(device)
     ours = vl.apply_lora(copy.deepcopy(base), vl.LoraConfig(targets=targets, rank=8, alpha=8, trainable=["fc"]))
     theirs = peft.get_peft_model(
         copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=8, target_modules=targets, modules_to_save=["fc"])

@@ -110,14 +110,7 @@ def contenders(base: nn.Module, targets: list[str], rank: int, trainable: list[s
 
 
 def resnet(device: str, rank: int) -> tuple[dict[str, nn.Module], Callable[[nn.Module], torch.Tensor]]:
-    import torchvision
-
-    size, batch = (224, 64) if device == "cuda" else (128, 8)
-    torch.manual_seed(0)
-    base = torchvision.models.resnet50(num_classes=10).to(device)
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    targets = [n for n, m in base.named_modules() if n.startswith("layer4") and isinstance(m, nn.Conv2d)]
+    base, x, y, targets = bench.resnet_setup(device)
     return contenders(base, targets, rank, ["fc"]), lambda m: F.cross_entropy(m(x), y)
 
 
