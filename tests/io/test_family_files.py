@@ -53,6 +53,8 @@ def _lycoris_unet(unet, path):
         ("loha", {"tucker": True}),
         ("lokr", {}),
         ("lokr", {"lokr_factor": 4, "decompose_both": True}),
+        # Not LoKr with a Tucker core: LyCORIS 4.1's create_network_from_weights takes the rank from
+        # lokr_w2_a's second dimension, which is b there, and fails on its own such files too.
     ],
 )
 def test_kohya_files_visionlora_writes_load_exactly_in_lycoris(family, options, tmp_path):
@@ -209,3 +211,11 @@ def test_dora_mixed_with_lora_or_per_input_channel_is_refused_by_peft_exports(tm
     with pytest.raises(AdapterFileError, match=r"mixes DoRA .* and LoRA .* layers"):
         vl.export_adapter(model, tmp_path / "p", format="peft")
     assert vl.export_adapter(model, tmp_path / "k.safetensors", format="kohya").is_file()
+
+
+def test_a_kohya_dora_export_says_that_diffusers_drops_dora_scale(tmp_path, caplog):
+    """diffusers 0.3x filters dora_scale out of kohya files (with its own warning) and loads plain LoRA."""
+    model = vl.apply_lora(tiny_unet(), vl.LoraConfig(targets=ATTENTION, rank=2, family="dora"))
+    with caplog.at_level("WARNING", logger="visionlora"):
+        vl.export_adapter(model, tmp_path / "k.safetensors", format="kohya")
+    assert "drops dora_scale from kohya files" in caplog.text

@@ -100,6 +100,13 @@ def kohya_tensors(parts: Parts) -> Payload:
             "diffusers' load_lora_weights has no converter for it and loads nothing: use format='diffusers' there",
             records["transformer"].path,
         )
+    if any(k.endswith(".dora_scale") for k in tensors):
+        logger.warning(
+            "%s: DoRA in the kohya layout (dora_scale) is read by LyCORIS, ComfyUI and sd-scripts; diffusers' "
+            "load_lora_weights drops dora_scale from kohya files (it loads plain LoRA, with a warning): use "
+            "format='diffusers' there",
+            next(iter(records.values())).path,
+        )
     if sgm is not None:
         header[NAMES_KEY] = json.dumps({flat_name(sgm[n]): n for n in parts.records["unet"].layers})
     return Payload(tensors, header)
