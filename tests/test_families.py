@@ -416,3 +416,37 @@ def test_the_hadamard_product_has_autograd_s_gradients():
         torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((5, 2), (2, 7), (5, 2), (2, 7))
     ]
     assert torch.autograd.gradcheck(lambda *f: hadamard_delta(*f, 0.7, (5, 7)), factors)
+
+
+def test_review_cases_a_full_kron_lokr_a_merged_dora_export_and_unbatched_input(tmp_path):
+    """LoKr of two full halves keeps scale 1 in files too; a merged DoRA model exports W' not W''; DoRA's
+    training form takes an unbatched conv input."""
+    from safetensors.torch import load_file
+
+    lokr = vl.apply_lora(nn.Sequential(nn.Linear(64, 64)), vl.LoraConfig(targets="0", rank=4, alpha=16, family="lokr"))
+    randomize(lokr, std=0.3)
+    ad = lokr[0].adapter("default")
+    assert ad.scale == 1.0 and set(ad.tensors()) == {"lokr_w1", "lokr_w2"}
+    path = vl.export_adapter(lokr, tmp_path / "k.safetensors", format="kohya")
+    written = load_file(path)
+    assert torch.equal(written["lora_unet_0.lokr_w1"], ad.lokr_w1.detach())  # nothing folded in: LyCORIS' scale is 1
+
+    torch.manual_seed(0)
+    dora = vl.apply_lora(nn.Sequential(nn.Linear(16, 16)), vl.LoraConfig(targets="0", rank=2, family="dora"))
+    randomize(dora, std=0.3)
+    x = torch.randn(3, 16)
+    expected = dora(x).detach()
+    vl.merge(dora)
+    out = vl.export_merged(dora, tmp_path / "m.safetensors")
+    plain = nn.Sequential(nn.Linear(16, 16))
+    plain.load_state_dict(load_file(out))
+    assert_rel_close(plain(x), expected, 1e-5)
+
+    conv = vl.apply_lora(
+        nn.Sequential(nn.Conv2d(16, 16, 3, padding=1)), vl.LoraConfig(targets="0", rank=2, family="dora")
+    )
+    randomize(conv, std=0.3)
+    x = torch.randn(16, 16, 2)  # unbatched (C, H, W) with H = out channels
+    trained = conv(x)
+    with torch.no_grad():
+        assert_rel_close(trained, conv(x), 1e-5)

@@ -79,12 +79,12 @@ class Adapter(nn.Module, abc.ABC):
     family: Family
     magnitude: nn.Parameter | None
 
-    def __init__(self, *, rank: int, alpha: float, rslora: bool, dropout: float, scale: float | None = None) -> None:
+    def __init__(self, *, rank: int, alpha: float, rslora: bool, dropout: float) -> None:
         super().__init__()
         self.rank = rank
         self.alpha = float(alpha)
         self.rslora = rslora
-        self.scale = lora_scale(alpha, rank, rslora) if scale is None else scale
+        self.scale = lora_scale(alpha, rank, rslora)
         self.dropout = dropout
         self.resolution: int | None = None
         self.magnitude = None
@@ -312,8 +312,8 @@ def new_adapter(
     else:
         if init is not None:
             _lokr_init(empty, generator)
-        if "lokr_w1" in empty and "lokr_w2" in empty:  # LyCORIS: two full halves take scale 1
-            scalars["scale"] = 1.0
+        if "lokr_w1" in empty and "lokr_w2" in empty:  # LyCORIS: two full halves take scale 1, whatever alpha
+            scalars["alpha"] = math.sqrt(rank) if cfg.rslora else float(rank)
         adapter = LokrAdapter(empty, **scalars)
     if "magnitude" in shapes:
         adapter.decompose_weight(weight, magnitude_axis(shapes["magnitude"], tuple(weight.shape)) or "out")
@@ -327,7 +327,12 @@ def _layout_of(shapes: Mapping[str, tuple[int, ...]], weight_shape: tuple[int, .
         a, c = w1
     else:
         a, c = shapes.get("lokr_w1_a", (1,))[0], shapes.get("lokr_w1_b", (1, 1))[-1]
-    b, d = weight_shape[0] // max(a, 1), weight_shape[1] // max(c, 1)
+    if a < 1 or c < 1 or weight_shape[0] % a or weight_shape[1] % c:
+        raise ConfigError(
+            f"LoKr factor of shape {(a, c)} does not split a kernel of shape {tuple(weight_shape)}: its sizes must "
+            "divide the output and input channels (per group)"
+        )
+    b, d = weight_shape[0] // a, weight_shape[1] // c
     w2: Literal["full", "lora", "tucker"] = (
         "full" if "lokr_w2" in shapes else "tucker" if "lokr_t2" in shapes else "lora"
     )

@@ -172,7 +172,7 @@ class LoraLayer(nn.Module, abc.ABC):
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Σ weight · ΔW over the active adapters, in the base weight's shape, computed in ``dtype``."""
-        weight = self.base.weight
+        weight = self._original_weight if self._original_weight is not None else self.base.weight  # W, not W'
         delta = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
         for name, w in self.active.items():
             delta = delta + w * self.adapter(name).delta(weight, self.delta, dtype)
@@ -261,20 +261,21 @@ class LoraLayer(nn.Module, abc.ABC):
         with torch.no_grad():
             norm = channel_norm(weight.float() + self.delta(a.float(), b.float(), adapter.scale))
         assert adapter.magnitude is not None
-        ratio = self.per_channel(adapter.magnitude.reshape(-1).float() / norm, base).to(base.dtype)
+        ratio = self.per_channel(adapter.magnitude.reshape(-1).float() / norm).to(base.dtype)
         if adapter.dropout and self.training:
             h = F.dropout(x, adapter.dropout, True)
             plain = self.apply_weight(h.to(weight.dtype), weight, **kwargs)
         else:
             h = x
             bias = self.base.bias
-            plain = base if bias is None else base - self.per_channel(bias, base)
+            plain = base if bias is None else base - self.per_channel(bias)
         lora = self.branch(h.to(a.dtype), a, b * adapter.scale, **kwargs).to(base.dtype)
         return w * ((ratio - 1) * plain + ratio * lora)
 
-    def per_channel(self, values: Tensor, y: Tensor) -> Tensor:
-        """A per-output-channel vector shaped to broadcast over the output ``y`` (channels in dim 1)."""
-        return values.reshape(1, -1, *([1] * (y.dim() - 2)))
+    def per_channel(self, values: Tensor) -> Tensor:
+        """A per-output-channel vector shaped to broadcast over the output, batched or not: ``(out, 1, …)``
+        with one 1 per spatial dimension of the kernel."""
+        return values.reshape(-1, *([1] * (self.base.weight.dim() - 2)))
 
     @abc.abstractmethod
     def delta(self, a: Tensor, b: Tensor, scale: float) -> Tensor:
@@ -316,7 +317,7 @@ class LoraLinear(LoraLayer):
     def apply_weight(self, x: Tensor, weight: Tensor, **kwargs: Any) -> Tensor:
         return F.linear(x, weight)
 
-    def per_channel(self, values: Tensor, y: Tensor) -> Tensor:
+    def per_channel(self, values: Tensor) -> Tensor:
         return values  # a Linear's channels are its output's last dimension
 
 

@@ -219,3 +219,53 @@ def test_a_kohya_dora_export_says_that_diffusers_drops_dora_scale(tmp_path, capl
     with caplog.at_level("WARNING", logger="visionlora"):
         vl.export_adapter(model, tmp_path / "k.safetensors", format="kohya")
     assert "drops dora_scale from kohya files" in caplog.text
+
+
+def test_lora_files_keep_the_config_older_versions_read_and_bad_family_files_are_refused(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base = torch.nn.Sequential(torch.nn.Linear(8, 10))
+    path = vl.save_adapter(
+        vl.apply_lora(copy.deepcopy(base), vl.LoraConfig(targets="0", rank=2)), tmp_path / "a.safetensors"
+    )
+    with safe_open(str(path), "pt") as f:
+        config = json.loads(f.metadata()["visionlora"])["config"]
+    assert not {"family", "family_pattern", "lokr_factor", "decompose_both", "tucker"} & set(config)
+    # LoKr factors that do not split the kernel: refused on load, the model unchanged
+    save_file(
+        {"lora_unet_0.lokr_w1": torch.ones(3, 2), "lora_unet_0.lokr_w2": torch.ones(3, 4)},
+        str(tmp_path / "k.safetensors"),
+    )
+    fresh = copy.deepcopy(base)
+    with pytest.raises(AdapterFileError, match=r"does not split a kernel of shape \(10, 8\)"):
+        vl.load_adapter(fresh, tmp_path / "k.safetensors")
+    assert isinstance(fresh[0], torch.nn.Linear)
+    # a dora_scale that fits no channel layout
+    save_file(
+        {"lora_unet_0.lora_down.weight": torch.ones(2, 8), "lora_unet_0.lora_up.weight": torch.ones(10, 2),
+         "lora_unet_0.dora_scale": torch.ones(8, 1, 2)},
+        str(tmp_path / "d.safetensors"),
+    )  # fmt: skip
+    with pytest.raises(AdapterFileError, match="magnitude"):
+        vl.load_adapter(copy.deepcopy(base), tmp_path / "d.safetensors")
+
+
+def test_a_diffusers_file_whose_metadata_and_tensors_disagree_on_dora_is_refused(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = vl.apply_lora(tiny_unet(), vl.LoraConfig(targets=ATTENTION, rank=2))
+    path = vl.export_adapter(model, tmp_path / "d.safetensors", format="diffusers")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    meta = json.loads(header["lora_adapter_metadata"])
+    meta["unet.use_dora"] = True
+    save_file(load_file(path), str(path), metadata=header | {"lora_adapter_metadata": json.dumps(meta)})
+    with pytest.raises(AdapterFileError, match="use_dora=True but it holds no lora_magnitude_vector"):
+        vl.read_adapter(path)

@@ -149,12 +149,15 @@ def test_keys_that_cannot_be_mapped_are_listed(tmp_path):
     tensors = _read(vl.export_adapter(unet, tmp_path / "k.safetensors", format="kohya"))
     cases = {
         "vae": ({"lora_vae_decoder_x.lora_down.weight": torch.zeros(2, 4)}, "lora_vae_decoder"),
-        "loha": ({"lora_unet_x.hada_w1_a": torch.zeros(2, 4)}, "lora_unet_x.hada_w1_a"),
+        "oft": ({"lora_unet_x.oft_blocks": torch.zeros(2, 4, 4)}, "lora_unet_x.oft_blocks"),
     }
     for name, (extra, listed) in cases.items():
         save_file(tensors | extra, str(tmp_path / f"{name}.safetensors"))
         with pytest.raises(vl.AdapterFileError, match=rf"1 keys cannot be mapped .*\['{listed}"):
             vl.read_adapter(tmp_path / f"{name}.safetensors")
+    save_file(tensors | {"lora_unet_x.hada_w1_a": torch.zeros(2, 4)}, str(tmp_path / "loha.safetensors"))
+    with pytest.raises(vl.AdapterFileError, match="layer 'x': a loha module needs hada_w1_b, hada_w2_a, hada_w2_b"):
+        vl.read_adapter(tmp_path / "loha.safetensors")
     renamed = {k.replace("down_blocks_0_resnets_0", "down_blocks_7_resnets_0"): v for k, v in tensors.items()}
     save_file(renamed, str(tmp_path / "other.safetensors"))
     with pytest.raises(vl.AdapterFileError, match=r"cannot be mapped onto a UNet2DConditionModel: .*down_blocks_7"):

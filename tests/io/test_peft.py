@@ -139,9 +139,12 @@ def test_peft_options_visionlora_cannot_reproduce_are_refused(tmp_path):
     model, _ = _trained_resnet()
     folder = vl.export_adapter(model, tmp_path / "peft", format="peft")
     config = json.loads((folder / "adapter_config.json").read_text())
-    config["use_dora"] = True
+    config["use_dora"] = True  # without the magnitudes it needs
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(vl.AdapterFileError, match=r"does not reproduce: \['use_dora'\]"):
+    with pytest.raises(vl.AdapterFileError, match=r"use_dora is set but layers .* have no lora_magnitude_vector"):
+        vl.read_adapter(folder)
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"use_dora": False, "lora_bias": True}))
+    with pytest.raises(vl.AdapterFileError, match=r"does not reproduce: \['lora_bias'\]"):
         vl.read_adapter(folder)
     (folder / "adapter_config.json").write_text(json.dumps(config | {"use_dora": False, "peft_type": "LOHA"}))
     with pytest.raises(vl.AdapterFileError, match="peft_type is 'LOHA'"):

@@ -199,12 +199,26 @@ def record_metadata(file: AdapterFile, format_name: str = FORMAT) -> str:
         "format": format_name,
         "format_version": FORMAT_VERSION,
         "adapter_name": file.adapter_name,
-        "config": file.config.to_dict(),
+        "config": _config_to_dict(file.config),
         "layers": {name: _spec_to_dict(spec) for name, spec in file.layers.items()},
         "extra": list(file.extra),
         "buffers": list(file.buffers),
     }
     return json.dumps(meta)
+
+
+_FAMILY_FIELDS = ("family", "family_pattern", "lokr_factor", "decompose_both", "tucker")
+
+
+def _config_to_dict(config: LoraConfig) -> dict[str, Any]:
+    """The stored config; the family fields only where they differ from LoRA's defaults, so that a LoRA
+    file stays readable by visionlora versions before families."""
+    out = config.to_dict()
+    defaults = {f.name: f.default for f in dataclasses.fields(LoraConfig) if f.name in _FAMILY_FIELDS}
+    for name in _FAMILY_FIELDS:
+        if out[name] in (defaults[name], {}):
+            del out[name]
+    return out
 
 
 def _spec_to_dict(spec: LayerSpec) -> dict[str, Any]:

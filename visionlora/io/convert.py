@@ -186,9 +186,14 @@ def require_exportable(
         family = file.layers[other[0]].family
         raise file_error(
             file.path,
-            f"{other[0]!r} is a {family} adapter, which {format_name} files cannot hold (they hold "
-            f"{', '.join(families)}); {len(other)} such layers. Export LoHa and LoKr to 'kohya' or keep the "
-            "visionlora file",
+            f"{other[0]!r} is a {family} adapter, which {format_name} files cannot hold here (they hold "
+            f"{', '.join(families)}); {len(other)} such layers. "
+            + (
+                "kohya files hold LoRA only on Flux's and SD3's fused modules: export to 'diffusers' (DoRA) or "
+                "keep the visionlora file"
+                if format_name == "kohya"
+                else "Export LoHa and LoKr to 'kohya' or keep the visionlora file"
+            ),
         )
     problems = []
     for name, spec in file.layers.items():
@@ -270,7 +275,8 @@ def foreign_record(
     ``origins``: each layer's key stem in the file (see :attr:`AdapterFile.origins`). A layer's family
     follows from its tensors' names (:func:`~visionlora.io.lycoris.family_of`)."""
     layers: dict[str, LayerSpec] = {}
-    grouped = adapter_tensors(tensors)
+    held_in_full = set(extra or [])
+    grouped = adapter_tensors({k: v for k, v in tensors.items() if k not in held_in_full})
     if not grouped:
         raise file_error(path, f"no LoRA layers found in this {format_name} file")
     for name, group in sorted(grouped.items()):
@@ -286,8 +292,12 @@ def foreign_record(
                     path,
                     f"layer {name!r}: LoRA matrices of shapes {tuple(a.shape)} and {tuple(b.shape)} do not pair up",
                 )
+        elif family is None:
+            raise file_error(path, f"layer {name!r}: {sorted(group)} without LoRA, LoHa or LoKr factors")
         else:
-            assert family is not None
+            missing = _missing_parts(family, group)
+            if missing:
+                raise file_error(path, f"layer {name!r}: a {family} module needs {missing}; it has {sorted(group)}")
             rank = family_rank(family, group) or 0
             if not 1 <= rank <= MAX_RANK:
                 raise file_error(
@@ -346,6 +356,19 @@ def adapter_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, 
         if split is not None:
             grouped.setdefault(split[0], {})[split[1]] = tensor
     return grouped
+
+
+def _missing_parts(family: str, group: Mapping[str, torch.Tensor]) -> str | None:
+    """What a LoHa or LoKr module lacks (e.g. ``hada_w2_b``, or ``lokr_w2 or lokr_w2_a + lokr_w2_b``), or None."""
+    if family == "loha":
+        needed = [n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if n not in group]
+        if ("hada_t1" in group) != ("hada_t2" in group):
+            needed.append("both Tucker cores hada_t1 and hada_t2")
+        return ", ".join(needed) or None
+    for half in ("w1", "w2"):
+        if f"lokr_{half}" not in group and not {f"lokr_{half}_a", f"lokr_{half}_b"} <= set(group):
+            return f"lokr_{half} or lokr_{half}_a + lokr_{half}_b"
+    return None
 
 
 def header_json(path: Path, raw: str, key: str) -> Any:

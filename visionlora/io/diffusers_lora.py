@@ -127,11 +127,12 @@ def components_in(raw: Mapping[str, torch.Tensor]) -> list[str]:
 
 def _declared_alphas(
     path: Path, header: Mapping[str, str], names: set[str], component: str
-) -> tuple[dict[str, float], bool]:
-    """Per-layer alphas (and rsLoRA) from diffusers' ``lora_adapter_metadata`` header; empty without one."""
+) -> tuple[dict[str, float], bool, bool | None]:
+    """Per-layer alphas, rsLoRA and use_dora from diffusers' ``lora_adapter_metadata`` header (empty, False,
+    None without one)."""
     raw = header.get(METADATA_KEY)
     if not raw:
-        return {}, False
+        return {}, False, None
     meta = header_json(path, raw, METADATA_KEY)
     if not isinstance(meta, dict):
         raise file_error(path, f"the {METADATA_KEY!r} header entry is not a JSON object")
@@ -143,7 +144,8 @@ def _declared_alphas(
     alpha, patterns = own.get("lora_alpha", own.get("r")), own.get("alpha_pattern") or {}
     check_patterns(path, patterns, f"the {METADATA_KEY!r} header's alpha_pattern")
     alphas = {n: pattern_value(patterns, n, alpha) for n in names}
-    return {n: a for n, a in alphas.items() if a is not None}, own.get("use_rslora") is True
+    dora = own.get("use_dora")
+    return {n: a for n, a in alphas.items() if a is not None}, own.get("use_rslora") is True, dora is True
 
 
 def read_diffusers(source: Source, component: str = COMPONENTS[0]) -> AdapterFile:
@@ -189,6 +191,12 @@ def read_diffusers(source: Source, component: str = COMPONENTS[0]) -> AdapterFil
     unmappable(
         path, bad, "LoRA layer", " (expected <module>.lora_A.weight / .lora_B.weight / .alpha / .lora_magnitude_vector)"
     )
-    declared, rslora = _declared_alphas(path, header, names, component)
+    declared, rslora, dora = _declared_alphas(path, header, names, component)
+    if dora is not None and dora != bool(magnitudes):
+        raise file_error(
+            path,
+            f"its metadata says use_dora={dora} but it holds {'no' if dora else ''} {PEFT_MAGNITUDE} tensors; "
+            "diffusers would build other layers than the tensors describe",
+        )
     file = foreign_record(path, "diffusers", tensors, {**declared, **alphas}, rslora=rslora, origins=origins)
     return kept_record(dataclasses.replace(file, component=component), header)

@@ -339,6 +339,7 @@ def resolve_names(file: AdapterFile, model: nn.Module) -> AdapterFile:
         for suffix in ("magnitude", "lokr_w2"):  # kept as (out, 1, …) / (b, d, …): the layer's dimensions
             if f"{name}.{suffix}" in tensors:
                 t = tensors[f"{name}.{suffix}"]
-                tensors[f"{name}.{suffix}"] = t.reshape(*t.shape[:2], *([1] * (dims - 2))) if t.ndim != dims else t
+                if t.ndim != dims and t.ndim >= 2 and t.shape[2:].numel() == 1:  # else the load names the mismatch
+                    tensors[f"{name}.{suffix}"] = t.reshape(*t.shape[:2], *([1] * (dims - 2)))
         layers[name] = dataclasses.replace(spec, kind=kind)
     return dataclasses.replace(renamed, tensors=tensors, layers=layers)

@@ -64,13 +64,14 @@ def kohya_tensors(parts: Parts) -> Payload:
     shared = most_common(s.alpha for file in records.values() for s in file.layers.values())
     for component, file in records.items():
         prefix = _prefix_for(component, list(file.layers), xl, flux)
+        grouped = adapter_tensors(file.tensors)
         for name, spec in file.layers.items():
             flat = flat_name(sgm[name]) if sgm is not None and component == "unet" else kohya_name(component, name)
             key = prefix + flat
             if key in by_flat:
                 raise file_error(file.path, f"modules {by_flat[key]!r} and {name!r} both flatten to kohya name {key!r}")
             by_flat[key] = name
-            held = adapter_tensors(file.tensors)[name]
+            held = dict(grouped[name])
             # The file's scale is alpha / r (1 for a LoKr of two full halves); the rest is folded in.
             written = 1.0 if spec.family == "lokr" and full_kron(held) else shared / spec.rank
             ratio = layer_scale(file, name) / written

@@ -22,6 +22,7 @@ from torch import nn
 
 from visionlora.errors import VisionLoraError
 from visionlora.io.adapter import AdapterFile
+from visionlora.io.convert import split_adapter_key
 from visionlora.io.files import read_safetensors
 from visionlora.io.formats import FORMAT_TABLE, components_of, open_adapter, read_component
 from visionlora.io.load import fit_file, fit_problems
@@ -155,7 +156,7 @@ def models_to_check(spec: str, parts: list[str]) -> nn.Module | dict[str, nn.Mod
 def _with_origin(record: AdapterFile, problem: str) -> str:
     """``problem`` prefixed with the file's key stem of its layer where that differs from the layer's name."""
     head = problem.split(":", 1)[0]
-    name = head.split(".lora_", 1)[0]
+    name = (split_adapter_key(head) or (head, ""))[0]
     origin = record.origins.get(name)
     return f"{origin} -> {problem}" if origin is not None and origin != name else problem
 

@@ -156,6 +156,12 @@ class StyleTask(Task):
         self.pipe = pipe = load_pipeline(recipe.model)
         self.cond = Conditioner(pipe, data.max_sequence_length)
         self.denoiser = "transformer" if self.cond.kind in ("flux", "sd3") else "unet"
+        used = {recipe.lora.family, *recipe.lora.family_pattern.values()}
+        if self.denoiser == "transformer" and "kohya" in recipe.output.export and used != {"lora"}:
+            raise ConfigError(
+                f"output.export: kohya files hold LoRA only on Flux's and SD3's fused modules, and lora trains "
+                f"{', '.join(sorted(used))}; export to diffusers (DoRA) or leave kohya out"
+            )
         self.denoising = denoising_for(pipe, self.cond, recipe.train)
         length = self.cond.max_sequence_length
         self.pipe_kwargs = {} if length is None else {"max_sequence_length": length}

@@ -54,8 +54,9 @@ def warmup_steps(train: Train, total: int) -> int:
 
 
 def _no_decay(name: str, param: nn.Parameter, norms: set[str]) -> bool:
-    """Biases, norm weights and other 1-D parameters (timm's rule), never LoRA matrices."""
-    return param.ndim <= 1 or name.rsplit(".", 1)[0] in norms
+    """Biases, norm weights and other 1-D parameters (timm's rule; DoRA's magnitude, a vector stored as
+    ``(out, 1, …)``, with them), never LoRA matrices."""
+    return param.ndim <= 1 or name.endswith(".magnitude") or name.rsplit(".", 1)[0] in norms
 
 
 def param_groups(
