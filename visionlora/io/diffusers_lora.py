@@ -177,13 +177,14 @@ def read_diffusers(source: Source, component: str = COMPONENTS[0]) -> AdapterFil
             origins[name.rsplit(".lora_", 1)[0]] = key.rsplit(".lora_", 1)[0]
         elif name.endswith(f".{PEFT_MAGNITUDE}"):
             magnitudes[name.removesuffix(f".{PEFT_MAGNITUDE}")] = tensor
+            origins[name.removesuffix(f".{PEFT_MAGNITUDE}")] = key.removesuffix(f".{PEFT_MAGNITUDE}")
         elif name.endswith(".alpha"):
             alphas[name.removesuffix(".alpha")] = scalar_alpha(path, key, tensor)
         else:
             bad.append(key)
     names = {k.rsplit(".lora_", 1)[0] for k in tensors}
     bad += [f"{n}.alpha" for n in alphas if n not in names] + [
-        f"{n}.{PEFT_MAGNITUDE}" for n in magnitudes if n not in names
+        f"{origins[n]}.{PEFT_MAGNITUDE}" for n in magnitudes if n not in names
     ]
     for name, magnitude in magnitudes.items():
         if name in names and f"{name}.lora_A.weight" in tensors:

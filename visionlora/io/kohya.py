@@ -207,7 +207,10 @@ def read_kohya(source: Source, component: str = "unet") -> AdapterFile:
         down, up, mid = parts.get(".lora_down.weight"), parts.get(".lora_up.weight"), parts.get(".lora_mid.weight")
         family = record_parts(path, prefix + base, parts)  # LyCORIS' tensors, DoRA's magnitude included
         if down is not None or up is not None or mid is not None or set(family) <= {"magnitude"}:
-            if down is None or up is None or set(family) - {"magnitude"}:
+            others = sorted(set(family) - {"magnitude"})
+            if others:
+                raise file_error(path, f"{prefix}{base}: holds LoRA (lora_down/lora_up) and {others} together")
+            if down is None or up is None:
                 raise file_error(path, f"{prefix}{base}: needs both lora_down and lora_up, has {sorted(parts)}")
             tensors[f"{base}.lora_A.weight"] = down if mid is None else _fold_mid(path, prefix + base, down, mid)
             tensors[f"{base}.lora_B.weight"] = up
