@@ -41,6 +41,7 @@ from visionlora.layers import LoraConv, LoraLayer, LoraLinear
 from visionlora.merge import merge, merge_and_unload, unmerge
 from visionlora.models import expand_preset, fitting_presets, replace_head
 from visionlora.prefix import FrozenSplit, split_frozen_prefix
+from visionlora.quantize import dequantize_base, quantize_base
 from visionlora.summary import summary
 
 __version__ = "0.1.0"
@@ -67,6 +68,7 @@ __all__ = [
     "active_adapters",
     "apply_lora",
     "delete_adapter",
+    "dequantize_base",
     "disable_adapters",
     "enable_adapters",
     "evaluate",
@@ -83,6 +85,7 @@ __all__ = [
     "merge_and_unload",
     "merged_state_dict",
     "predict",
+    "quantize_base",
     "read_adapter",
     "replace_head",
     "resize_adapter",

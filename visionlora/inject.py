@@ -40,6 +40,7 @@ from visionlora.fastpaths import fast_path_for
 from visionlora.layers import LoraConv, LoraConvTranspose, LoraLayer, LoraLinear, base_layer, layer_kind
 from visionlora.lora_math import InitFn, gaussian_init, is_transposed, kaiming_init, max_useful_rank
 from visionlora.models.presets import expand_preset, presets_in_patterns
+from visionlora.quantize import check_not_dynamic
 from visionlora.ranks import allocate, probe_resolutions
 from visionlora.state import (
     activate,
@@ -271,6 +272,7 @@ def check_new_adapter(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> L
     if not isinstance(cfg, LoraConfig):
         raise ConfigError(f"cfg: expected a visionlora.LoraConfig, got {type(cfg).__name__}")
     check_adapter_name(adapter_name)
+    check_not_dynamic(model)
     require_unmerged(model, "add an adapter")
     return dataclasses.replace(copy.deepcopy(cfg))  # our own copy, checked again in case it was edited
 

@@ -213,10 +213,18 @@ class LoraLayer(nn.Module, abc.ABC):
             return self.base(x)
         if self.in_weight_space(x):  # the base's own forward, on W + ΔW
             weight = self.base.weight
-            return functional_call(self.base, {"weight": weight + self.delta_weight(weight.dtype)}, (x,))
+            return self.run_with(x, weight + self.delta_weight(weight.dtype))
         if self.fast is not None and self.plain() and (fast := self.fast(self, x)) is not None:
             return fast
         return self.add_branches(self.base(x), x)
+
+    def run_with(self, x: Tensor, weight: Tensor, **kwargs: Any) -> Tensor:
+        """The base's forward with ``weight`` in place of its own (an int8 base: its operation plus bias)."""
+        if getattr(self.base, "quantized_bits", None) is None:
+            return functional_call(self.base, {"weight": weight}, (x, *kwargs.values()))
+        bias = self.base.bias
+        y = self.apply_weight(x, weight, **kwargs)
+        return y if bias is None else y + self.per_channel(bias)
 
     def in_weight_space(self, x: Tensor) -> bool:
         """Whether forward runs the base once on W + ΔW: always for a layer whose forward transforms its
@@ -368,7 +376,7 @@ class LoraConvTranspose(LoraLayer):
             return self.base(x, output_size)
         weight = self.base.weight
         if self.in_weight_space(x):
-            return functional_call(self.base, {"weight": weight + self.delta_weight(weight.dtype)}, (x, output_size))
+            return self.run_with(x, weight + self.delta_weight(weight.dtype), output_size=output_size)
         return self.add_branches(self.base(x, output_size), x, output_size=output_size)
 
 

@@ -70,6 +70,13 @@ def merge(model: nn.Module) -> nn.Module:
         raise AdapterError(
             f"adapters are disabled (e.g. {disabled[0]!r}); call vl.enable_adapters(model) before merging"
         )
+    held = [n for n, layer in layers if getattr(layer.base, "quantized_bits", None) is not None]
+    if held:
+        raise MergeError(
+            f"{held[0]!r} holds its base in int8 (vl.quantize_base): W + ΔW cannot be written into it; use "
+            "vl.export_merged(model, path, dtype=...) for a float merged checkpoint, or vl.dequantize_base(model) "
+            "first"
+        )
     new_weights = [merged_weight(layer) for _, layer in layers]
     for (_, layer), weight in zip(layers, new_weights, strict=True):
         layer.write_merged(weight)

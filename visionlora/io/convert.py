@@ -33,7 +33,7 @@ from visionlora.io.adapter import (
     parse_record,
     record_metadata,
 )
-from visionlora.io.lycoris import family_of, family_rank, full_kron, scale_key
+from visionlora.io.lycoris import family_of, family_rank, full_kron, missing_parts, scale_key
 from visionlora.lora_math import lora_scale
 from visionlora.models.loading import DENOISERS
 
@@ -41,7 +41,6 @@ __all__ = [
     "COMPONENTS",
     "DENOISERS",
     "KINDS_BY_NDIM",
-    "PEFT_MAGNITUDE",
     "adapter_tensors",
     "anchored",
     "check_patterns",
@@ -54,9 +53,6 @@ __all__ = [
     "layer_scale",
     "most_common",
     "pattern_value",
-    "peft_dora",
-    "peft_magnitude",
-    "record_magnitude",
     "require_exportable",
     "scalar_alpha",
     "split_adapter_key",
@@ -222,42 +218,6 @@ def require_exportable(
         )
 
 
-PEFT_MAGNITUDE = "lora_magnitude_vector"
-"""PEFT's (and diffusers') name of a DoRA layer's magnitude: ``(out,)`` on a Linear, ``(1, out, 1, …)`` on a conv."""
-
-
-def peft_magnitude(magnitude: torch.Tensor) -> torch.Tensor:
-    """A record's magnitude ``(out, 1, …)`` in PEFT's shape."""
-    return magnitude.reshape(-1) if magnitude.ndim == 2 else magnitude.reshape(1, -1, *magnitude.shape[2:])
-
-
-def record_magnitude(magnitude: torch.Tensor, ndim: int) -> torch.Tensor:
-    """PEFT's magnitude of a layer whose A has ``ndim`` dimensions in the record's shape ``(out, 1, …)``."""
-    return magnitude.reshape(-1, *([1] * (ndim - 1)))
-
-
-def peft_dora(file: AdapterFile, format_name: str) -> bool:
-    """Whether ``file`` is DoRA in PEFT's sense (every layer; magnitude per output channel), False for plain
-    LoRA; refuses a mix, which PEFT's one ``use_dora`` cannot express, and per-input-channel magnitudes."""
-    dora = sorted(n for n, spec in file.layers.items() if spec.family == "dora")
-    if dora and len(dora) != len(file.layers):
-        plain = sorted(set(file.layers) - set(dora))
-        raise file_error(
-            file.path,
-            f"mixes DoRA ({dora[0]!r}, ...) and LoRA ({plain[0]!r}, ...) layers; {format_name}'s use_dora is one "
-            "setting for every layer of a model (export to 'kohya' or keep the visionlora file)",
-        )
-    for name in dora:
-        m, b = file.tensors[f"{name}.magnitude"], file.tensors[f"{name}.lora_B.weight"]
-        if m.shape[0] != b.shape[0] or any(s != 1 for s in m.shape[1:]):
-            raise file_error(
-                file.path,
-                f"{name}: DoRA magnitude {tuple(m.shape)} is per input channel (LyCORIS' wd_on_out=False); "
-                f"{format_name}'s DoRA is per output channel (export to 'kohya')",
-            )
-    return bool(dora)
-
-
 def foreign_record(
     path: Path,
     format_name: str,
@@ -295,7 +255,7 @@ def foreign_record(
         elif family is None:
             raise file_error(path, f"layer {name!r}: {sorted(group)} without LoRA, LoHa or LoKr factors")
         else:
-            missing = _missing_parts(family, group)
+            missing = missing_parts(family, group)
             if missing:
                 raise file_error(path, f"layer {name!r}: a {family} module needs {missing}; it has {sorted(group)}")
             rank = family_rank(family, group) or 0
@@ -356,19 +316,6 @@ def adapter_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, 
         if split is not None:
             grouped.setdefault(split[0], {})[split[1]] = tensor
     return grouped
-
-
-def _missing_parts(family: str, group: Mapping[str, torch.Tensor]) -> str | None:
-    """What a LoHa or LoKr module lacks (e.g. ``hada_w2_b``, or ``lokr_w2 or lokr_w2_a + lokr_w2_b``), or None."""
-    if family == "loha":
-        needed = [n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if n not in group]
-        if ("hada_t1" in group) != ("hada_t2" in group):
-            needed.append("both Tucker cores hada_t1 and hada_t2")
-        return ", ".join(needed) or None
-    for half in ("w1", "w2"):
-        if f"lokr_{half}" not in group and not {f"lokr_{half}_a", f"lokr_{half}_b"} <= set(group):
-            return f"lokr_{half} or lokr_{half}_a + lokr_{half}_b"
-    return None
 
 
 def header_json(path: Path, raw: str, key: str) -> Any:

@@ -29,7 +29,6 @@ import torch
 from visionlora.io.adapter import AdapterFile, Parts, Payload, Source, file_error
 from visionlora.io.convert import (
     COMPONENTS,
-    PEFT_MAGNITUDE,
     anchored,
     check_patterns,
     exact_regex,
@@ -40,13 +39,11 @@ from visionlora.io.convert import (
     layer_scale,
     most_common,
     pattern_value,
-    peft_dora,
-    peft_magnitude,
-    record_magnitude,
     require_exportable,
     scalar_alpha,
     unmappable,
 )
+from visionlora.io.peft import PEFT_MAGNITUDE, peft_dora, peft_magnitude, record_magnitude
 
 __all__ = ["LORA_WEIGHTS_FILE", "METADATA_KEY", "components_in", "diffusers_tensors", "read_diffusers"]
 

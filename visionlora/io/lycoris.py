@@ -28,7 +28,16 @@ from visionlora.branches import FAMILY_KEYS
 from visionlora.config import Family
 from visionlora.io.adapter import file_error
 
-__all__ = ["FAMILY_PARTS", "family_of", "family_rank", "file_parts", "record_parts", "scale_key"]
+__all__ = [
+    "FAMILY_PARTS",
+    "family_of",
+    "family_rank",
+    "file_parts",
+    "full_kron",
+    "missing_parts",
+    "record_parts",
+    "scale_key",
+]
 
 FAMILY_PARTS: dict[str, str] = {
     **{f".{name}": name for family in ("loha", "lokr") for name in FAMILY_KEYS[family] if name != "magnitude"},
@@ -99,3 +108,16 @@ def file_parts(family: Family, tensors: Mapping[str, torch.Tensor]) -> dict[str,
     if family in ("lora", "dora"):
         ending |= {"lora_A.weight": ".lora_down.weight", "lora_B.weight": ".lora_up.weight"}
     return {ending[n]: t for n, t in tensors.items()}
+
+
+def missing_parts(family: str, group: Mapping[str, torch.Tensor]) -> str | None:
+    """What a LoHa or LoKr module lacks (e.g. ``hada_w2_b``, or ``lokr_w2 or lokr_w2_a + lokr_w2_b``), or None."""
+    if family == "loha":
+        needed = [n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if n not in group]
+        if ("hada_t1" in group) != ("hada_t2" in group):
+            needed.append("both Tucker cores hada_t1 and hada_t2")
+        return ", ".join(needed) or None
+    for half in ("w1", "w2"):
+        if f"lokr_{half}" not in group and not {f"lokr_{half}_a", f"lokr_{half}_b"} <= set(group):
+            return f"lokr_{half} or lokr_{half}_a + lokr_{half}_b"
+    return None

@@ -41,6 +41,7 @@ from visionlora.io.formats import file_components
 from visionlora.io.ldm import ldm_state_dict, sdxl_state_dict
 from visionlora.io.load import load_adapter
 from visionlora.models.loading import load_component
+from visionlora.quantize import float_state_dict
 from visionlora.state import lora_layers, original_state_dict
 
 __all__ = ["export_merged", "merge_pipeline", "merged_state_dict"]
@@ -59,7 +60,7 @@ def merged_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None) -> 
             naming the keys.
     """
     require_module(model)
-    out = original_state_dict(model)  # holds unmerged weights even while merged (see LoraLayer)
+    out = float_state_dict(model, original_state_dict(model))  # unmerged weights even while merged; int8 in float
     with torch.no_grad():
         for name, layer in lora_layers(model):
             if layer.active and not layer.disabled:

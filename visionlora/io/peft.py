@@ -23,7 +23,6 @@ import torch
 from visionlora.io.adapter import AdapterFile, Parts, Payload, Source, cast_tensors, file_error
 from visionlora.io.convert import (
     COMPONENTS,
-    PEFT_MAGNITUDE,
     anchored,
     check_patterns,
     exact_regex,
@@ -32,15 +31,21 @@ from visionlora.io.convert import (
     kept_record,
     most_common,
     pattern_value,
-    peft_dora,
-    peft_magnitude,
-    record_magnitude,
     require_exportable,
     unmappable,
 )
 from visionlora.io.files import read_safetensors
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "peft_tensors", "read_peft"]
+__all__ = [
+    "CONFIG_FILE",
+    "PEFT_MAGNITUDE",
+    "WEIGHTS_FILE",
+    "peft_dora",
+    "peft_magnitude",
+    "peft_tensors",
+    "read_peft",
+    "record_magnitude",
+]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -58,6 +63,42 @@ _UNSUPPORTED = {
     "use_qalora": False,
     "use_bdlora": None,
 }
+
+
+PEFT_MAGNITUDE = "lora_magnitude_vector"
+"""PEFT's (and diffusers') name of a DoRA layer's magnitude: ``(out,)`` on a Linear, ``(1, out, 1, …)`` on a conv."""
+
+
+def peft_magnitude(magnitude: torch.Tensor) -> torch.Tensor:
+    """A record's magnitude ``(out, 1, …)`` in PEFT's shape."""
+    return magnitude.reshape(-1) if magnitude.ndim == 2 else magnitude.reshape(1, -1, *magnitude.shape[2:])
+
+
+def record_magnitude(magnitude: torch.Tensor, ndim: int) -> torch.Tensor:
+    """PEFT's magnitude of a layer whose A has ``ndim`` dimensions in the record's shape ``(out, 1, …)``."""
+    return magnitude.reshape(-1, *([1] * (ndim - 1)))
+
+
+def peft_dora(file: AdapterFile, format_name: str) -> bool:
+    """Whether ``file`` is DoRA in PEFT's sense (every layer; magnitude per output channel), False for plain
+    LoRA; refuses a mix, which PEFT's one ``use_dora`` cannot express, and per-input-channel magnitudes."""
+    dora = sorted(n for n, spec in file.layers.items() if spec.family == "dora")
+    if dora and len(dora) != len(file.layers):
+        plain = sorted(set(file.layers) - set(dora))
+        raise file_error(
+            file.path,
+            f"mixes DoRA ({dora[0]!r}, ...) and LoRA ({plain[0]!r}, ...) layers; {format_name}'s use_dora is one "
+            "setting for every layer of a model (export to 'kohya' or keep the visionlora file)",
+        )
+    for name in dora:
+        m, b = file.tensors[f"{name}.magnitude"], file.tensors[f"{name}.lora_B.weight"]
+        if m.shape[0] != b.shape[0] or any(s != 1 for s in m.shape[1:]):
+            raise file_error(
+                file.path,
+                f"{name}: DoRA magnitude {tuple(m.shape)} is per input channel (LyCORIS' wd_on_out=False); "
+                f"{format_name}'s DoRA is per output channel (export to 'kohya')",
+            )
+    return bool(dora)
 
 
 def _owner(key: str) -> str:

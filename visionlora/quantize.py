@@ -1,0 +1,145 @@
+"""A frozen base held in int8: weight-only, one scale per output channel, dequantized inside forward.
+
+``quantize_base(model)`` stores every nn.Linear and nn.Conv1d/2d/3d weight (LoRA layers' bases
+included, before or after ``apply_lora``) as int8 ``q`` with a float32 scale ``s`` per output
+channel, ``W ≈ q · s`` with ``s = max|W_row| / 127`` (symmetric, round to nearest). The layer
+keeps its class (a subclass of it, ``Int8Linear``...) and computes ``weight`` from ``q`` and ``s``
+when it runs, so LoRA and the other families train on top exactly as on a float base; no gradient
+reaches ``q``. About 4× less memory than fp32 for the frozen weights (biases stay float).
+
+Layers whose own forward transforms the weight (timm's StdConv2d) stay float. A merged checkpoint
+(:func:`visionlora.export_merged`) is written in float from the dequantized weights;
+:func:`dequantize_base` turns the layers back into float ones (e.g. before ``merge``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from visionlora.errors import ConfigError, UnsupportedModuleError
+from visionlora.layers import LoraLayer, transforms_weight_or_input
+
+__all__ = [
+    "Int8Weight",
+    "check_not_dynamic",
+    "dequantize",
+    "dequantize_base",
+    "float_state_dict",
+    "quantize_base",
+    "quantize_weight",
+]
+
+_QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(q, s): int8 ``q`` and a float32 scale per output channel (shaped ``(out, 1, …)``) with W ≈ q · s."""
+    w = weight.detach().float()
+    scale = w.reshape(w.shape[0], -1).abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    scale = scale.reshape(-1, *([1] * (w.dim() - 1)))
+    return torch.round(w / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """q · s in ``dtype``."""
+    return (q.to(torch.float32) * scale).to(dtype)
+
+
+class Int8Weight:
+    """Mixed into a Linear/Conv class: ``weight`` is ``weight_int8 · weight_scale`` in ``weight_dtype``."""
+
+    quantized_bits = 8
+    weight_int8: Tensor
+    weight_scale: Tensor
+    weight_dtype: torch.dtype
+
+    @property
+    def weight(self) -> Tensor:
+        return dequantize(self.weight_int8, self.weight_scale, self.weight_dtype)
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        raise UnsupportedModuleError(
+            f"{type(self).__name__}'s weight is held in int8; it cannot be replaced (vl.dequantize_base first)"
+        )
+
+
+_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _int8_class(cls: type[nn.Module]) -> type[nn.Module]:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Int8{cls.__name__}", (Int8Weight, cls), {"__module__": __name__})
+    return _CLASSES[cls]
+
+
+def _targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer | Int8Weight):
+            continue
+        if isinstance(module, _QUANTIZABLE) and not transforms_weight_or_input(module):
+            found.append((name, module))
+    return found
+
+
+def check_not_dynamic(model: nn.Module) -> None:
+    """Refuse, naming the layer and what to do instead, a model with torch.ao's dynamically quantized layers."""
+    dynamic = [n for n, m in model.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
+    if dynamic:
+        raise UnsupportedModuleError(
+            f"{dynamic[0]!r} ({type(model.get_submodule(dynamic[0])).__name__}) was quantized by torch.ao "
+            "(quantize_dynamic), whose packed weights LoRA cannot wrap or train on; quantize the float model with "
+            "vl.quantize_base(model) instead"
+        )
+
+
+def quantize_base(model: nn.Module, bits: int = 8) -> nn.Module:
+    """Hold every Linear and Conv1d/2d/3d weight of ``model`` (LoRA layers' bases included) in int8,
+    in place; returns ``model``. Biases, norms and LoRA adapters stay as they are.
+
+    Raises:
+        ConfigError: ``bits`` other than 8.
+        UnsupportedModuleError: a model quantized by ``torch.ao.quantization.quantize_dynamic``.
+    """
+    if bits != 8:
+        raise ConfigError(f"quantize_base: bits={bits!r}; visionlora holds bases in 8 bits (bits=8)")
+    check_not_dynamic(model)
+    for _, module in _targets(model):
+        weight: Tensor = module.weight  # type: ignore[assignment]  # a Linear's / Conv's
+        q, scale = quantize_weight(weight)
+        del module._parameters["weight"]
+        module.__class__ = _int8_class(type(module))
+        module.register_buffer("weight_int8", q.to(weight.device))
+        module.register_buffer("weight_scale", scale.to(weight.device))
+        module.weight_dtype = weight.dtype  # type: ignore[assignment]
+    return model
+
+
+def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Turn :func:`quantize_base`'s layers back into float ones (weights q · s, in ``dtype`` or their
+    original dtype), in place; returns ``model``."""
+    for _, module in list(model.named_modules()):
+        if isinstance(module, Int8Weight):
+            held: Any = module
+            weight = dequantize(held.weight_int8, held.weight_scale, dtype or held.weight_dtype)
+            original = next(c for c in type(held).__mro__[1:] if issubclass(c, nn.Module) and c is not Int8Weight)
+            for buffer in ("weight_int8", "weight_scale"):
+                del held._buffers[buffer]
+            held.__class__ = original
+            held.register_parameter("weight", nn.Parameter(weight, requires_grad=False))
+    return model
+
+
+def float_state_dict(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` (a state dict of ``model`` under any naming that ends in the layers' own keys) with each
+    int8 layer's ``weight_int8`` / ``weight_scale`` replaced by its dequantized float32 ``weight``."""
+    out = dict(state)
+    for key in [k for k in state if k.endswith(".weight_int8") or k == "weight_int8"]:
+        stem = key[: -len("weight_int8")]
+        scale = out.pop(f"{stem}weight_scale")
+        out[f"{stem}weight"] = dequantize(out.pop(key), scale)
+    return out
