@@ -14,13 +14,17 @@ Layers whose own forward transforms the weight (timm's StdConv2d) stay float. A 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from visionlora._tree import is_under
+from visionlora.config import pattern_matches
 from visionlora.errors import ConfigError, UnsupportedModuleError
 from visionlora.layers import LoraLayer, transforms_weight_or_input
+from visionlora.state import adapter_state
 
 __all__ = [
     "Int8Weight",
@@ -76,10 +80,15 @@ def _int8_class(cls: type[nn.Module]) -> type[nn.Module]:
     return _CLASSES[cls]
 
 
-def _targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _targets(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """The layers to hold in int8: not under a ``skip`` pattern or an adapter's ``trainable`` modules."""
+    trained = [p for cfg in adapter_state(model).configs.values() for p in cfg.trainable]
+    kept = {n for n, _ in model.named_modules() if any(pattern_matches(p, n) for p in [*skip, *trained])}
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer | Int8Weight):
+        original = name[: -len(".base")] if name.endswith(".base") and name[: -len(".base")] in wrapped else name
+        if isinstance(module, LoraLayer | Int8Weight) or is_under(original, kept):
             continue
         if isinstance(module, _QUANTIZABLE) and not transforms_weight_or_input(module):
             found.append((name, module))
@@ -97,9 +106,10 @@ def check_not_dynamic(model: nn.Module) -> None:
         )
 
 
-def quantize_base(model: nn.Module, bits: int = 8) -> nn.Module:
+def quantize_base(model: nn.Module, bits: int = 8, *, skip: Sequence[str] = ()) -> nn.Module:
     """Hold every Linear and Conv1d/2d/3d weight of ``model`` (LoRA layers' bases included) in int8,
-    in place; returns ``model``. Biases, norms and LoRA adapters stay as they are.
+    in place; returns ``model``. Biases, norms and LoRA adapters stay as they are, and so do the
+    modules matching ``skip`` (target patterns, e.g. a new head) and every adapter's ``trainable`` modules.
 
     Raises:
         ConfigError: ``bits`` other than 8.
@@ -108,7 +118,7 @@ def quantize_base(model: nn.Module, bits: int = 8) -> nn.Module:
     if bits != 8:
         raise ConfigError(f"quantize_base: bits={bits!r}; visionlora holds bases in 8 bits (bits=8)")
     check_not_dynamic(model)
-    for _, module in _targets(model):
+    for _, module in _targets(model, skip):
         weight: Tensor = module.weight  # type: ignore[assignment]  # a Linear's / Conv's
         q, scale = quantize_weight(weight)
         del module._parameters["weight"]

@@ -149,13 +149,17 @@ def snapshot_buffers(model: nn.Module) -> None:
         state.buffers_before = {n: b.detach().clone() for n, b in original_buffers(model).items()}
 
 
+_INT8_WEIGHTS = (".weight_int8", ".weight_scale")
+
+
 def changed_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Buffers that differ from the snapshot taken when LoRA was first added (all of them without one)."""
     before = adapter_state(model).buffers_before or {}
     return {
         n: b
         for n, b in original_buffers(model).items()
-        if n not in before or before[n].shape != b.shape or not torch.equal(before[n], b.to(before[n].device))
+        if not n.endswith(_INT8_WEIGHTS)  # a base held in int8 (visionlora.quantize): weights, not training state
+        and (n not in before or before[n].shape != b.shape or not torch.equal(before[n], b.to(before[n].device)))
     }
 
 

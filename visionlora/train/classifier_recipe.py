@@ -39,6 +39,9 @@ class ClassifierModel:
     """``pretrained`` (fetched by torchvision/timm), ``none`` (fresh weights), or a .safetensors/.pt file."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra arguments for ``torchvision.models.get_model`` / ``timm.create_model`` (e.g. ``img_size: 64``)."""
+    quantize: Literal["none", "int8"] = "none"
+    """``int8``: hold the frozen base's Linear and conv weights in int8 (``visionlora.quantize_base``, about 4×
+    less memory for them); LoRA runs only; the new head and ``lora.trainable`` modules stay float."""
 
 
 @dataclass
@@ -184,6 +187,7 @@ class ClassifierRecipe:
             ("data.mean", d.mean is None or len(d.mean) == 3, "null or 3 numbers"),
             ("data.std", d.std is None or (len(d.std) == 3 and min(d.std) > 0), "null or 3 numbers > 0"),
             ("data.crop_pct", d.crop_pct is None or 0 < d.crop_pct <= 1, "null or a number in (0, 1]"),
+            ("model.quantize", self.model.quantize == "none" or t.mode == "lora", "none unless train.mode is lora"),
             (
                 "data.cache_features",
                 not (d.cache_features and (t.mode != "lora" or t.compile or t.mixup or t.cutmix)),
@@ -203,6 +207,7 @@ class ClassifierRecipe:
             ("data.image_size", self.data.image_size >= 8, "an integer >= 8"),
             ("data.batch_size", self.data.batch_size >= 1, "an integer >= 1"),
             ("data.num_workers", self.data.num_workers >= 0, "an integer >= 0"),
+            ("model.quantize", self.model.quantize == "none" or t.mode == "lora", "none unless train.mode is lora"),
             (
                 "data.cache_features",
                 not (self.data.cache_features and self.data.augment),

@@ -24,6 +24,7 @@ from visionlora.inject import apply_lora
 from visionlora.io.files import atomic_path
 from visionlora.io.weights import load_original_transformer
 from visionlora.models.loading import example_input_for
+from visionlora.quantize import quantize_base
 from visionlora.train.conditioning import ENCODERS, Conditioner, Text
 from visionlora.train.data import EpochBatches, mix_seed
 from visionlora.train.denoising import denoising_for
@@ -184,6 +185,8 @@ class StyleTask(Task):
         probe = recipe.lora.rank_by_resolution or recipe.lora.rank_budget is not None
         latent_size = data.resolution // pipe.vae_scale_factor
         apply_lora(unet, recipe.lora, example_input=example_input_for(unet, latent_size) if probe else None)
+        if recipe.model.quantize == "int8":
+            quantize_base(unet)
         parts: dict[str, nn.Module] = {self.denoiser: unet}
         sections = {self.denoiser: "lora"}
         for name, cfg in zip(ENCODERS[:2], (recipe.text_encoder_lora, recipe.text_encoder_2_lora), strict=True):

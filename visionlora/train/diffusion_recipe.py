@@ -37,6 +37,9 @@ class DiffusionModel:
     single-file ``.safetensors`` checkpoint (then give ``config``)."""
     config: str | None = None
     """For a single-file checkpoint: a local diffusers pipeline folder with the matching configs."""
+    quantize: Literal["none", "int8"] = "none"
+    """``int8``: hold the frozen UNet's / transformer's Linear and conv weights in int8 (``visionlora.quantize_base``,
+    about 4× less memory for them); ``lora.trainable`` modules stay float."""
 
 
 @dataclass
