@@ -46,9 +46,11 @@ def test_a_resnet_base_in_int8_is_about_four_times_smaller_and_keeps_its_outputs
         assert_rel_close(model(x), expected, 3e-2)  # int8 rounding, not exact
 
 
-@pytest.mark.parametrize("order", ["quantize first", "lora first"])
-@pytest.mark.parametrize("family", ["lora", "dora", "loha", "lokr"])
-def test_adapters_train_on_an_int8_base_as_on_its_dequantized_float_twin(order, family):
+@pytest.mark.parametrize(
+    ("family", "order"),
+    [("lora", "quantize first"), ("dora", "lora first"), ("loha", "quantize first"), ("lokr", "lora first")],
+)
+def test_adapters_train_on_an_int8_base_as_on_its_dequantized_float_twin(family, order):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=4)
     cfg = vl.LoraConfig(targets="preset:resnet-last-blocks", rank=4, family=family, trainable=["fc"])
@@ -58,7 +60,7 @@ def test_adapters_train_on_an_int8_base_as_on_its_dequantized_float_twin(order, 
         vl.quantize_base(vl.apply_lora(model, cfg))
     randomize_lora(model, std=0.05)
     reference = _float_twin(model)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     model.train(), reference.train()
     y, y_ref = model(x), reference(x)
     assert_rel_close(y, y_ref, 1e-5)
