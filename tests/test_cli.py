@@ -233,7 +233,7 @@ def test_inspect_describes_an_adapter_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "visionlora adapter 'default'" in out
     row = next(line.split() for line in out.splitlines() if line.startswith("layer4.0.conv2 "))
-    assert row == ["layer4.0.conv2", "Conv2d", "-", "4", "8", f"{4 * 512 * 9 + 512 * 4:,}"]
+    assert row == ["layer4.0.conv2", "Conv2d", "-", "4", "8", "lora", f"{4 * 512 * 9 + 512 * 4:,}"]
     assert "LoRA layers: 5" in out and "trained in full: 3,591 (2 tensors)" in out  # fc: 7 x 512 + 7
     assert '"targets": ["preset:resnet-last-blocks"]' in out
 
@@ -275,7 +275,7 @@ def test_export_then_inspect_any_format(tmp_path, fmt, capsys):
     text = capsys.readouterr().out
     assert f": {fmt} adapter 'default'" in text
     assert re.search(
-        r"\ndown_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q +Linear +- +4 +2 +256\n", text
+        r"\ndown_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q +Linear +- +4 +2 +lora +256\n", text
     )
     assert vl.read_adapter(out).layers == vl.read_adapter(tmp_path / "a.safetensors").layers
 
