@@ -105,7 +105,9 @@ def _inspect(args: argparse.Namespace) -> int:
         count = sum(t.numel() for t in grouped.get(name, {}).values())
         total += count
         resolution = "-" if spec.resolution is None else str(spec.resolution)
-        rows.append((name, spec.kind, resolution, str(spec.rank), f"{spec.alpha:g}", spec.family, f"{count:,}"))
+        m = grouped.get(name, {}).get("magnitude")  # DoRA's convention: m per output (PEFT) or input channel
+        family = spec.family if m is None else f"{spec.family} (m per {'out' if m.shape[0] > 1 else 'in'})"
+        rows.append((name, spec.kind, resolution, str(spec.rank), f"{spec.alpha:g}", family, f"{count:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     names = " (kohya's flattened module names)" if file.flat_names else ""
     part = f" ({file.component}; the file holds {', '.join(held)})" if len(held) > 1 else ""

@@ -90,7 +90,7 @@ def test_kohya_files_visionlora_writes_load_exactly_in_lycoris(family, options, 
         ("lokr", {"dora_wd": True, "wd_on_output": False}),
     ],
 )
-def test_kohya_files_lycoris_writes_load_exactly(algo, kwargs, tmp_path):
+def test_kohya_files_lycoris_writes_load_exactly(algo, kwargs, tmp_path, capsys):
     from lycoris.kohya import create_network
 
     base = tiny_unet()
@@ -117,6 +117,10 @@ def test_kohya_files_lycoris_writes_load_exactly(algo, kwargs, tmp_path):
         axis = "in" if kwargs.get("wd_on_output") is False else "out"
         layer = next(m for m in loaded.modules() if isinstance(m, vl.LoraLayer))
         assert layer.adapter("default").norm_axis == axis
+        from visionlora.cli import main
+
+        assert main(["inspect", str(path)]) == 0
+        assert f"(m per {axis})" in capsys.readouterr().out  # the file's DoRA convention, said
     assert len(file.layers) == len(network.unet_loras)
 
 
