@@ -272,8 +272,8 @@ def check_new_adapter(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> L
     if not isinstance(cfg, LoraConfig):
         raise ConfigError(f"cfg: expected a visionlora.LoraConfig, got {type(cfg).__name__}")
     check_adapter_name(adapter_name)
+    require_unmerged(model, "add an adapter")  # also refuses what is not an nn.Module
     check_not_dynamic(model)
-    require_unmerged(model, "add an adapter")
     return dataclasses.replace(copy.deepcopy(cfg))  # our own copy, checked again in case it was edited
 
 
