@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -36,16 +36,20 @@ from visionlora.family_math import (
 from visionlora.lora_math import AdaptableLayer, InitFn, is_transposed, lora_scale, lora_shapes
 
 __all__ = [
+    "FAMILY_KEYS",
+    "REQUIRED_KEYS",
     "Adapter",
     "LohaAdapter",
     "LokrAdapter",
     "LoraAdapter",
     "LoraDelta",
     "adapter_shapes",
+    "adapter_tensors",
     "check_family",
     "magnitude_axis",
     "new_adapter",
     "param_count",
+    "split_adapter_key",
 ]
 
 FAMILY_KEYS: dict[Family, tuple[str, ...]] = {
@@ -62,6 +66,30 @@ REQUIRED_KEYS: dict[Family, tuple[str, ...]] = {
     "lokr": (),
 }
 """The tensors every adapter of a family has (LoKr's depend on its layout)."""
+
+T = TypeVar("T")
+
+_ADAPTER_SUFFIXES = tuple(sorted({f".{k}" for keys in FAMILY_KEYS.values() for k in keys}, key=len, reverse=True))
+
+
+def split_adapter_key(key: str) -> tuple[str, str] | None:
+    """(layer, record name) of an adapter tensor key (``fc.lora_A.weight`` -> ``("fc", "lora_A.weight")``),
+    or None for any other key."""
+    for suffix in _ADAPTER_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix[1:]
+    return None
+
+
+def adapter_tensors(tensors: Mapping[str, T]) -> dict[str, dict[str, T]]:
+    """The adapter tensors of a record grouped by layer: layer -> record name -> tensor."""
+    grouped: dict[str, dict[str, T]] = {}
+    for key, tensor in tensors.items():
+        split = split_adapter_key(key)
+        if split is not None:
+            grouped.setdefault(split[0], {})[split[1]] = tensor
+    return grouped
+
 
 LoraDelta = Callable[[Tensor, Tensor, float], Tensor]
 """The layer's ΔW = scale · B·A for its geometry: ``delta(a, b, scale)``."""

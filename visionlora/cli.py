@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from visionlora.branches import adapter_tensors
 from visionlora.config import DTYPES, LoraConfig
 from visionlora.errors import ConfigError, VisionLoraError
 from visionlora.inject import apply_lora
@@ -24,7 +25,6 @@ from visionlora.io import (
     load_adapter,
     read_adapter,
 )
-from visionlora.io.convert import adapter_tensors
 from visionlora.io.files import write_text
 from visionlora.io.merged import merge_pipeline
 from visionlora.io.report import describe_adapter, models_to_check, render

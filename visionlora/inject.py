@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from visionlora._tree import adaptable_kind, check_placement, is_under, iter_modules, replace_module
-from visionlora.branches import Adapter, adapter_shapes, check_family, new_adapter, param_count
+from visionlora.branches import Adapter, adapter_shapes, adapter_tensors, check_family, new_adapter, param_count
 from visionlora.config import Family, LoraConfig, is_exact_name, pattern_matches
 from visionlora.errors import AdapterError, ConfigError, TargetError, UnsupportedModuleError
 from visionlora.fastpaths import fast_path_for
@@ -329,24 +329,24 @@ def _new_adapter(
 ) -> Adapter:
     """A new adapter for ``layer`` (ΔW = 0, or empty for ``values``), not yet attached to it."""
     layer.check_dropout(cfg.dropout)
-    given = None if values is None else _given_shapes(m.name, values)
+    given = None if values is None else _given_shapes(values).get(m.name, {})
     adapter = new_adapter(layer.base, m.family, m.rank, m.alpha, cfg, init, generator, given)
     adapter.resolution = m.resolution
     return adapter
 
 
-def _given_shapes(layer: str, values: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    """The shapes of ``values``' tensors of adapted layer ``layer`` (``<layer>.lora_A.weight`` -> ``lora_A.weight``)."""
-    prefix = layer + "."
-    return {k[len(prefix) :]: tuple(v.shape) for k, v in values.items() if k.startswith(prefix)}
+def _given_shapes(values: Mapping[str, torch.Tensor]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The shapes of ``values``' adapter tensors by layer (``fc.lora_A.weight`` -> ``{"fc": {"lora_A.weight": …}}``)."""
+    return {layer: {k: tuple(t.shape) for k, t in held.items()} for layer, held in adapter_tensors(values).items()}
 
 
 def _check_values(model: nn.Module, matches: list[Match], values: Mapping[str, torch.Tensor], cfg: LoraConfig) -> None:
     """Refuse, before any change, values that miss a matched layer's A or B or name nothing in the model."""
+    given = _given_shapes(values)
     lora = {
         f"{m.name}.{key}"
         for m in matches
-        for key in adapter_shapes(base_layer(m.module), m.family, m.rank, cfg, _given_shapes(m.name, values))
+        for key in adapter_shapes(base_layer(m.module), m.family, m.rank, cfg, given.get(m.name, {}))
     }
     missing, others = sorted(lora - set(values)), set(values) - lora
     unknown = sorted(others - set(original_parameters(model)) - set(original_buffers(model))) if others else []

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from visionlora.branches import FAMILY_KEYS
+from visionlora.branches import adapter_tensors, split_adapter_key
 from visionlora.config import MAX_RANK, LoraConfig, is_finite_number
 from visionlora.io.adapter import (
     EXPORT_FORMAT,
@@ -41,7 +41,6 @@ __all__ = [
     "COMPONENTS",
     "DENOISERS",
     "KINDS_BY_NDIM",
-    "adapter_tensors",
     "anchored",
     "check_patterns",
     "exact_regex",
@@ -55,7 +54,6 @@ __all__ = [
     "pattern_value",
     "require_exportable",
     "scalar_alpha",
-    "split_adapter_key",
     "unmappable",
 ]
 
@@ -294,28 +292,6 @@ def foreign_record(
     held = [k for k in held if k not in buffers]
     kept = {n: o for n, o in (origins or {}).items() if n in layers}
     return AdapterFile(path, "default", config, layers, held, buffers, tensors, format_name, origins=kept)
-
-
-_ADAPTER_SUFFIXES = tuple(sorted({f".{k}" for keys in FAMILY_KEYS.values() for k in keys}, key=len, reverse=True))
-
-
-def split_adapter_key(key: str) -> tuple[str, str] | None:
-    """(layer, record name) of an adapter tensor key (``fc.lora_A.weight`` -> ``("fc", "lora_A.weight")``),
-    or None for any other key."""
-    for suffix in _ADAPTER_SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)], suffix[1:]
-    return None
-
-
-def adapter_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """The adapter tensors of a record grouped by layer: layer -> record name -> tensor."""
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        split = split_adapter_key(key)
-        if split is not None:
-            grouped.setdefault(split[0], {})[split[1]] = tensor
-    return grouped
 
 
 def header_json(path: Path, raw: str, key: str) -> Any:

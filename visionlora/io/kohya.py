@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from visionlora._tree import adaptable_kind, iter_modules
+from visionlora.branches import split_adapter_key
 from visionlora.io.adapter import AdapterFile, LayerSpec, Source, check_tensors, file_error
 from visionlora.io.convert import (
     KINDS_BY_NDIM,
@@ -41,7 +42,6 @@ from visionlora.io.convert import (
     kept_key,
     kept_record,
     scalar_alpha,
-    split_adapter_key,
     unmappable,
 )
 from visionlora.io.dit import flat_original_names, layout

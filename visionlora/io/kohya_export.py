@@ -11,9 +11,10 @@ from collections.abc import Sequence
 
 import torch
 
+from visionlora.branches import adapter_tensors
 from visionlora.config import FAMILIES
 from visionlora.io.adapter import AdapterFile, LayerSpec, Parts, Payload, file_error
-from visionlora.io.convert import adapter_tensors, export_header, layer_scale, most_common, require_exportable
+from visionlora.io.convert import export_header, layer_scale, most_common, require_exportable
 from visionlora.io.dit import original_family
 from visionlora.io.fused import fused_record
 from visionlora.io.kohya import NAMES_KEY, PREFIXES, flat_name, kohya_name, sgm_names

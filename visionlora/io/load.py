@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from visionlora._tree import adaptable_kind, iter_modules
-from visionlora.branches import FAMILY_KEYS, adapter_shapes
+from visionlora.branches import FAMILY_KEYS, adapter_shapes, adapter_tensors
 from visionlora.errors import AdapterError, ConfigError, VisionLoraError
 from visionlora.inject import Match, attach, check_selected, check_wrappable
 from visionlora.io.adapter import AdapterFile, file_error, geometry_of
@@ -32,6 +32,7 @@ def fit_problems(file: AdapterFile, model: nn.Module) -> tuple[list[Match], list
     modules = dict(iter_modules(model))
     problems: list[str] = []
     matches: list[Match] = []
+    grouped = adapter_tensors(file.tensors)
     for name, spec in file.layers.items():
         module = modules.get(name)
         if module is None:
@@ -45,8 +46,7 @@ def fit_problems(file: AdapterFile, model: nn.Module) -> tuple[list[Match], list
             problems.append(f"{name}: file has a {spec.kind} adapter, the model has a {type(module).__name__} there")
             continue
         base = base_layer(module)
-        held = {k[len(name) + 1 :]: tuple(t.shape) for k, t in file.tensors.items() if k.startswith(name + ".")}
-        held = {k: s for k, s in held.items() if k in FAMILY_KEYS[spec.family]}
+        held = {k: tuple(t.shape) for k, t in grouped.get(name, {}).items() if k in FAMILY_KEYS[spec.family]}
         try:
             shapes = adapter_shapes(base, spec.family, spec.rank, file.config, held)
         except ConfigError as exc:

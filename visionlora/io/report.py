@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionlora.branches import split_adapter_key
 from visionlora.errors import VisionLoraError
 from visionlora.io.adapter import AdapterFile
-from visionlora.io.convert import split_adapter_key
 from visionlora.io.files import read_safetensors
 from visionlora.io.formats import FORMAT_TABLE, components_of, open_adapter, read_component
 from visionlora.io.load import fit_file, fit_problems
