@@ -209,14 +209,18 @@ class LoraLayer(nn.Module, abc.ABC):
 
     def forward(self, x: Tensor) -> Tensor:
         """base(x) + Σ weight · scale · B(A(dropout(x))) over the active adapters."""
+        return self.run(x)
+
+    def run(self, x: Tensor, **kwargs: Any) -> Tensor:
+        """:meth:`forward` with the base's extra arguments (a transposed conv's ``output_size``)."""
         if self.merged or self.disabled or not self.active:
-            return self.base(x)
+            return self.base(x, *kwargs.values())
         if self.in_weight_space(x):  # the base's own forward, on W + ΔW
             weight = self.base.weight
-            return self.run_with(x, weight + self.delta_weight(weight.dtype))
-        if self.fast is not None and self.plain() and (fast := self.fast(self, x)) is not None:
+            return self.run_with(x, weight + self.delta_weight(weight.dtype), **kwargs)
+        if not kwargs and self.fast is not None and self.plain() and (fast := self.fast(self, x)) is not None:
             return fast
-        return self.add_branches(self.base(x), x)
+        return self.add_branches(self.base(x, *kwargs.values()), x, **kwargs)
 
     def run_with(self, x: Tensor, weight: Tensor, **kwargs: Any) -> Tensor:
         """The base's forward with ``weight`` in place of its own (an int8 base: its operation plus bias)."""
@@ -370,14 +374,7 @@ class LoraConvTranspose(LoraLayer):
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         """base(x, output_size) + Σ weight · scale · B(A(dropout(x))) over the active adapters."""
-        if output_size is None:
-            return super().forward(x)
-        if self.merged or self.disabled or not self.active:
-            return self.base(x, output_size)
-        weight = self.base.weight
-        if self.in_weight_space(x):
-            return self.run_with(x, weight + self.delta_weight(weight.dtype), output_size=output_size)
-        return self.add_branches(self.base(x, output_size), x, output_size=output_size)
+        return self.run(x) if output_size is None else self.run(x, output_size=output_size)
 
 
 def _dora_branch(adapter: Adapter) -> bool:
