@@ -118,11 +118,11 @@ class Adapter(nn.Module, abc.ABC):
         self.magnitude = None
         self.norm_axis: NormAxis = "out"
 
-    def decompose_weight(self, weight: Tensor, axis: NormAxis = "out", delta: Tensor | None = None) -> None:
-        """Add DoRA's magnitude, initialised to ‖W + ΔW‖ per ``axis`` channel (‖W‖ for a fresh adapter),
+    def decompose_weight(self, weight: Tensor, axis: NormAxis = "out") -> None:
+        """Add DoRA's magnitude, initialised to ‖W‖ per ``axis`` channel (a fresh adapter's ΔW is 0),
         shaped ``(out, 1, …)`` or ``(1, in, 1, …)``."""
-        combined = weight.detach().float() if delta is None else weight.detach().float() + delta.detach().float()
-        self.magnitude = nn.Parameter(along(channel_norm(combined, axis), weight.dim(), axis).to(weight.dtype))
+        norm = channel_norm(weight.detach().float(), axis)
+        self.magnitude = nn.Parameter(along(norm, weight.dim(), axis).to(weight.dtype))
         self.norm_axis = axis
 
     @property

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from visionlora.branches import FAMILY_KEYS
+from visionlora.branches import FAMILY_KEYS, REQUIRED_KEYS
 from visionlora.config import Family
 from visionlora.io.adapter import file_error
 
@@ -113,7 +113,7 @@ def file_parts(family: Family, tensors: Mapping[str, torch.Tensor]) -> dict[str,
 def missing_parts(family: str, group: Mapping[str, torch.Tensor]) -> str | None:
     """What a LoHa or LoKr module lacks (e.g. ``hada_w2_b``, or ``lokr_w2 or lokr_w2_a + lokr_w2_b``), or None."""
     if family == "loha":
-        needed = [n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if n not in group]
+        needed = [n for n in REQUIRED_KEYS["loha"] if n not in group]
         if ("hada_t1" in group) != ("hada_t2" in group):
             needed.append("both Tucker cores hada_t1 and hada_t2")
         return ", ".join(needed) or None
