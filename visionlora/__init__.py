@@ -27,6 +27,7 @@ from visionlora.errors import (
     VisionLoraError,
 )
 from visionlora.extract import ResizedLayer, extract_lora, resize_adapter
+from visionlora.growth import current_ranks, end_schedules, grow_ranks
 from visionlora.inject import Match, apply_lora, match_targets
 from visionlora.io import (
     AdapterFile,
@@ -67,16 +68,19 @@ __all__ = [
     "VisionLoraError",
     "active_adapters",
     "apply_lora",
+    "current_ranks",
     "delete_adapter",
     "dequantize_base",
     "disable_adapters",
     "enable_adapters",
+    "end_schedules",
     "evaluate",
     "expand_preset",
     "export_adapter",
     "export_merged",
     "extract_lora",
     "fitting_presets",
+    "grow_ranks",
     "list_adapters",
     "load_adapter",
     "load_classifier",

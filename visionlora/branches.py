@@ -33,7 +33,7 @@ from visionlora.family_math import (
     lokr_shapes,
     tucker_rebuild,
 )
-from visionlora.lora_math import AdaptableLayer, InitFn, is_transposed, lora_scale, lora_shapes
+from visionlora.lora_math import AdaptableLayer, InitFn, is_transposed, lora_scale, lora_shapes, rank_slice
 
 __all__ = [
     "FAMILY_KEYS",
@@ -169,10 +169,30 @@ class LoraAdapter(Adapter):
     lora_A: nn.Parameter
     lora_B: nn.Parameter
 
-    def __init__(self, a: Tensor, b: Tensor, *, rank: int, alpha: float, rslora: bool, dropout: float) -> None:
+    def __init__(
+        self, a: Tensor, b: Tensor, *, rank: int, alpha: float, rslora: bool, dropout: float, transposed: bool = False
+    ) -> None:
         super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout)
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(b)
+        self.transposed = transposed
+        """Whether A is laid out for a transposed conv, ``(in, r, *k)``: where rank slices are cut."""
+        self.schedule: dict[float, int] = {}
+        """A rank schedule (``LoraConfig.rank_schedule``) this adapter grows by, or {}."""
+        self.held_rank: int | None = None
+        """While a schedule holds the adapter below ``rank``, the rank in use: A's first rows and B's
+        first columns; the rest get no gradient and B's stay zero, so ΔW is that of the smaller rank."""
+
+    @property
+    def current_rank(self) -> int:
+        """The rank in use: ``held_rank`` while a schedule holds the adapter lower, else ``rank``."""
+        return self.rank if self.held_rank is None else self.held_rank
+
+    def live_factors(self) -> tuple[Tensor, Tensor]:
+        """A and B cut to :attr:`current_rank` (the parameters themselves when nothing is held)."""
+        if self.held_rank is None:
+            return self.lora_A, self.lora_B
+        return rank_slice(self.lora_A, self.lora_B, self.rank, self.held_rank, self.transposed)
 
     @property
     def family(self) -> Family:  # type: ignore[override]
@@ -186,7 +206,8 @@ class LoraAdapter(Adapter):
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
 
     def factor_delta(self, shape: torch.Size, lora_delta: LoraDelta, dtype: torch.dtype) -> Tensor:
-        return lora_delta(self.lora_A.to(dtype), self.lora_B.to(dtype), self.scale)
+        a, b = self.live_factors()
+        return lora_delta(a.to(dtype), b.to(dtype), self.scale)
 
 
 class _FactorAdapter(Adapter):
@@ -332,7 +353,7 @@ def new_adapter(
         a, b = empty["lora_A.weight"], empty["lora_B.weight"].zero_()
         if init is not None:
             init(a, rank, generator)
-        adapter = LoraAdapter(a, b, **scalars)
+        adapter = LoraAdapter(a, b, **scalars, transposed=is_transposed(base))
     elif family == "loha":
         if init is not None:
             _loha_init(empty, generator)

@@ -42,6 +42,8 @@ __all__ = [
     "is_exact_name",
     "is_finite_number",
     "pattern_matches",
+    "schedule_in_fractions",
+    "short_repr",
 ]
 
 LayerKind = Literal["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
@@ -95,7 +97,7 @@ def _check_pattern(pattern: str, where: str) -> None:
         # Deep nesting overflows the regex parser's recursion and huge repeat counts overflow a C int.
         except (re.error, RecursionError, OverflowError) as exc:
             raise ConfigError(
-                f"{where}: {_short(pattern)} is not a valid regular expression: {_short(str(exc))}"
+                f"{where}: {short_repr(pattern)} is not a valid regular expression: {short_repr(str(exc))}"
             ) from None
 
 
@@ -126,6 +128,11 @@ class LoraConfig:
     rank_by_resolution: dict[int, int] = field(default_factory=dict)
     """Rank from each layer's output feature-map size min(H, W), found by a probe forward pass:
     ``{32: 16, 0: 4}`` means >= 32 -> r=16, else r=4. Needs ``example_input`` in apply_lora."""
+    rank_schedule: dict[float, int] = field(default_factory=dict)
+    """Ranks that grow while training: ``{0: 2, 500: 8, 1000: 16}`` (from optimizer step 0, 500,
+    1000) or ``{0: 2, 0.5: 16}`` (fractions of the run). Each layer follows it up to its own rank
+    (``rank``, ``rank_pattern``, …: the final ranks), which it holds from the last entry on. LoRA and
+    DoRA; {}: no schedule."""
     rank_budget: int | None = None
     """Total LoRA parameters (A and B) to spread over the targets, proportionally to resolution
     (with ``example_input``) or evenly; never exceeded. None: no budget."""
@@ -177,6 +184,7 @@ class LoraConfig:
             if threshold < 0:
                 raise ConfigError(f"rank_by_resolution: threshold {threshold} is negative; thresholds are sizes >= 0")
             _check_rank(rank, f"rank_by_resolution[{threshold}]")
+        _check_schedule(self)
         if self.rank_budget is not None and self.rank_budget < 1:
             raise ConfigError(f"rank_budget: {self.rank_budget} is invalid; a budget is a parameter count >= 1")
         if self.rank_budget is not None and self.rank_by_resolution:
@@ -207,6 +215,38 @@ MAX_RANK = 1 << 16
 def _check_rank(rank: int, where: str) -> None:
     if not 1 <= rank <= MAX_RANK:
         raise ConfigError(f"{where}: rank {rank} is invalid; ranks are integers from 1 to {MAX_RANK}")
+
+
+def schedule_in_fractions(schedule: Mapping[float, int]) -> bool:
+    """Whether a rank schedule's keys are fractions of the run (some key is not a whole number), not steps."""
+    return any(float(k) != int(k) for k in schedule)
+
+
+def _check_schedule(cfg: LoraConfig) -> None:
+    schedule = cfg.rank_schedule
+    if not schedule:
+        return
+    where = f"rank_schedule {short_repr(schedule)}"
+    if not all(is_finite_number(k) and k >= 0 for k in schedule):
+        raise ConfigError(f"{where}: keys are optimizer steps (integers >= 0) or fractions of the run (0 <= f < 1)")
+    if schedule_in_fractions(schedule) and max(schedule) >= 1:
+        raise ConfigError(
+            f"{where}: mixes fractions of the run with steps; use steps ({{0: 2, 500: 16}}) or fractions below 1 "
+            "({0: 2, 0.5: 16})"
+        )
+    if 0 not in schedule:
+        raise ConfigError(f"{where}: no entry for 0, the rank training starts at; add one such as 0: 2")
+    ranks = [schedule[k] for k in sorted(schedule)]
+    for key, rank in schedule.items():
+        _check_rank(rank, f"rank_schedule[{key}]")
+    if ranks != sorted(ranks):
+        raise ConfigError(f"{where}: ranks shrink from one entry to the next; a schedule only grows them")
+    families = {cfg.family, *cfg.family_pattern.values()} - {"lora", "dora"}
+    if families:
+        raise ConfigError(
+            f"{where}: grows LoRA and DoRA adapters; {'/'.join(sorted(families))} (family or family_pattern) "
+            "have no rank schedule"
+        )
 
 
 def _check_alpha(alpha: float, where: str) -> None:
@@ -283,10 +323,21 @@ def _nested_dataclass(tp: Any) -> Any:
 
 
 def _int_keys_from_json(value: Any, tp: Any) -> Any:
-    """JSON object keys are strings: read decimal keys back as ints where the field has int keys."""
-    if typing.get_origin(tp) is dict and typing.get_args(tp)[0] is int and isinstance(value, dict):
-        return {_decimal(k): v for k, v in value.items()}
-    return value
+    """JSON object keys are strings: read number keys back (``"500"`` -> 500; ``"0.5"`` -> 0.5 for float keys)."""
+    key_type = typing.get_args(tp)[0] if typing.get_origin(tp) is dict else None
+    if key_type not in (int, float) or not isinstance(value, dict):
+        return value
+    return {_number_key(k, key_type is float): v for k, v in value.items()}
+
+
+def _number_key(key: Any, fractional: bool) -> Any:
+    whole = _decimal(key)
+    if whole is not key or not fractional or not isinstance(key, str) or not re.fullmatch(r"[0-9.eE+-]{1,40}", key):
+        return whole
+    try:
+        return float(key)
+    except ValueError:
+        return key
 
 
 def _decimal(key: Any) -> Any:
@@ -325,7 +376,7 @@ def _converts(value: float) -> bool:
     return True
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
     """A repr short enough for an error message, however large or deep ``value`` is (a YAML alias bomb, say)."""
     short = reprlib.Repr()
     short.maxstring = short.maxother = 120
@@ -335,7 +386,7 @@ def _short(value: Any) -> str:
 
 def _check_type(value: Any, tp: Any, where: str) -> None:
     if not _type_ok(value, tp):
-        raise ConfigError(f"{where}: expected {_describe(tp)}, got {type(value).__name__} {_short(value)}")
+        raise ConfigError(f"{where}: expected {_describe(tp)}, got {type(value).__name__} {short_repr(value)}")
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

@@ -209,6 +209,7 @@ def _set_factors(adapter: LoraAdapter, a: Tensor, b: Tensor, rank: int) -> None:
     adapter.alpha = _same_scale_alpha(adapter.scale, rank, adapter.rslora)
     adapter.rank = rank
     adapter.scale = lora_scale(adapter.alpha, rank, adapter.rslora)
+    adapter.held_rank, adapter.schedule = None, {}  # B's held-back columns are zero: the SVD saw the live ΔW
 
 
 def _resize_model(model: nn.Module, rank: int | None, energy: float | None, adapter_name: str) -> list[ResizedLayer]:

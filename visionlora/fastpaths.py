@@ -63,7 +63,7 @@ def linear_fast(layer: LoraLayer, x: Tensor) -> Tensor | None:
     if dtype not in _EXACT_DTYPES or dropout or torch._C._are_functorch_transforms_active():
         return _linear_added(layer, x, adapters)
     scales = tuple(w * ad.scale for ad, w in adapters)
-    ab = [t for ad, _ in adapters for t in (ad.lora_A, ad.lora_B)]
+    ab = [t for ad, _ in adapters for t in ad.live_factors()]
     return _LinearLora.apply(x, weight, layer.base.bias, scales, *ab)
 
 
@@ -76,8 +76,9 @@ def _linear_added(layer: LoraLayer, x: Tensor, adapters: list[tuple[Any, float]]
     y = layer.base(x)
     for adapter, w in adapters:
         h = F.dropout(x, adapter.dropout, True) if adapter.dropout and layer.training else x
-        u = F.linear(h, adapter.lora_A)
-        b_t, scale = adapter.lora_B.t(), w * adapter.scale
+        a, b = adapter.live_factors()
+        u = F.linear(h, a)
+        b_t, scale = b.t(), w * adapter.scale
         y = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b_t, alpha=scale).view(y.shape)
     return y
 
@@ -196,7 +197,7 @@ def conv_gemm(layer: LoraLayer, x: Tensor) -> Tensor | None:
         return layer.add_branches(y, x)
     n = y.shape[0]
     for adapter, w in adapters:
-        a, b = adapter.lora_A, adapter.lora_B
+        a, b = adapter.live_factors()
         h = F.dropout(x, adapter.dropout, True) if adapter.dropout and layer.training else x
         if pointwise:
             ha = torch.bmm(_per_sample(a, n), h.view(n, h.shape[1], -1))

@@ -37,6 +37,7 @@ from visionlora.branches import Adapter, adapter_shapes, adapter_tensors, check_
 from visionlora.config import Family, LoraConfig, is_exact_name, pattern_matches
 from visionlora.errors import AdapterError, ConfigError, TargetError, UnsupportedModuleError
 from visionlora.fastpaths import fast_path_for
+from visionlora.growth import start_schedule
 from visionlora.layers import LoraConv, LoraConvTranspose, LoraLayer, LoraLinear, base_layer, layer_kind
 from visionlora.lora_math import InitFn, gaussian_init, is_transposed, kaiming_init, max_useful_rank
 from visionlora.models.presets import expand_preset, presets_in_patterns
@@ -332,6 +333,8 @@ def _new_adapter(
     given = None if values is None else _given_shapes(values).get(m.name, {})
     adapter = new_adapter(layer.base, m.family, m.rank, m.alpha, cfg, init, generator, given)
     adapter.resolution = m.resolution
+    if init is not None:  # a new adapter, not values copied in: it starts where its schedule does
+        start_schedule(adapter, cfg.rank_schedule, m.name)
     return adapter
 
 

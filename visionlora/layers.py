@@ -253,7 +253,7 @@ class LoraLayer(nn.Module, abc.ABC):
         for name, w in self.active.items():
             adapter = self.adapter(name)
             if isinstance(adapter, LoraAdapter) and adapter.plain:
-                a, b = adapter.lora_A, adapter.lora_B
+                a, b = adapter.live_factors()
                 h = F.dropout(x, adapter.dropout, self.training).to(a.dtype)
                 # The scale multiplies B (r·out numbers) rather than the whole output.
                 y = y + self.branch(h, a, b * (w * adapter.scale), **kwargs).to(y.dtype)
@@ -269,7 +269,7 @@ class LoraLayer(nn.Module, abc.ABC):
         """One DoRA adapter's change to the output in PEFT's form, ``(m/n − 1) · W x + (m/n) · s · B(A(x))``
         with n = ‖W + s·B·A‖ per output channel, a constant for backward: no weight-sized gradient, and
         ``base`` (= W x + bias) reused where no input dropout is active."""
-        weight, a, b = self.base.weight, adapter.lora_A, adapter.lora_B
+        weight, (a, b) = self.base.weight, adapter.live_factors()
         with torch.no_grad():
             norm = channel_norm(weight.float() + self.delta(a.float(), b.float(), adapter.scale))
         assert adapter.magnitude is not None

@@ -28,6 +28,7 @@ __all__ = [
     "lora_scale",
     "lora_shapes",
     "max_useful_rank",
+    "rank_slice",
 ]
 
 AdaptableLayer = (
@@ -105,6 +106,26 @@ def conv_transpose_delta(a: Tensor, b: Tensor, scale: float, groups: int) -> Ten
     b_groups = b.reshape(groups, out // groups, rank)  # (g, out/g, r)
     delta = torch.einsum("gitk,got->giok", a_groups, b_groups) * scale
     return delta.reshape(a.shape[0], out // groups, *a.shape[2:])
+
+
+def rank_slice(a: Tensor, b: Tensor, rank: int, keep: int, transposed: bool = False) -> tuple[Tensor, Tensor]:
+    """A and B of a rank-``rank`` adapter cut to their first ``keep`` rank components: a rank-``keep``
+    adapter in the same layout (per group for a grouped conv's A), whose ΔW is the full one's when
+    B's other columns are zero.
+
+    Example:
+        >>> a, b = rank_slice(torch.ones(8, 4, 3, 3), torch.ones(16, 4, 1, 1), rank=4, keep=1)
+        >>> tuple(a.shape), tuple(b.shape)  # groups=2, per group: 4 rows of A -> 1
+        ((2, 4, 3, 3), (16, 1, 1, 1))
+    """
+    if keep >= rank:
+        return a, b
+    if transposed:  # (in, r, *k)
+        return a[:, :keep], b[:, :keep]
+    groups = a.shape[0] // rank  # (g · r or r, in/g, *k), or (r, in) for a Linear
+    if groups == 1:
+        return a[:keep], b[:, :keep]
+    return a.unflatten(0, (groups, rank))[:, :keep].flatten(0, 1), b[:, :keep]
 
 
 ConvGroups = Literal["per_group", "shared"]

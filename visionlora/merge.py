@@ -41,7 +41,8 @@ def merged_weight(layer: LoraLayer) -> Tensor:
     for name, w in layer.active.items():
         adapter = layer.adapter(name)
         if isinstance(adapter, LoraAdapter) and adapter.plain:
-            new = layer.add_delta(new, adapter.lora_A.float(), adapter.lora_B.float(), w * adapter.scale)
+            a, b = adapter.live_factors()
+            new = layer.add_delta(new, a.float(), b.float(), w * adapter.scale)
         else:  # DoRA's decomposition is of the original W, as in forward
             new = new + w * adapter.delta(weight.detach(), layer.delta)
     new = new.to(weight.dtype)

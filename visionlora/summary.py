@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from visionlora.branches import Adapter
 from visionlora.layers import layer_kind
 from visionlora.state import lora_layers
 
@@ -12,8 +13,9 @@ __all__ = ["summary"]
 
 def summary(model: nn.Module) -> str:
     """A table of the LoRA layers (layer, adapter, kind, in/out, kernel, groups, resolution, rank, alpha,
-    family, params) with totals; resolution is "-" where no probe measured it, params are every value the
-    adapter trains (DoRA's magnitude, LoHa's and LoKr's factors included).
+    family, params) with totals. Resolution is "-" where no probe measured it; a rank that a rank schedule
+    holds lower reads ``2 of 16``; params are every value the adapter trains (DoRA's magnitude, LoHa's and
+    LoKr's factors included).
 
     Example:
         >>> print(vl.summary(model))
@@ -47,7 +49,7 @@ def summary(model: nn.Module) -> str:
                     kernel,
                     groups,
                     "-" if adapter.resolution is None else str(adapter.resolution),
-                    str(adapter.rank),
+                    _rank(adapter),
                     f"{adapter.alpha:g}",
                     adapter.family,
                     f"{count:,}",
@@ -63,3 +65,9 @@ def summary(model: nn.Module) -> str:
     lines.append(f"LoRA layers: {len(lora_layers(model))}   LoRA params: {lora_total:,}")
     lines.append(f"trainable params: {trainable:,} of {total:,} ({pct:.2f}%)")
     return "\n".join(lines)
+
+
+def _rank(adapter: Adapter) -> str:
+    """The rank, with the rank in use when a rank schedule holds it lower (``2 of 16``)."""
+    held = getattr(adapter, "held_rank", None)
+    return str(adapter.rank) if held is None else f"{held} of {adapter.rank}"

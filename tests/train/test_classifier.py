@@ -147,7 +147,15 @@ def test_every_shipped_classifier_recipe_runs(path, digits_root, tmp_path):
 
 def test_two_processes_give_the_adapter_of_one_with_the_same_global_batch(digits_root, tmp_path):
     path = Path(__file__).parents[2] / "recipes" / "classifier-tiny.yaml"
-    sets = ["--set", f"data.root={digits_root}", "--set", "train.max_steps=3"]
+    # Ranks grow from 1 to 4 after step 2 (lora.rank_schedule): growth under DDP too.
+    sets = [
+        "--set",
+        f"data.root={digits_root}",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "lora.rank_schedule={0: 1, 2: 4}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = [sys.executable, "-m", "visionlora", "train", str(path), *sets, "--output", str(tmp_path / "one")]
     two = [*torchrun(2), "-m", "visionlora", "train", str(path), *sets, "--output", str(tmp_path / "two")]
@@ -159,6 +167,7 @@ def test_two_processes_give_the_adapter_of_one_with_the_same_global_batch(digits
     assert a.keys() == b.keys()
     for key in a:  # documented tolerance: 1e-4 of each tensor's largest value (float sums in another order)
         assert (a[key] - b[key]).abs().max() <= 1e-4 * a[key].abs().max(), key
+    assert a["blocks.0.attn.qkv.lora_B.weight"][:, 1:].abs().max() > 0  # grown and trained
 
 
 def test_resume_keeps_the_epochs_loss_history_and_accumulation(digits_root, tmp_path):

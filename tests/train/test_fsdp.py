@@ -46,11 +46,18 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tolerance: fl
 
 def test_two_fsdp_processes_train_resume_and_write_what_one_process_does(digits_root, tmp_path):
     # max_grad_norm: clipped at every step, so the processes must agree on the whole gradient's norm.
-    sets = (f"data.root={digits_root}", "train.max_steps=3", "train.max_grad_norm=1e-3", "train.checkpoint_every=1")
+    # The adapters grow from rank 1 to 4 after step 2: growth under FSDP, and a resume across it.
+    sets = (
+        f"data.root={digits_root}",
+        "train.max_steps=3",
+        "lora.rank_schedule={0: 1, 2: 4}",
+        "train.max_grad_norm=1e-3",
+        "train.checkpoint_every=1",
+    )
     fsdp = [*torchrun(2), str(LAUNCHER)]
     for argv, out in (([sys.executable, "-m", "visionlora"], tmp_path / "one"), (fsdp, tmp_path / "two")):
         done = _train(argv, out, *sets)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, done.stderr[-6000:]
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["distributed"] == "FSDP"
     one, two = tmp_path / "one", tmp_path / "two"
@@ -63,10 +70,11 @@ def test_two_fsdp_processes_train_resume_and_write_what_one_process_does(digits_
         _close(load_file(one / step / part), load_file(two / step / part), 1e-4)
 
     # Resumed under FSDP from step 1, the run ends where the uninterrupted one did.
+    assert load_file(two / "adapter.safetensors")["blocks.0.attn.qkv.lora_B.weight"][:, 1:].abs().max() > 0
     resumed = tmp_path / "resumed"
     shutil.copytree(two / step, resumed / step)
-    done = _train([*torchrun(2), str(LAUNCHER)], resumed, *sets[:3], resume=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _train([*torchrun(2), str(LAUNCHER)], resumed, *sets[:4], resume=True)
+    assert done.returncode == 0, done.stderr[-6000:]
     _close(load_file(two / "adapter.safetensors"), load_file(resumed / "adapter.safetensors"), 1e-6)
 
 

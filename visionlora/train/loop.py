@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from visionlora._deps import require
-from visionlora.errors import ConfigError
+from visionlora.config import short_repr
+from visionlora.errors import AdapterFileError, ConfigError
+from visionlora.growth import current_ranks, end_schedules, grow_ranks, rank_plan
 from visionlora.io.files import write_text
 from visionlora.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from visionlora.train.lock import claim_output
@@ -124,10 +126,11 @@ def _train(task: Task, out_dir: Path, resume: str | None, progress: bool) -> dic
             optimizer=run.optimizer.optimizer,
             rank=accelerator.process_index,
             stateful={"scheduler": run.scheduler, "scaler": accelerator.scaler},  # checked with the rest first
-            check_state=lambda found: RunState.from_checkpoint(found, folder),
+            check_state=lambda found: _check_ranks(RunState.from_checkpoint(found, folder), built, run.total, folder),
         )
         state = RunState.from_checkpoint(loaded, folder)
     total = run.total
+    growing = _grow(built, state, total)  # the ranks at this step (a resumed run's are checked above)
     bar = _start(accelerator, recipe, out_dir, total, state.step, progress)
     started = time.perf_counter() - state.elapsed
     guard = NonFiniteSteps(train.max_nonfinite_steps, out_dir)
@@ -164,6 +167,8 @@ def _train(task: Task, out_dir: Path, resume: str | None, progress: bool) -> dic
                 continue
             state.step, state.batch = state.step + 1, index + 1
             state.losses.append(step_loss)
+            if growing:
+                _grow(built, state, total)
             _log_step(run, bar, train, state.step, step_loss, seen / max(time.perf_counter() - started, 1e-9))
             task.after_step(run, state)
             if train.checkpoint_every and state.step % train.checkpoint_every == 0 and state.step < total:
@@ -185,6 +190,9 @@ def _train(task: Task, out_dir: Path, resume: str | None, progress: bool) -> dic
     outputs = task.finish(run, state)  # samples from a sharded model run on every process, before it is gathered
     main, *others = built.parts.items()
     parts = {main[0]: whole_model(main[1], kept), **dict(others)}
+    for model in parts.values():  # what is written holds each adapter at its final rank (no change to outputs)
+        grow_ranks(model, state.step, total_steps=total)  # FSDP's whole copy was made at step 0's ranks
+        end_schedules(model)
     metrics = {
         "steps": state.step,
         "seconds": seconds,
@@ -247,6 +255,25 @@ def _prepare(task: Task, accelerator: Any, built: Built, train: Any, out_dir: Pa
         per_epoch=per_epoch,
         total=total,
     )
+
+
+def _grow(built: Built, state: RunState, total: int) -> bool:
+    """Grow the adapters that rank schedules grow to their ranks at ``state.step`` and record them in
+    ``state``; whether there are any."""
+    for model in built.parts.values():
+        grow_ranks(model, state.step, total_steps=total)
+    state.ranks = {part: ranks for part, model in built.parts.items() if (ranks := current_ranks(model))}
+    return bool(state.ranks)
+
+
+def _check_ranks(state: RunState, built: Built, total: int, folder: Path) -> None:
+    """Refuse a checkpoint whose adapters' ranks are not those this run's rank schedules give at its step."""
+    expected = {part: ranks for part, model in built.parts.items() if (ranks := rank_plan(model, state.step, total))}
+    if state.ranks != expected:
+        raise AdapterFileError(
+            f"{folder}: its adapters' ranks at step {state.step} ({short_repr(state.ranks)}) are not what this "
+            f"recipe's rank schedule gives ({short_repr(expected)}); resume with the recipe the run started with"
+        )
 
 
 def _saved(built: Built) -> nn.Module:

@@ -37,6 +37,8 @@ class RunState:
     """The loss of each applied step, averaged over processes."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """One entry per epoch that a task validated after (``task.after_epoch``)."""
+    ranks: dict[str, Any] = field(default_factory=dict)
+    """The rank in use of each adapter a rank schedule grows: part -> adapter -> layer -> rank ({} without)."""
 
     @classmethod
     def from_checkpoint(cls, state: dict[str, Any], where: Path) -> RunState:
@@ -53,10 +55,23 @@ class RunState:
             "losses": lambda v: isinstance(v, list) and all(is_finite_number(x) for x in v),
             "history": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
         }
+        state = {"ranks": {}, **state}  # written since rank schedules came; {} before
+        checks["ranks"] = _is_ranks
         bad = [k for k, ok in checks.items() if k not in state or isinstance(state[k], bool) or not ok(state[k])]
         if bad:
             raise AdapterFileError(f"{where}/state.json: entries {bad} are missing or not what a run writes")
         return cls(**{f.name: state[f.name] for f in fields(cls)})
+
+
+def _is_ranks(value: Any) -> bool:
+    """Whether ``value`` is part -> adapter -> layer -> rank (positive ints)."""
+
+    def nested(v: Any, depth: int) -> bool:
+        if depth == 0:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        return isinstance(v, dict) and all(isinstance(k, str) and nested(x, depth - 1) for k, x in v.items())
+
+    return nested(value, 3)
 
 
 @dataclass
