@@ -12,6 +12,7 @@ overrides. Tasks (each: the ResNet-18 pre-trained in full here on task A, then a
     pip install scikit-image   # for --task textures
     python scripts/classifier_study.py --task textures --seeds 0 1 2 --rows head lora-0.1 lora full
     python scripts/classifier_study.py --task digits --rows lora --set train.batchnorm=train
+    python scripts/classifier_study.py --task digits --rows r16 grown-2-16 r2   # rank schedules
 
 Rows are named variants of the recipe (see ROWS); ``--set`` adds overrides to every row.
 """
@@ -48,11 +49,16 @@ OLD_LORA = [
     "train.weight_decay=1e-4",
     "train.decay_norm_and_bias=true",
 ]
+# Rank schedules (issue 24): one rank on every block, at the same scale alpha / r = 2.
+FIXED_RANK = ["lora.rank_by_resolution={}"]
 ROWS: dict[str, list[str]] = {
     "head": QUICKSTART_ROWS["head only"],
     "lora-0.1": OLD_LORA,
     "lora": QUICKSTART_ROWS["LoRA + head"],
     "full": QUICKSTART_ROWS["full fine-tuning"],
+    "r16": [*FIXED_RANK, "lora.rank=16", "lora.alpha=32"],
+    "grown-2-16": [*FIXED_RANK, "lora.rank=16", "lora.alpha=32", "lora.rank_schedule={0: 2, 0.33: 8, 0.67: 16}"],
+    "r2": [*FIXED_RANK, "lora.rank=2", "lora.alpha=4"],
 }
 
 

@@ -59,6 +59,20 @@ def test_readme_rank_by_resolution_example_gives_the_ranks_its_comment_states():
     assert model.layer4[0].conv1.adapter("default").rank == 4
 
 
+def test_readme_rank_schedule_example_holds_and_grows_the_ranks_as_its_comments_state():
+    import torchvision
+
+    import visionlora as vl
+
+    grow = "held = vl.summary(model); grown = vl.grow_ranks(model, 500)"
+    code = python_block("vl.grow_ranks").replace("vl.grow_ranks(model, step)", grow)
+    namespace = {"vl": vl, "model": torchvision.models.resnet18()}
+    exec(compile(code, "README.md", "exec"), namespace)
+    held, grown = namespace["held"], namespace["grown"]
+    assert "2 of 16" in held and "2 of 16" not in vl.summary(namespace["model"])
+    assert set(grown["default"].values()) == {8} and grown["default"]["layer1.0.conv1"] == 8
+
+
 def test_quickstart_compares_four_ways_and_reloads_merges_and_exports_exactly(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
