@@ -131,7 +131,8 @@ class LoraConfig:
     rank_schedule: dict[float, int] = field(default_factory=dict)
     """Ranks that grow while training: ``{0: 2, 500: 8, 1000: 16}`` (from optimizer step 0, 500,
     1000) or ``{0: 2, 0.5: 16}`` (fractions of the run). Each layer follows it up to its own rank
-    (``rank``, ``rank_pattern``, …: the final ranks), which it holds from the last entry on. LoRA and
+    (``rank``, ``rank_pattern``, …: the final ranks), which it holds from the last entry on. The scale
+    stays alpha / final rank throughout. Every step named must come before the run's last. LoRA and
     DoRA; {}: no schedule."""
     rank_budget: int | None = None
     """Total LoRA parameters (A and B) to spread over the targets, proportionally to resolution
@@ -219,7 +220,7 @@ def _check_rank(rank: int, where: str) -> None:
 
 def schedule_in_fractions(schedule: Mapping[float, int]) -> bool:
     """Whether a rank schedule's keys are fractions of the run (some key is not a whole number), not steps."""
-    return any(float(k) != int(k) for k in schedule)
+    return any(isinstance(k, float) and not k.is_integer() for k in schedule)
 
 
 def _check_schedule(cfg: LoraConfig) -> None:
@@ -230,6 +231,8 @@ def _check_schedule(cfg: LoraConfig) -> None:
     if not all(is_finite_number(k) and k >= 0 for k in schedule):
         raise ConfigError(f"{where}: keys are optimizer steps (integers >= 0) or fractions of the run (0 <= f < 1)")
     if schedule_in_fractions(schedule) and max(schedule) >= 1:
+        if any(isinstance(k, float) and not k.is_integer() and k > 1 for k in schedule):
+            raise ConfigError(f"{where}: a key above 1 is a step, a whole number; fractions of the run are below 1")
         raise ConfigError(
             f"{where}: mixes fractions of the run with steps; use steps ({{0: 2, 500: 16}}) or fractions below 1 "
             "({0: 2, 0.5: 16})"

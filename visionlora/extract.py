@@ -237,6 +237,7 @@ def _resize_model(model: nn.Module, rank: int | None, energy: float | None, adap
         else:
             layer.adapters[adapter_name] = _as_lora(adapter, a, b, new_rank)
     families = {layer.adapter(adapter_name).family for _, layer in layers}
+    cfg.rank_schedule = {}  # a resized adapter holds its new rank: no schedule grows it
     cfg.family, cfg.family_pattern = (families.pop(), {}) if len(families) == 1 else (cfg.family, {
         n: layer.adapter(adapter_name).family for n, layer in layers
     })  # fmt: skip
@@ -262,7 +263,7 @@ def _as_lora(adapter: Adapter, a: Tensor, b: Tensor, rank: int) -> LoraAdapter:
     alpha = _same_scale_alpha(1.0, rank, adapter.rslora)
     new = LoraAdapter(
         a.to(like.dtype), b.to(like.dtype), rank=rank, alpha=alpha, rslora=adapter.rslora, dropout=adapter.dropout
-    )
+    )  # LoHa and LoKr are never on a transposed conv (check_family)
     new.resolution, new.magnitude, new.norm_axis = adapter.resolution, adapter.magnitude, adapter.norm_axis
     return new.requires_grad_(like.requires_grad)
 
@@ -309,6 +310,7 @@ def extract_lora(
         >>> vl.save_adapter(base, "extracted.safetensors")
     """
     cfg = check_new_adapter(base_model, cfg, adapter_name)
+    cfg.rank_schedule = {}  # an extracted adapter is whole from the start
     matches = match_targets(base_model, cfg, adapter_name=adapter_name, example_input=example_input)
     others = [m for m in matches if m.family != "lora"]
     if others:

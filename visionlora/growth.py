@@ -22,6 +22,7 @@ zero), with the schedule in the native file's config.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -33,8 +34,10 @@ from visionlora.errors import AdapterError, ConfigError
 from visionlora.state import lora_layers
 
 __all__ = [
+    "check_schedules",
     "current_ranks",
     "end_schedules",
+    "first_difference",
     "grow_ranks",
     "rank_plan",
     "schedule_steps",
@@ -47,8 +50,7 @@ Ranks = dict[str, dict[str, int]]
 
 
 def schedule_steps(schedule: Mapping[float, int], total_steps: int | None = None) -> list[tuple[int, int]]:
-    """A schedule's (step, rank) pairs in step order; fractions of the run become steps of ``total_steps``
-    (rounded).
+    """A schedule's (step, rank) pairs in step order; a fraction f of the run becomes step ⌊f · total_steps⌋.
 
     Raises:
         ConfigError: the schedule is in fractions and ``total_steps`` is not given.
@@ -63,7 +65,7 @@ def schedule_steps(schedule: Mapping[float, int], total_steps: int | None = None
         raise ConfigError(
             f"rank_schedule {dict(schedule)}: in fractions of the run, so the run's length is needed (total_steps)"
         )
-    return sorted((round(k * total_steps), r) for k, r in schedule.items())
+    return sorted((math.floor(k * total_steps + 1e-9), r) for k, r in schedule.items())
 
 
 def scheduled_rank(schedule: Mapping[float, int], rank: int, step: int, total_steps: int | None = None) -> int:
@@ -159,6 +161,33 @@ def grow_ranks(model: nn.Module, step: int, *, total_steps: int | None = None) -
             _hold(adapter, rank)
             grown.setdefault(adapter_name, {})[name] = rank
     return grown
+
+
+def check_schedules(model: nn.Module, total_steps: int) -> None:
+    """Refuse a schedule that names a step a run of ``total_steps`` optimizer steps never reaches (its
+    rank components would never train, yet files would hold them).
+
+    Raises:
+        ConfigError: naming the step, the rank and the run's length.
+    """
+    for name, _, adapter in _scheduled(model):
+        late = [(s, r) for s, r in schedule_steps(adapter.schedule, total_steps) if s >= total_steps]
+        if late:
+            step, rank = late[0]
+            raise ConfigError(
+                f"rank_schedule {adapter.schedule}: grows {name} to rank {rank} at step {step}, and the run has "
+                f"{total_steps} optimizer steps; name steps before the last (or fractions of the run)"
+            )
+
+
+def first_difference(found: Ranks, expected: Ranks) -> str:
+    """The first adapter and layer whose ranks differ between two :data:`Ranks` records, in words."""
+    for adapter in sorted({*found, *expected}):
+        a, b = found.get(adapter, {}), expected.get(adapter, {})
+        for layer in sorted({*a, *b}):
+            if a.get(layer) != b.get(layer):
+                return f"{layer} ({adapter}) at rank {a.get(layer, 'none')}, expected {b.get(layer, 'none')}"
+    return "none"
 
 
 def end_schedules(model: nn.Module) -> None:

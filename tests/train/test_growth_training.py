@@ -61,7 +61,7 @@ def test_the_loop_grows_at_the_scheduled_steps_and_writes_the_final_rank(tmp_pat
     file = vl.read_adapter(tmp_path / "run" / "adapter.safetensors")
     assert file.config.rank_schedule == STEPS and file.layers["0"].rank == 3
     assert file.tensors["0.lora_B.weight"][:, 2].abs().max() > 0  # the last component trained
-    # Fractions of the run: 0.5 and 0.7 of 9 steps are steps 4 (4.5 rounded to even) and 6.
+    # Fractions of the run: 0.5 and 0.7 of 9 steps are steps 4 and 6 (floor of 4.5 and 6.3).
     _, fractions = _run(tmp_path, "fractions", {0: 1, 0.5: 2, 0.7: 3})
     assert fractions.seen == task.seen
 
@@ -82,10 +82,17 @@ def test_a_run_resumed_across_growth_steps_ends_bit_for_bit(tmp_path, step):
 def test_a_checkpoint_of_another_schedule_is_refused_before_anything_changes(tmp_path):
     _run(tmp_path, "run", STEPS)
     folder = tmp_path / "run" / "checkpoints" / "step-000004"
-    with pytest.raises(vl.AdapterFileError, match=r"ranks at step 4 .* are not what this recipe's rank schedule"):
+    message = r"model adapters' ranks at step 4 are not what this recipe's rank schedule gives \(first: 0 \(default\)"
+    with pytest.raises(vl.AdapterFileError, match=message + r" at rank 2, expected 1\)"):
         _run(tmp_path, "other", {0: 1, 6: 3}, resume=str(folder))
     state = json.loads((folder / "state.json").read_text())
     del state["ranks"]  # as a checkpoint written before rank schedules: fine without one, refused with one
     (folder / "state.json").write_text(json.dumps(state))
-    with pytest.raises(vl.AdapterFileError, match=r"ranks at step 4 \(\{\}\)"):
+    with pytest.raises(vl.AdapterFileError, match=message + r" at rank none, expected 2\)"):
         _run(tmp_path, "older", STEPS, resume=str(folder))
+
+
+def test_a_schedule_step_the_run_never_reaches_is_refused_before_training(tmp_path):
+    with pytest.raises(vl.ConfigError, match=r"grows 0 to rank 3 at step 9, and the run has 9 optimizer steps"):
+        _run(tmp_path, "late", {0: 1, 9: 3})
+    assert not (tmp_path / "late" / "checkpoints").exists()

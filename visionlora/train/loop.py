@@ -30,9 +30,8 @@ import torch
 from torch import nn
 
 from visionlora._deps import require
-from visionlora.config import short_repr
 from visionlora.errors import AdapterFileError, ConfigError
-from visionlora.growth import current_ranks, end_schedules, grow_ranks, rank_plan
+from visionlora.growth import check_schedules, current_ranks, end_schedules, first_difference, grow_ranks, rank_plan
 from visionlora.io.files import write_text
 from visionlora.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from visionlora.train.lock import claim_output
@@ -261,6 +260,7 @@ def _grow(built: Built, state: RunState, total: int) -> bool:
     """Grow the adapters that rank schedules grow to their ranks at ``state.step`` and record them in
     ``state``; whether there are any."""
     for model in built.parts.values():
+        check_schedules(model, total)
         grow_ranks(model, state.step, total_steps=total)
     state.ranks = {part: ranks for part, model in built.parts.items() if (ranks := current_ranks(model))}
     return bool(state.ranks)
@@ -268,12 +268,16 @@ def _grow(built: Built, state: RunState, total: int) -> bool:
 
 def _check_ranks(state: RunState, built: Built, total: int, folder: Path) -> None:
     """Refuse a checkpoint whose adapters' ranks are not those this run's rank schedules give at its step."""
-    expected = {part: ranks for part, model in built.parts.items() if (ranks := rank_plan(model, state.step, total))}
-    if state.ranks != expected:
-        raise AdapterFileError(
-            f"{folder}: its adapters' ranks at step {state.step} ({short_repr(state.ranks)}) are not what this "
-            f"recipe's rank schedule gives ({short_repr(expected)}); resume with the recipe the run started with"
-        )
+    for part, model in built.parts.items():
+        expected, found = rank_plan(model, state.step, total), state.ranks.get(part, {})
+        if found != expected:
+            raise AdapterFileError(
+                f"{folder}: its {part} adapters' ranks at step {state.step} are not what this recipe's rank "
+                f"schedule gives (first: {first_difference(found, expected)}); resume with the recipe the run "
+                "started with"
+            )
+    if set(state.ranks) - set(built.parts):
+        raise AdapterFileError(f"{folder}: ranks of parts {sorted(state.ranks)} this run does not have")
 
 
 def _saved(built: Built) -> nn.Module:
