@@ -108,3 +108,39 @@ def test_a_model_quantized_by_torch_ao_is_refused_by_name_with_what_to_do():
         vl.quantize_base(dynamic)
     with pytest.raises(vl.ConfigError, match="bits=4"):
         vl.quantize_base(model, bits=4)
+
+
+def test_a_re_quantized_merged_checkpoint_is_four_times_smaller_and_loads_in_int8_or_float(tmp_path):
+    torch.manual_seed(0)
+    model = vl.quantize_base(torchvision.models.resnet18(num_classes=4).eval())  # a float base works alike
+    vl.apply_lora(model, vl.LoraConfig(targets="preset:resnet-last-blocks", rank=4, trainable=["fc"]))
+    assert model.fc.weight.requires_grad and model.fc.weight.dtype == torch.float32  # float again: it trains
+    randomize_lora(model)
+    x = torch.randn(2, 3, 64, 64)
+    float_path = vl.export_merged(model, tmp_path / "merged.safetensors")
+    path = vl.export_merged(model, tmp_path / "merged-int8.safetensors", quantize="int8", dtype=torch.float16)
+    state, floats = load_file(path), load_file(float_path)
+    assert sum(v.numel() * v.element_size() for v in state.values()) < 0.3 * sum(
+        v.numel() * v.element_size() for v in floats.values()
+    )
+    # Every merged weight re-quantized from float32, per output channel; the head (trainable) stays float.
+    for key in ("layer4.1.conv2.weight", "layer1.0.conv1.weight", "conv1.weight"):
+        q, scale = quantize_weight(floats[key])
+        assert torch.equal(state[f"{key}_int8"], q) and torch.equal(state[f"{key}_scale"], scale)
+    assert "fc.weight" in state and state["fc.weight"].dtype == torch.float16
+    assert state["layer4.1.conv2.weight_scale"].dtype == torch.float32
+    # In int8: the architecture through quantize_base (the same skip), then a strict load.
+    held = vl.quantize_base(torchvision.models.resnet18(num_classes=4).eval(), skip=["fc"])
+    held.load_state_dict(state)
+    plain = torchvision.models.resnet18(num_classes=4).eval()
+    plain.load_state_dict(floats)
+    with torch.no_grad():
+        expected = plain(x)
+        assert_rel_close(held.float()(x), expected, 3e-2)  # int8 rounding of the merged weights
+        # In float, where a base is read (merge CLI, load_classifier, recipes' model.weights).
+        from visionlora.io.weights import load_base
+
+        loaded = load_base(str(path), arch="torchvision:resnet18", kwargs={"num_classes": 4}).eval()
+        assert_rel_close(loaded.float()(x), held.float()(x), 1e-2)  # the same int8 weights, fp16 head
+    with pytest.raises(vl.ConfigError, match=r"quantize='int4'; a merged checkpoint is re-quantized to 'int8'"):
+        vl.export_merged(model, tmp_path / "x.safetensors", quantize="int4")  # type: ignore[arg-type]

@@ -41,7 +41,7 @@ from visionlora.growth import start_schedule
 from visionlora.layers import LoraConv, LoraConvTranspose, LoraLayer, LoraLinear, base_layer, layer_kind
 from visionlora.lora_math import InitFn, gaussian_init, is_transposed, kaiming_init, max_useful_rank
 from visionlora.models.presets import expand_preset, presets_in_patterns
-from visionlora.quantize import check_not_dynamic
+from visionlora.quantize import check_not_dynamic, release_trained
 from visionlora.ranks import allocate, probe_resolutions
 from visionlora.state import (
     activate,
@@ -308,6 +308,7 @@ def attach(
             layer = wrap_layer(m.module, m.name)
             layer.disabled = disabled
         built.append((m, layer, _new_adapter(layer, m, cfg, init, generator, values)))
+    release_trained(model, cfg.trainable)  # an int8 module that trains in full is float again
     snapshot_buffers(model)  # before any value is copied in: what differs from it is saved with the adapter
     for m, layer, adapter in built:
         layer.adapters[adapter_name] = adapter

@@ -8,14 +8,15 @@ when it runs, so LoRA and the other families train on top exactly as on a float 
 reaches ``q``. About 4× less memory than fp32 for the frozen weights (biases stay float).
 
 Layers whose own forward transforms the weight (timm's StdConv2d) stay float. A merged checkpoint
-(:func:`visionlora.export_merged`) is written in float from the dequantized weights;
-:func:`dequantize_base` turns the layers back into float ones (e.g. before ``merge``).
+(:func:`visionlora.export_merged`) is written in float from the dequantized weights, or re-quantized
+(``quantize="int8"``: :func:`quantized_state_dict`); :func:`dequantize_base` turns the layers back
+into float ones (e.g. before ``merge``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -32,8 +33,11 @@ __all__ = [
     "dequantize",
     "dequantize_base",
     "float_state_dict",
+    "int8_layers",
     "quantize_base",
     "quantize_weight",
+    "quantized_state_dict",
+    "release_trained",
 ]
 
 _QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -95,6 +99,26 @@ def _targets(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Module
     return found
 
 
+def int8_layers(model: nn.Module) -> list[str]:
+    """The un-adapted model's names of the layers held in int8, and of those :func:`quantize_base` would
+    hold (a LoRA layer's base under the LoRA layer's own name)."""
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    names = [n for n, m in model.named_modules() if isinstance(m, Int8Weight)] + [n for n, _ in _targets(model, ())]
+    return [n[: -len(".base")] if n.endswith(".base") and n[: -len(".base")] in wrapped else n for n in names]
+
+
+def quantized_state_dict(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` (the un-adapted architecture's float state dict of ``model``: a merged checkpoint's) with
+    the weight of every layer in :func:`int8_layers` held as ``weight_int8`` / ``weight_scale``: the state
+    dict of the model built afresh and passed through :func:`quantize_base` (with the same ``skip``)."""
+    out = dict(state)
+    for name in int8_layers(model):
+        key = f"{name}.weight" if name else "weight"
+        q, scale = quantize_weight(out.pop(key))
+        out[f"{key}_int8"], out[f"{key}_scale"] = q, scale
+    return out
+
+
 def check_not_dynamic(model: nn.Module) -> None:
     """Refuse, naming the layer and what to do instead, a model with torch.ao's dynamically quantized layers."""
     dynamic = [n for n, m in model.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
@@ -142,6 +166,15 @@ def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mo
             held.__class__ = original
             held.register_parameter("weight", nn.Parameter(weight, requires_grad=False))
     return model
+
+
+def release_trained(model: nn.Module, patterns: Sequence[str]) -> None:
+    """Turn the int8 layers in modules matching ``patterns`` (an adapter's ``trainable`` modules, about to
+    train in full) back into float ones."""
+    kept = {n for n, _ in model.named_modules() if any(pattern_matches(p, n) for p in patterns)}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int8Weight) and is_under(name, kept):
+            dequantize_base(cast(nn.Module, module))
 
 
 def float_state_dict(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -26,7 +26,7 @@ import re
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ from visionlora.io.formats import file_components
 from visionlora.io.ldm import ldm_state_dict, sdxl_state_dict
 from visionlora.io.load import load_adapter
 from visionlora.models.loading import load_component
-from visionlora.quantize import float_state_dict
+from visionlora.quantize import float_state_dict, quantized_state_dict
 from visionlora.state import lora_layers, original_state_dict
 
 __all__ = ["export_merged", "merge_pipeline", "merged_state_dict"]
@@ -49,11 +49,16 @@ __all__ = ["export_merged", "merge_pipeline", "merged_state_dict"]
 _DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def merged_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    model: nn.Module, *, dtype: torch.dtype | None = None, quantize: Literal["int8"] | None = None
+) -> dict[str, torch.Tensor]:
     """The un-adapted architecture's state dict with the active adapters merged in; the model is not changed.
 
     Merge math runs in float32; each weight is then cast to ``dtype`` (default: its own dtype), as
-    is every other floating-point tensor. Integer buffers keep their dtype.
+    is every other floating-point tensor. Integer buffers keep their dtype. With ``quantize="int8"``
+    every Linear/Conv weight that :func:`~visionlora.quantize_base` would hold in int8 is re-quantized
+    from the merged float32 weight: ``<layer>.weight_int8`` and a float32 ``<layer>.weight_scale``,
+    the state dict of ``vl.quantize_base`` applied to the architecture (the same ``skip``).
 
     Raises:
         MergeError: if a tensor would hold NaN/Inf after the cast (fp16 overflow included),
@@ -65,9 +70,16 @@ def merged_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None) -> 
         for name, layer in lora_layers(model):
             if layer.active and not layer.disabled:
                 weight = out[f"{name}.weight"]
-                out[f"{name}.weight"] = (weight.float() + layer.delta_weight(torch.float32)).to(dtype or weight.dtype)
-    if dtype is not None:
-        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+                merged = weight.float() + layer.delta_weight(torch.float32)  # quantized from float32, or cast
+                out[f"{name}.weight"] = merged if quantize else merged.to(dtype or weight.dtype)
+    if quantize is not None:
+        if quantize != "int8":
+            raise ConfigError(f"quantize={quantize!r}; a merged checkpoint is re-quantized to 'int8' (or None)")
+        out = quantized_state_dict(model, out)
+    if dtype is not None:  # the int8 scales stay float32
+        out = {
+            k: v.to(dtype) if v.is_floating_point() and not k.endswith("weight_scale") else v for k, v in out.items()
+        }
     bad = [k for k, v in out.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise MergeError(f"the merged checkpoint would hold NaN/Inf in {', '.join(bad[:10])}; nothing was written")
@@ -84,6 +96,7 @@ def export_merged(
     others: Mapping[str, nn.Module] | None = None,
     metadata: Mapping[str, str] | None = None,
     overwrite: bool = False,
+    quantize: Literal["int8"] | None = None,
 ) -> Path:
     """Write the adapted model as a plain checkpoint of its original architecture (see the module docstring).
 
@@ -94,7 +107,9 @@ def export_merged(
     folder, or the loaded pipeline, e.g. from a single-file checkpoint) gets one original-layout
     SD 1.x/SDXL checkpoint of the whole pipeline instead, or for a Flux/SD3 ``transformer`` the
     transformer alone in BFL's/SAI's layout. Otherwise ``path`` is a ``.safetensors`` file, whose
-    header also gets ``metadata`` (e.g. a classifier's class names). Files are written
+    header also gets ``metadata`` (e.g. a classifier's class names); with ``quantize="int8"`` its
+    Linear/Conv weights are re-quantized (see :func:`merged_state_dict`): about 4× smaller, loaded by
+    ``vl.quantize_base(model).load_state_dict(...)`` or read back in float by the recipes. Files are written
     atomically and a folder appears complete or not at all. The models are not changed. Returns ``path``.
 
     Raises:
@@ -114,8 +129,11 @@ def export_merged(
         if pipeline is not None or others:
             raise ConfigError(f"pipeline= and others= are for diffusers models; {type(model).__name__} is one file")
         refuse_existing(path, overwrite)
-        header = {**(metadata or {}), "format": "pt"}
-        return write_safetensors(path, merged_state_dict(model, dtype=dtype), header, overwrite=overwrite)
+        header = {**(metadata or {}), "format": "pt", **({"quantized": quantize} if quantize else {})}
+        state = merged_state_dict(model, dtype=dtype, quantize=quantize)
+        return write_safetensors(path, state, header, overwrite=overwrite)
+    if quantize is not None:
+        raise ConfigError("quantize= is for a single .safetensors checkpoint of a plain model; diffusers save float")
     if metadata:
         raise ConfigError("metadata= is for a single .safetensors checkpoint; a diffusers model is written as a folder")
     if pipeline is None:

@@ -19,6 +19,7 @@ from visionlora.io.dit import diffusers_state_dict, dit_family
 from visionlora.io.files import read_safetensors
 from visionlora.models.heads import classifier_names, replace_head
 from visionlora.models.loading import build_model
+from visionlora.quantize import float_state_dict
 
 __all__ = ["fit_head", "load_base", "load_original_transformer", "read_state_dict"]
 
@@ -81,13 +82,14 @@ def load_base(spec: str, *, arch: str | None = None, kwargs: dict[str, Any] | No
 
     ``spec`` is a torchvision/timm name (its pretrained weights are fetched by those libraries), a
     diffusers folder (read from disk), or a ``.safetensors`` / ``.pt`` state dict for the
-    architecture ``arch`` (loaded strictly, after the head is resized to the file's class count).
+    architecture ``arch`` (loaded strictly, after the head is resized to the file's class count; int8
+    weights of a re-quantized merged checkpoint are read as float32).
     """
     if Path(spec).is_file():
         if arch is None:
             raise ConfigError(f"{spec!r} is a weights file: give the architecture too (e.g. --arch resnet50)")
         model = build_model(arch, kwargs=kwargs)
-        state = read_state_dict(spec)
+        state = float_state_dict(model, read_state_dict(spec))  # a re-quantized merged checkpoint: in float
         fit_head(model, state)
         _check_weights(spec, state, model.state_dict())
         try:

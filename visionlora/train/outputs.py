@@ -114,7 +114,7 @@ def write_outputs(
                 folder / outputs.merged,
                 dtype=DTYPES[output.merged_dtype],
                 pipeline=outputs.pipeline,
-                **({"component": main_name} if outputs.pipeline is not None else {}),
+                component=main_name,  # read only with a pipeline
                 others=dict(others),
                 metadata=outputs.metadata,
                 overwrite=True,
