@@ -267,6 +267,11 @@ def test_a_schedule_that_ends_below_a_layers_rank_is_refused_and_nothing_changes
     assert not any(isinstance(m, vl.LoraLayer) for m in model.modules())
     with pytest.raises(ConfigError, match="grows LoRA and DoRA adapters; loha"):
         vl.LoraConfig(targets="0", family_pattern={"0": "loha"}, rank_schedule={0: 2})
+    with pytest.raises(ConfigError, match="a key above 1 is a step, a whole number"):
+        vl.LoraConfig(targets="0", rank_schedule={0: 2, 500.5: 16})
+    with pytest.raises(ConfigError, match="mixes fractions of the run with steps"):
+        vl.LoraConfig(targets="0", rank_schedule={0: 2, 0.5: 8, 500: 16})
+    assert vl.LoraConfig(targets="0", rank_schedule={0: 2, 2**60: 16, 3.0: 4}).rank_schedule[2**60] == 16  # steps
 
 
 def test_end_schedules_gives_the_plain_adapter_and_refuses_held_columns_written_from_outside():
