@@ -4,6 +4,7 @@
     python scripts/bench.py --device cuda    # GPU: resnet50 at 224 px batch 64, SD-1.5-shaped UNet
     python scripts/bench.py --only resnet prefix --repeats 5 --json bench.json
     python scripts/bench.py --only unet --vs-floor --repeats 60 --per-round 1   # visionlora vs the floor alone
+    python scripts/bench.py --toy --only resnet unet --compile --compile-backend aot_eager   # toy sizes (smoke)
 
 Every contender gets the same model weights, input, rank and targets. Rounds are interleaved
 (contenders A, B, C, then C, B, A, ...) so drift in the machine's speed hits all alike; each figure
@@ -37,6 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import visionlora as vl
 
 Step = Callable[[], None]
+
+TOY = False
+"""``--toy``: every model at toy sizes, on any device (scripts/gpu_check.sh --smoke: the GPU path on a CPU)."""
+COMPILE_BACKEND = "inductor"
+"""``--compile-backend``: torch.compile's backend for the compiled contenders."""
 
 
 def saved_bytes(step: Callable[[], torch.Tensor]) -> int:
@@ -141,7 +147,7 @@ def resnet_setup(device: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, li
     """The ResNet-50 benchmark: the base, a batch and its labels, and the layer4 convs every contender adapts."""
     import torchvision
 
-    size, batch = (224, 64) if device == "cuda" else (128, 8)
+    size, batch = (32, 2) if TOY else (224, 64) if device == "cuda" else (128, 8)
     torch.manual_seed(0)
     base = torchvision.models.resnet50(num_classes=10).to(device)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -166,6 +172,17 @@ def resnet_contenders(device: str) -> tuple[dict[str, nn.Module], Callable[[nn.M
 
 
 def unet_config(device: str) -> dict[str, Any]:
+    if TOY:
+        return {
+            "sample_size": 8,
+            "cross_attention_dim": 32,
+            "block_out_channels": (32, 64),
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "attention_head_dim": 8,
+            "layers_per_block": 1,
+            "norm_num_groups": 32,
+        }
     if device == "cuda":  # SD-1.5 shapes
         return {
             "sample_size": 64,
@@ -227,7 +244,9 @@ def training_table(
     steps, forwards = {}, {}
     if args.compile:  # inductor; both compile as one graph (fullgraph=True) with torch 2.14 and peft 0.21
         for name in [n for n in models if n.startswith(("visionlora", "peft"))]:
-            models[f"{name}, compiled"] = torch.compile(copy.deepcopy(models[name]), fullgraph=True)
+            models[f"{name}, compiled"] = torch.compile(
+                copy.deepcopy(models[name]), fullgraph=True, backend=COMPILE_BACKEND
+            )
     for name, m in models.items():
         steps[name], forwards[name] = train_step(m, loss)
     times = rounds(steps, args.repeats, args.per_round, args.device)
@@ -451,10 +470,16 @@ def main() -> None:
         "--vs-floor", action="store_true", help="unet: time visionlora and the floor alone (no PEFT, full FT or I/O)"
     )
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
+    parser.add_argument("--toy", action="store_true", help="toy sizes on any device (a smoke run of the same path)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     args = parser.parse_args()
+    global TOY, COMPILE_BACKEND
+    TOY, COMPILE_BACKEND = args.toy, args.compile_backend
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
+        "toy": TOY,
+        "compile_backend": COMPILE_BACKEND if args.compile else None,
     }
     print(f"device: {report['device']}, torch {torch.__version__}")
     if "resnet" in args.only:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+GPU_TESTS_DEVICE = (
+    "cuda" if torch.cuda.is_available() else "cpu" if os.environ.get("VISIONLORA_GPU_TESTS") == "cpu" else None
+)
+"""Where the tests marked ``gpu`` run: CUDA when present; the CPU when ``VISIONLORA_GPU_TESTS=cpu``
+(``scripts/gpu_check.sh --smoke``); else nowhere (skipped)."""
+needs_gpu = pytest.mark.skipif(
+    GPU_TESTS_DEVICE is None, reason="needs CUDA (scripts/gpu_check.sh --smoke runs it on the CPU)"
+)
 
 
 def reference_conv_delta(a: Tensor, b: Tensor, scale: float, groups: int) -> Tensor:
