@@ -84,6 +84,12 @@ def _int8_class(cls: type[nn.Module]) -> type[nn.Module]:
     return _CLASSES[cls]
 
 
+def _original(name: str, wrapped: set[str]) -> str:
+    """A module's name in the un-adapted model: a LoRA layer's base (in ``wrapped``) goes by the layer's."""
+    stem = name.removesuffix(".base")
+    return stem if stem != name and stem in wrapped else name
+
+
 def _targets(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Module]]:
     """The layers to hold in int8: not under a ``skip`` pattern or an adapter's ``trainable`` modules."""
     trained = [p for cfg in adapter_state(model).configs.values() for p in cfg.trainable]
@@ -91,8 +97,7 @@ def _targets(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Module
     wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        original = name[: -len(".base")] if name.endswith(".base") and name[: -len(".base")] in wrapped else name
-        if isinstance(module, LoraLayer | Int8Weight) or is_under(original, kept):
+        if isinstance(module, LoraLayer | Int8Weight) or is_under(_original(name, wrapped), kept):
             continue
         if isinstance(module, _QUANTIZABLE) and not transforms_weight_or_input(module):
             found.append((name, module))
@@ -104,7 +109,7 @@ def int8_layers(model: nn.Module) -> list[str]:
     hold (a LoRA layer's base under the LoRA layer's own name)."""
     wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     names = [n for n, m in model.named_modules() if isinstance(m, Int8Weight)] + [n for n, _ in _targets(model, ())]
-    return [n[: -len(".base")] if n.endswith(".base") and n[: -len(".base")] in wrapped else n for n in names]
+    return [_original(n, wrapped) for n in names]
 
 
 def quantized_state_dict(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
