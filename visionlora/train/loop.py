@@ -129,6 +129,8 @@ def _train(task: Task, out_dir: Path, resume: str | None, progress: bool) -> dic
         )
         state = RunState.from_checkpoint(loaded, folder)
     total = run.total
+    for model in built.parts.values():
+        check_schedules(model, total)
     growing = _grow(built, state, total)  # the ranks at this step (a resumed run's are checked above)
     bar = _start(accelerator, recipe, out_dir, total, state.step, progress)
     started = time.perf_counter() - state.elapsed
@@ -260,7 +262,6 @@ def _grow(built: Built, state: RunState, total: int) -> bool:
     """Grow the adapters that rank schedules grow to their ranks at ``state.step`` and record them in
     ``state``; whether there are any."""
     for model in built.parts.values():
-        check_schedules(model, total)
         grow_ranks(model, state.step, total_steps=total)
     state.ranks = {part: ranks for part, model in built.parts.items() if (ranks := current_ranks(model))}
     return bool(state.ranks)
