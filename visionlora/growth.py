@@ -145,18 +145,18 @@ def grow_ranks(model: nn.Module, step: int, *, total_steps: int | None = None) -
         >>> model = vl.apply_lora(net, vl.LoraConfig(targets="layer4.*", rank=16, rank_schedule={0: 2, 500: 16}))
         >>> vl.grow_ranks(model, 500)  # {"default": {"layer4.0.conv1": 16, ...}}
     """
-    plan = rank_plan(model, step, total_steps)
-    grown: Ranks = {}
-    held = list(_scheduled(model))
-    for name, adapter_name, adapter in held:
-        rank = plan[adapter_name][name]
+    planned = [  # one walk of the model: this runs after every optimizer step
+        (name, adapter_name, adapter, scheduled_rank(adapter.schedule, adapter.rank, step, total_steps))
+        for name, adapter_name, adapter in _scheduled(model)
+    ]
+    for name, adapter_name, adapter, rank in planned:
         if rank < adapter.current_rank:
             raise AdapterError(
                 f"grow_ranks: {name} ({adapter_name}) is at rank {adapter.current_rank}, and step {step} of its "
                 f"schedule gives {rank}; ranks never shrink (resize_adapter cuts an adapter down)"
             )
-    for name, adapter_name, adapter in held:
-        rank = plan[adapter_name][name]
+    grown: Ranks = {}
+    for name, adapter_name, adapter, rank in planned:
         if rank != adapter.current_rank:
             _hold(adapter, rank)
             grown.setdefault(adapter_name, {})[name] = rank
