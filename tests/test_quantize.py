@@ -82,7 +82,7 @@ def test_merging_into_int8_is_refused_and_a_float_merged_checkpoint_is_written_i
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
-    with pytest.raises(vl.MergeError, match="holds its base in int8"):
+    with pytest.raises(vl.MergeError, match="holds its base in 8 bits"):
         vl.merge(model)
     path = vl.export_merged(model, tmp_path / "merged.safetensors", dtype=torch.float16)
     state = load_file(path)
@@ -106,8 +106,12 @@ def test_a_model_quantized_by_torch_ao_is_refused_by_name_with_what_to_do():
         vl.apply_lora(dynamic, vl.LoraConfig(targets="0"))
     with pytest.raises(vl.UnsupportedModuleError, match="quantize_dynamic"):
         vl.quantize_base(dynamic)
-    with pytest.raises(vl.ConfigError, match="bits=4"):
-        vl.quantize_base(model, bits=4)
+    with pytest.raises(vl.ConfigError, match="bits=3; valid: 8, or 4"):
+        vl.quantize_base(model, bits=3)
+    with pytest.raises(vl.ConfigError, match="bits=4 needs backend='bitsandbytes'"):
+        vl.quantize_base(model, bits=4, backend="visionlora")
+    with pytest.raises(vl.ConfigError, match="backend='gguf'; valid: 'auto', 'visionlora', 'bitsandbytes'"):
+        vl.quantize_base(model, backend="gguf")  # type: ignore[arg-type]
 
 
 def test_a_re_quantized_merged_checkpoint_is_four_times_smaller_and_loads_in_int8_or_float(tmp_path):

@@ -26,6 +26,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "tqdm": ("tqdm", "train"),
     "sklearn": ("scikit-learn", "train"),
     "PIL": ("pillow", "train"),
+    "bitsandbytes": ("bitsandbytes", "bnb"),
 }
 """Import name -> (pip package, visionlora extra that installs it). ``train`` includes ``diffusion``."""
 

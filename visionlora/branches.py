@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
+from visionlora.bnb import float_weight
 from visionlora.config import LoraConfig
 from visionlora.errors import ConfigError
 from visionlora.family_math import (
@@ -311,7 +312,7 @@ def adapter_shapes(
     magnitude on LoHa or LoKr (LyCORIS' ``dora_scale``).
     """
     check_family(base, family)
-    weight_shape = tuple(base.weight.shape)
+    weight_shape = tuple(float_weight(base).shape)
     if family in ("lora", "dora"):
         a_shape, b_shape = lora_shapes(base, rank, cfg.conv_groups)
         shapes = {"lora_A.weight": a_shape, "lora_B.weight": b_shape}
@@ -344,7 +345,7 @@ def new_adapter(
     LoKr's factors as LyCORIS initialises them, DoRA's magnitude ‖W‖. With ``init=None`` the
     tensors are left for values to be copied in, in the layout of ``given`` (see :func:`adapter_shapes`).
     """
-    weight = base.weight
+    weight = float_weight(base)
     shapes = adapter_shapes(base, family, rank, cfg, given)
     scalars: dict[str, Any] = {"rank": rank, "alpha": alpha, "rslora": cfg.rslora, "dropout": cfg.dropout}
     empty = {n: torch.empty(s, dtype=weight.dtype, device=weight.device) for n, s in shapes.items() if n != "magnitude"}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visionlora.bnb import float_weight
 from visionlora.config import LoraConfig, is_finite_number
 from visionlora.errors import ConfigError, TargetError
 from visionlora.inject import Match, attach, check_new_adapter, match_targets, warn_ranks
@@ -227,7 +228,7 @@ def _resize_model(model: nn.Module, rank: int | None, energy: float | None, adap
                 (name, layer, adapter, *_resize_factors(adapter.lora_A, adapter.lora_B, adapter.rank, rank, energy, t))
             )
         else:
-            delta = adapter.factor_delta(layer.base.weight.shape, layer.delta, torch.float64)
+            delta = adapter.factor_delta(float_weight(layer.base).shape, layer.delta, torch.float64)
             resized.append((name, layer, adapter, *_lora_of_delta(layer.base, delta, rank, energy, cfg.conv_groups)))
     report = []
     for name, layer, adapter, a, b, new_rank, error in resized:  # every SVD has succeeded: now write

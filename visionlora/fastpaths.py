@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionlora.bnb import bnb_bits
 from visionlora.layers import FastPath, LoraAdapter, LoraConv, LoraLayer, LoraLinear, conv_apply
 
 __all__ = ["conv_gemm", "fast_path_for", "linear_fast"]
@@ -54,7 +55,7 @@ def linear_fast(layer: LoraLayer, x: Tensor) -> Tensor | None:
     """
     weight = layer.base.weight
     dtype = weight.dtype
-    if x.dtype != dtype or torch.is_autocast_enabled(x.device.type):
+    if x.dtype != dtype or torch.is_autocast_enabled(x.device.type) or bnb_bits(layer.base) is not None:
         return None
     adapters = _lora_adapters(layer)
     if adapters is None or any(ad.lora_A.dtype != dtype or ad.lora_B.dtype != dtype for ad, _ in adapters):

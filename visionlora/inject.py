@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from visionlora._tree import adaptable_kind, check_placement, is_under, iter_modules, replace_module
+from visionlora.bnb import float_weight
 from visionlora.branches import Adapter, adapter_shapes, adapter_tensors, check_family, new_adapter, param_count
 from visionlora.config import Family, LoraConfig, is_exact_name, pattern_matches
 from visionlora.errors import AdapterError, ConfigError, TargetError, UnsupportedModuleError
@@ -213,7 +214,7 @@ def warn_ranks(matches: list[Match], cfg: LoraConfig) -> None:
         usable = max_useful_rank(base, cfg.conv_groups)
         if m.rank > usable:
             too_high.append(f"{m.name} (r={m.rank} > {usable})")
-        if param_count(base, m.family, m.rank, cfg) > base.weight.numel():
+        if param_count(base, m.family, m.rank, cfg) > float_weight(base).numel():
             too_big.append(m.name)
     if too_high:
         warnings.warn(

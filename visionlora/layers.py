@@ -21,7 +21,9 @@ For groups = 1 both are the usual layout (kohya's lora_down / lora_up, PEFT's lo
 
 Conv and Linear subclasses whose ``forward`` transforms the weight or the input (timm's
 StdConv2d, ScaledStdConv2d, Conv2dSame) are adapted in weight space: their own forward runs on
-W + ΔW, so merging (W <- W + ΔW) gives the same outputs by construction.
+W + ΔW, so merging (W <- W + ΔW) gives the same outputs by construction. bitsandbytes' 8-/4-bit
+Linears (:mod:`visionlora.bnb`) run their own kernels on the packed weight, and every family adds
+its branch to that output (ΔW of the dequantized W for DoRA's norm, LoHa, LoKr).
 
 The formulas (ΔW, shapes, scale, init) are pure functions in :mod:`visionlora.lora_math`.
 This module is the reference (:meth:`LoraLayer.forward` is the formula above); forms measured to
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from visionlora.bnb import bnb_bits, float_weight
 from visionlora.branches import Adapter, LoraAdapter
 from visionlora.errors import AdapterError, ConfigError
 from visionlora.family_math import channel_norm
@@ -86,7 +89,10 @@ def layer_kind(module: nn.Module) -> str | None:
 
 
 def transforms_weight_or_input(base: nn.Module) -> bool:
-    """True when ``type(base)`` overrides how torch's own class runs its weight on the input."""
+    """True when ``type(base)`` overrides how torch's own class runs its weight on the input (not a
+    bitsandbytes Linear, which runs the same Linear on its packed weight)."""
+    if bnb_bits(base) is not None:
+        return False
     references: list[type[nn.Module]] = [nn.Linear, *_CONV_TYPES, *_CONVT_TYPES]
     reference = next(t for t in references if isinstance(base, t))
     methods = ("forward", "_conv_forward") if reference in _CONV_TYPES else ("forward",)
@@ -172,7 +178,7 @@ class LoraLayer(nn.Module, abc.ABC):
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Σ weight · ΔW over the active adapters, in the base weight's shape, computed in ``dtype``."""
-        weight = self._original_weight if self._original_weight is not None else self.base.weight  # W, not W'
+        weight = self._original_weight if self._original_weight is not None else float_weight(self.base)  # W, not W'
         delta = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
         for name, w in self.active.items():
             delta = delta + w * self.adapter(name).delta(weight, self.delta, dtype)
@@ -239,7 +245,7 @@ class LoraLayer(nn.Module, abc.ABC):
         if self.weight_space:
             return True
         adapters = [self.adapter(n) for n in self.active]
-        if all(a.plain for a in adapters):
+        if all(a.plain for a in adapters) or bnb_bits(self.base) is not None:  # bitsandbytes: its kernel only
             return False
         large = self.base.weight.numel() > x.numel()
         if large and torch.is_grad_enabled() and all(a.plain or _dora_branch(a) for a in adapters):
@@ -260,7 +266,7 @@ class LoraLayer(nn.Module, abc.ABC):
             elif isinstance(adapter, LoraAdapter) and _dora_branch(adapter):
                 y = y + self._dora(adapter, w, base, x, **kwargs).to(y.dtype)
             else:
-                weight = self.base.weight
+                weight = float_weight(self.base)
                 h = F.dropout(x, adapter.dropout, self.training).to(weight.dtype)
                 y = y + self.apply_weight(h, w * adapter.delta(weight, self.delta, weight.dtype), **kwargs).to(y.dtype)
         return y
@@ -269,7 +275,7 @@ class LoraLayer(nn.Module, abc.ABC):
         """One DoRA adapter's change to the output in PEFT's form, ``(m/n − 1) · W x + (m/n) · s · B(A(x))``
         with n = ‖W + s·B·A‖ per output channel, a constant for backward: no weight-sized gradient, and
         ``base`` (= W x + bias) reused where no input dropout is active."""
-        weight, (a, b) = self.base.weight, adapter.live_factors()
+        weight, (a, b) = float_weight(self.base), adapter.live_factors()
         with torch.no_grad():
             norm = channel_norm(weight.float() + self.delta(a.float(), b.float(), adapter.scale))
         assert adapter.magnitude is not None

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from visionlora._tree import replace_module
+from visionlora.bnb import bnb_bits, float_weight
 from visionlora.errors import AdapterError, MergeError
 from visionlora.layers import LoraAdapter, LoraLayer
 from visionlora.state import forget, lora_layers
@@ -36,7 +37,7 @@ def merged_weight(layer: LoraLayer) -> Tensor:
     Raises:
         MergeError: if the result holds NaN or Inf (fp16 overflow included).
     """
-    weight = layer.base.weight
+    weight = float_weight(layer.base)
     new = weight.detach().float()
     for name, w in layer.active.items():
         adapter = layer.adapter(name)
@@ -71,10 +72,11 @@ def merge(model: nn.Module) -> nn.Module:
         raise AdapterError(
             f"adapters are disabled (e.g. {disabled[0]!r}); call vl.enable_adapters(model) before merging"
         )
-    held = [n for n, layer in layers if getattr(layer.base, "quantized_bits", None) is not None]
+    held = [(n, bits) for n, layer in layers if (bits := getattr(layer.base, "quantized_bits", bnb_bits(layer.base)))]
     if held:
         raise MergeError(
-            f"{held[0]!r} holds its base in int8 (vl.quantize_base): W + ΔW cannot be written into it; use "
+            f"{held[0][0]!r} holds its base in {held[0][1]} bits (vl.quantize_base or bitsandbytes): W + ΔW cannot be "
+            "written into it without re-quantizing (lossy); use "
             "vl.export_merged(model, path, dtype=...) for a float merged checkpoint, or vl.dequantize_base(model) "
             "first"
         )

@@ -15,13 +15,16 @@ into float ones (e.g. before ``merge``).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
-from visionlora._tree import is_under
+from visionlora._deps import require
+from visionlora._tree import is_under, replace_module
+from visionlora.bnb import QuantType, bnb_bits, from_bnb, held_weight, to_bnb
 from visionlora.config import pattern_matches
 from visionlora.errors import ConfigError, UnsupportedModuleError
 from visionlora.layers import LoraLayer, transforms_weight_or_input
@@ -97,7 +100,7 @@ def _targets(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Module
     wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer | Int8Weight) or is_under(_original(name, wrapped), kept):
+        if isinstance(module, LoraLayer | Int8Weight) or bnb_bits(module) or is_under(_original(name, wrapped), kept):
             continue
         if isinstance(module, _QUANTIZABLE) and not transforms_weight_or_input(module):
             found.append((name, module))
@@ -105,10 +108,11 @@ def _targets(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Module
 
 
 def int8_layers(model: nn.Module) -> list[str]:
-    """The un-adapted model's names of the layers held in int8, and of those :func:`quantize_base` would
-    hold (a LoRA layer's base under the LoRA layer's own name)."""
+    """The un-adapted model's names of the layers held in int8 or by bitsandbytes, and of those
+    :func:`quantize_base` would hold (a LoRA layer's base under the LoRA layer's own name)."""
     wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-    names = [n for n, m in model.named_modules() if isinstance(m, Int8Weight)] + [n for n, _ in _targets(model, ())]
+    held = [n for n, m in model.named_modules() if isinstance(m, Int8Weight) or bnb_bits(m)]
+    names = held + [n for n, _ in _targets(model, ())]
     return [_original(n, wrapped) for n in names]
 
 
@@ -135,19 +139,62 @@ def check_not_dynamic(model: nn.Module) -> None:
         )
 
 
-def quantize_base(model: nn.Module, bits: int = 8, *, skip: Sequence[str] = ()) -> nn.Module:
-    """Hold every Linear and Conv1d/2d/3d weight of ``model`` (LoRA layers' bases included) in int8,
-    in place; returns ``model``. Biases, norms and LoRA adapters stay as they are, and so do the
+Backend = Literal["auto", "visionlora", "bitsandbytes"]
+
+
+def _backend(model: nn.Module, bits: int, backend: Backend, quant_type: QuantType) -> str:
+    if quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"quant_type={quant_type!r}; bitsandbytes' 4-bit types are 'nf4' and 'fp4'")
+    if backend not in ("auto", "visionlora", "bitsandbytes"):
+        raise ConfigError(f"quantize_base: backend={backend!r}; valid: 'auto', 'visionlora', 'bitsandbytes'")
+    if bits not in (8, 4):
+        raise ConfigError(f"quantize_base: bits={bits!r}; valid: 8, or 4 (bitsandbytes' NF4/FP4)")
+    if backend == "auto":
+        cuda = any(p.is_cuda for p in model.parameters())
+        backend = "bitsandbytes" if bits == 4 or (cuda and _installed("bitsandbytes")) else "visionlora"
+    if backend == "visionlora" and bits != 8:
+        raise ConfigError("quantize_base: visionlora holds bases in 8 bits; bits=4 needs backend='bitsandbytes'")
+    if backend == "bitsandbytes":
+        require("bitsandbytes")  # before any layer changes
+    return backend
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a None or broken entry in sys.modules
+        return False
+
+
+def quantize_base(
+    model: nn.Module,
+    bits: int = 8,
+    *,
+    skip: Sequence[str] = (),
+    backend: Backend = "auto",
+    quant_type: QuantType = "nf4",
+) -> nn.Module:
+    """Hold every Linear and Conv1d/2d/3d weight of ``model`` (LoRA layers' bases included) in 8 or
+    4 bits, in place; returns ``model``. Biases, norms and LoRA adapters stay as they are, and so do the
     modules matching ``skip`` (target patterns, e.g. a new head) and every adapter's ``trainable`` modules.
 
+    ``backend``: ``"visionlora"`` holds weights in int8 with a scale per output channel (any device);
+    ``"bitsandbytes"`` replaces the Linear layers by bitsandbytes' ``Linear8bitLt`` (``bits=8``) or
+    ``Linear4bit`` (``bits=4``, ``quant_type`` NF4 or FP4), quantized on the model's device, and
+    holds the convs in visionlora's int8 (bitsandbytes has no conv). ``"auto"``: bitsandbytes for
+    ``bits=4``, and for ``bits=8`` when the model is on CUDA and bitsandbytes is installed.
+
     Raises:
-        ConfigError: ``bits`` other than 8.
+        ConfigError: ``bits`` other than 8 or 4, 4 bits with the visionlora backend, an unknown backend.
+        MissingDependencyError: the bitsandbytes backend without bitsandbytes (``visionlora[bnb]``).
         UnsupportedModuleError: a model quantized by ``torch.ao.quantization.quantize_dynamic``.
     """
-    if bits != 8:
-        raise ConfigError(f"quantize_base: bits={bits!r}; visionlora holds bases in 8 bits (bits=8)")
+    chosen = _backend(model, bits, backend, quant_type)
     check_not_dynamic(model)
-    for _, module in _targets(model, skip):
+    for name, module in _targets(model, skip):
+        if chosen == "bitsandbytes" and type(module) is nn.Linear:
+            replace_module(model, name, to_bnb(module, bits, quant_type))
+            continue
         weight: Tensor = module.weight  # type: ignore[assignment]  # a Linear's / Conv's
         q, scale = quantize_weight(weight)
         del module._parameters["weight"]
@@ -159,10 +206,12 @@ def quantize_base(model: nn.Module, bits: int = 8, *, skip: Sequence[str] = ()) 
 
 
 def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Turn :func:`quantize_base`'s layers back into float ones (weights q · s, in ``dtype`` or their
-    original dtype), in place; returns ``model``."""
-    for _, module in list(model.named_modules()):
-        if isinstance(module, Int8Weight):
+    """Turn :func:`quantize_base`'s layers, and bitsandbytes' Linear layers, back into float ones
+    (weights dequantized, in ``dtype`` or their original dtype), in place; returns ``model``."""
+    for name, module in list(model.named_modules()):
+        if bnb_bits(module):
+            replace_module(model, name, from_bnb(module, dtype))
+        elif isinstance(module, Int8Weight):
             held: Any = module
             weight = dequantize(held.weight_int8, held.weight_scale, dtype or held.weight_dtype)
             original = next(c for c in type(held).__mro__[1:] if issubclass(c, nn.Module) and c is not Int8Weight)
@@ -184,8 +233,17 @@ def release_trained(model: nn.Module, patterns: Sequence[str]) -> None:
 
 def float_state_dict(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """``state`` (a state dict of ``model`` under any naming that ends in the layers' own keys) with each
-    int8 layer's ``weight_int8`` / ``weight_scale`` replaced by its dequantized float32 ``weight``."""
+    int8 layer's ``weight_int8`` / ``weight_scale`` replaced by its dequantized float32 ``weight``, and
+    each bitsandbytes layer's tensors (under the un-adapted model's names) by its dequantized weight."""
     out = dict(state)
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    for name, module in model.named_modules():  # bitsandbytes' packed weight and quantization state
+        stem = _original(name, wrapped)
+        if bnb_bits(module) and f"{stem}.weight" in out:
+            extra = (f"{stem}.SCB", f"{stem}.weight_format")
+            for key in [k for k in out if k.startswith(f"{stem}.weight.") or k in extra]:
+                del out[key]
+            out[f"{stem}.weight"] = held_weight(module)
     for key in [k for k in state if k.endswith(".weight_int8") or k == "weight_int8"]:
         stem = key[: -len("weight_int8")]
         scale = out.pop(f"{stem}weight_scale")

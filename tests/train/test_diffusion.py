@@ -388,3 +388,22 @@ def test_a_style_run_trains_loha_and_dora_and_its_merged_pipeline_and_exports_ma
             path = tmp_path / "run" / f"adapter-{name}.safetensors"
             again = vl.load_adapter(copy.deepcopy(unet), path)(**unet_input()).sample
             assert (again - expected).abs().max() <= 1e-5 * expected.abs().max(), name
+
+
+def test_a_style_run_on_an_nf4_unet_merges_the_dequantized_weights(style, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    recipe = _recipe(style, max_steps=2)
+    recipe.model.quantize = "nf4"
+    recipe.validation.prompts = []
+    run_recipe(recipe, output=tmp_path / "run", progress=False)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(style / "pipe" / "unet").eval()
+    vl.quantize_base(unet, 4, backend="bitsandbytes")  # packs the same weights as the run did
+    assert {type(unet.get_submodule(n)).__name__ for n in ("conv_in", "time_embedding.linear_1")} == {
+        "Int8Conv2d",
+        "Linear4bit",
+    }
+    vl.load_adapter(unet, tmp_path / "run" / "adapter.safetensors")
+    merged = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "run" / "merged" / "unet").eval()
+    with torch.no_grad():
+        expected = unet(**unet_input()).sample
+        assert (merged(**unet_input()).sample - expected).abs().max() <= 1e-4 * expected.abs().max()

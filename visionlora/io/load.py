@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from visionlora._tree import adaptable_kind, iter_modules
+from visionlora.bnb import float_weight
 from visionlora.branches import FAMILY_KEYS, adapter_shapes, adapter_tensors
 from visionlora.errors import AdapterError, ConfigError, VisionLoraError
 from visionlora.inject import Match, attach, check_selected, check_wrappable
@@ -64,8 +65,8 @@ def fit_problems(file: AdapterFile, model: nn.Module) -> tuple[list[Match], list
                 problems.append(
                     f"{key}: shape {tuple(file.tensors[key].shape)} in the file, {shape} expected for rank {spec.rank}"
                 )
-            elif not _fits_dtype(file.tensors[key], base.weight.dtype):
-                problems.append(f"{key}: its values overflow the model's {base.weight.dtype} (Inf after the cast)")
+            elif not _fits_dtype(file.tensors[key], dtype := float_weight(base).dtype):
+                problems.append(f"{key}: its values overflow the model's {dtype} (Inf after the cast)")
         matches.append(Match(name, module, spec.kind, spec.rank, spec.alpha, spec.resolution, spec.family))
     for keys, existing, what in (
         (file.extra, original_parameters(model), "parameter"),

@@ -21,6 +21,7 @@ earlier output of the same kind.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -244,9 +245,12 @@ def _write_model_folder(folder: Path, model: nn.Module, dtype: torch.dtype | Non
     if from_diffusers(model):
         write_safetensors(folder / _DIFFUSERS_WEIGHTS, state, {"format": "pt"})
         model.save_config(str(folder))  # type: ignore[operator]
-        return
-    write_safetensors(folder / "model.safetensors", state, {"format": "pt"})
-    model.config.save_pretrained(str(folder))  # type: ignore[union-attr,operator]
+    else:
+        write_safetensors(folder / "model.safetensors", state, {"format": "pt"})
+        model.config.save_pretrained(str(folder))  # type: ignore[union-attr,operator]
+    config = json.loads((folder / "config.json").read_text())
+    if config.pop("quantization_config", None) is not None:  # loaded with a BitsAndBytesConfig: now float weights
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _skip(components: set[Path]) -> Callable[[str, list[str]], set[str]]:

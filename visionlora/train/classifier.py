@@ -27,12 +27,12 @@ from visionlora.models.heads import replace_head
 from visionlora.models.loading import build_model
 from visionlora.prefix import frozen_batchnorms, recalibrate_batchnorm, split_frozen_prefix
 from visionlora.preprocess import Augment, resolve_preprocess
-from visionlora.quantize import quantize_base
 from visionlora.train.data import EpochBatches, class_weights, classifier_datasets, set_epoch, targets_of
 from visionlora.train.optim import param_groups
 from visionlora.train.outputs import Outputs
 from visionlora.train.recipe import ClassifierData, ClassifierModel, ClassifierRecipe
 from visionlora.train.report import plot_confusion, plot_curves, plot_worst
+from visionlora.train.sections import quantize_frozen
 from visionlora.train.shadow import Shadow, ema_decay_at, tracked
 from visionlora.train.task import Built, Prepared, RunState, Task
 
@@ -139,8 +139,7 @@ class ClassifierTask(Task):
             cfg = dataclasses.replace(recipe.lora, trainable=sorted({*recipe.lora.trainable, *heads}))
             probe = cfg.rank_by_resolution or cfg.rank_budget is not None
             apply_lora(network, cfg, example_input=torch.zeros(1, 3, size, size) if probe else None)
-            if recipe.model.quantize == "int8":
-                quantize_base(network)  # the head and lora.trainable stay float
+            quantize_frozen(network, recipe.model.quantize, accelerator.device)  # the head, lora.trainable: float
         else:
             in_head = tuple(f"{h}." for h in heads)
             for name, param in network.named_parameters():

@@ -10,6 +10,7 @@ from visionlora.io.formats import FORMAT_TABLE
 from visionlora.preprocess import AutoAugment
 from visionlora.train.sections import (
     Output,
+    Quantize,
     Train,
     check_train,
     families_problem,
@@ -39,9 +40,11 @@ class ClassifierModel:
     """``pretrained`` (fetched by torchvision/timm), ``none`` (fresh weights), or a .safetensors/.pt file."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra arguments for ``torchvision.models.get_model`` / ``timm.create_model`` (e.g. ``img_size: 64``)."""
-    quantize: Literal["none", "int8"] = "none"
+    quantize: Quantize = "none"
     """``int8``: hold the frozen base's Linear and conv weights in int8 (``visionlora.quantize_base``, about 4×
-    less memory for them); LoRA runs only; the new head and ``lora.trainable`` modules stay float."""
+    less memory for them); ``bnb-int8``, ``nf4``, ``fp4``: its Linear layers in bitsandbytes' LLM.int8 or 4-bit
+    (``pip install 'visionlora[bnb]'``, not under FSDP), convs in int8. LoRA runs only; the new head and
+    ``lora.trainable`` modules stay float."""
 
 
 @dataclass

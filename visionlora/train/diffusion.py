@@ -24,7 +24,6 @@ from visionlora.inject import apply_lora
 from visionlora.io.files import atomic_path
 from visionlora.io.weights import load_original_transformer
 from visionlora.models.loading import example_input_for
-from visionlora.quantize import quantize_base
 from visionlora.train.conditioning import ENCODERS, Conditioner, Text
 from visionlora.train.data import EpochBatches, mix_seed
 from visionlora.train.denoising import denoising_for
@@ -46,6 +45,7 @@ from visionlora.train.diffusion_loss import draw_noise, held_out_loss
 from visionlora.train.outputs import Outputs
 from visionlora.train.recipe import DiffusionModel, DiffusionRecipe
 from visionlora.train.report import plot_losses
+from visionlora.train.sections import quantize_frozen
 from visionlora.train.shadow import Shadow, tracked
 from visionlora.train.sharding import is_fsdp
 from visionlora.train.task import Built, Prepared, RunState, Task
@@ -185,8 +185,7 @@ class StyleTask(Task):
         probe = recipe.lora.rank_by_resolution or recipe.lora.rank_budget is not None
         latent_size = data.resolution // pipe.vae_scale_factor
         apply_lora(unet, recipe.lora, example_input=example_input_for(unet, latent_size) if probe else None)
-        if recipe.model.quantize == "int8":
-            quantize_base(unet)
+        quantize_frozen(unet, recipe.model.quantize, device)
         parts: dict[str, nn.Module] = {self.denoiser: unet}
         sections = {self.denoiser: "lora"}
         for name, cfg in zip(ENCODERS[:2], (recipe.text_encoder_lora, recipe.text_encoder_2_lora), strict=True):

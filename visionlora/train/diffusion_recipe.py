@@ -9,6 +9,7 @@ from visionlora.config import LoraConfig
 from visionlora.io.formats import FORMAT_TABLE
 from visionlora.train.sections import (
     Output,
+    Quantize,
     Train,
     check_train,
     families_problem,
@@ -37,9 +38,10 @@ class DiffusionModel:
     single-file ``.safetensors`` checkpoint (then give ``config``)."""
     config: str | None = None
     """For a single-file checkpoint: a local diffusers pipeline folder with the matching configs."""
-    quantize: Literal["none", "int8"] = "none"
+    quantize: Quantize = "none"
     """``int8``: hold the frozen UNet's / transformer's Linear and conv weights in int8 (``visionlora.quantize_base``,
-    about 4× less memory for them); ``lora.trainable`` modules stay float."""
+    about 4× less memory for them); ``bnb-int8``, ``nf4``, ``fp4``: its Linear layers in bitsandbytes' LLM.int8 or
+    4-bit (QLoRA; ``pip install 'visionlora[bnb]'``, not under FSDP), convs in int8; ``lora.trainable`` stays float."""
 
 
 @dataclass

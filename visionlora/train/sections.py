@@ -9,8 +9,22 @@ from typing import Any, Literal
 from visionlora.config import DtypeName, LoraConfig, config_to_dict, is_finite_number
 from visionlora.errors import ConfigError
 from visionlora.io.formats import FORMAT_TABLE, AdapterFormat
+from visionlora.quantize import quantize_base
 
-__all__ = ["Output", "Train", "check_train", "fraction", "holding_extras", "positive", "raise_first"]
+__all__ = [
+    "Output",
+    "Quantize",
+    "Train",
+    "check_train",
+    "fraction",
+    "holding_extras",
+    "positive",
+    "quantize_frozen",
+    "raise_first",
+]
+
+Quantize = Literal["none", "int8", "bnb-int8", "nf4", "fp4"]
+"""``model.quantize``: how the frozen base is held (see :func:`quantize_frozen`)."""
 
 
 @dataclass
@@ -72,6 +86,18 @@ def families_problem(configs: Sequence[LoraConfig | None], export: Sequence[str]
                 one = " (one per model)" if fmt.runs_lora_layers else ""
                 return f"{name} holds {', '.join(fmt.families)}{one}; the adapter trains {', '.join(sorted(used))}"
     return None
+
+
+def quantize_frozen(model: Any, how: Quantize, device: Any) -> None:
+    """Hold ``model``'s frozen Linear/conv weights as ``model.quantize`` says: ``int8`` with visionlora's
+    int8 (any device); ``bnb-int8`` (LLM.int8), ``nf4`` or ``fp4`` with bitsandbytes for the Linear layers
+    (convs in visionlora's int8), after moving ``model`` to ``device``, where bitsandbytes quantizes."""
+    if how == "int8":
+        quantize_base(model, backend="visionlora")
+    elif how != "none":
+        model.to(device)
+        bits, kind = (8, "nf4") if how == "bnb-int8" else (4, how)
+        quantize_base(model, bits, backend="bitsandbytes", quant_type=kind)  # type: ignore[arg-type]
 
 
 def holding_extras() -> str:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from visionlora._deps import require
+from visionlora.bnb import bnb_bits
 from visionlora.errors import ConfigError, TrainingError
 from visionlora.layers import LoraLayer
 
@@ -119,11 +120,17 @@ def check_fsdp(accelerator: Any, model: nn.Module) -> None:
     """Refuse an FSDP set-up that cannot train ``model``'s LoRA layers, before anything is sharded.
 
     Raises:
-        ConfigError: torch older than 2.7, FSDP version 1, or a wrap policy that would shard a
-            module inside a LoRA layer.
+        ConfigError: a bitsandbytes base, torch older than 2.7, FSDP version 1, or a wrap policy that
+            would shard a module inside a LoRA layer.
     """
     if not is_fsdp(accelerator):
         return
+    held = [n for n, m in model.named_modules() if bnb_bits(m)]
+    if held:
+        raise ConfigError(
+            f"FSDP: {held[0]!r} is a bitsandbytes layer, whose packed weight and quantization state visionlora "
+            "does not shard; train it under DDP or in one process, or hold the base in int8 (model.quantize: int8)"
+        )
     if not _torch_has_fsdp2_tools():
         raise ConfigError(
             f"FSDP: visionlora needs torch 2.7 or newer under FSDP (torch.nn.utils.get_total_norm and "

@@ -1,0 +1,105 @@
+"""bitsandbytes bases: recognise its 8-bit and 4-bit Linear layers, read their weights in float, build them.
+
+bitsandbytes' ``Linear8bitLt`` (LLM.int8) and ``Linear4bit`` (QLoRA's NF4/FP4, and the ``LinearNF4`` /
+``LinearFP4`` subclasses) are what diffusers and transformers put in a model loaded with a
+``BitsAndBytesConfig``, and what :func:`visionlora.quantize_base` builds for ``bits=4`` or
+``backend="bitsandbytes"``. Their forward runs bitsandbytes' own kernels on the packed weight, so a
+LoRA layer on one adds its branches to that output and never runs the base on another weight;
+:func:`held_weight` is the float weight such a layer computes with (for ΔW's shape, DoRA's norm,
+a float merged export). Nothing here imports bitsandbytes until a layer is built or read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from visionlora._deps import require
+from visionlora.errors import ConfigError
+
+__all__ = ["QuantType", "bnb_bits", "float_weight", "from_bnb", "held_weight", "to_bnb"]
+
+QuantType = Literal["nf4", "fp4"]
+
+_CLASSES = {"Linear8bitLt": 8, "Linear4bit": 4}
+
+
+def bnb_bits(module: nn.Module) -> int | None:
+    """8 or 4 for a bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` (or a subclass), else None."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in _CLASSES and cls.__module__.startswith("bitsandbytes"):
+            return _CLASSES[cls.__name__]
+    return None
+
+
+def held_weight(module: nn.Module) -> Tensor:
+    """The float weight ``(out, in)`` a bitsandbytes layer computes with, detached: 4-bit weights
+    dequantized to their original dtype, 8-bit ones as int8 · SCB / 127 in float32 (a weight not
+    yet quantized, before the layer's first ``.to(device)``, as it is)."""
+    weight: Any = module.weight
+    if bnb_bits(module) == 4:
+        state = weight.quant_state
+        if state is None:
+            return weight.detach()
+        data = weight.data
+        if getattr(state, "packing_format_for_cpu", False):  # repacked for bitsandbytes' CPU kernel
+            functional = require("bitsandbytes.functional")
+            data, state = functional._convert_weight_packed_for_cpu_inverse(data, state)
+        return require("bitsandbytes.functional").dequantize_4bit(data, state)
+    if weight.dtype != torch.int8:
+        return weight.detach()
+    layer: Any = module
+    scb = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB  # where forward moved it
+    return weight.data.float() * (scb.float().reshape(-1, 1) / 127)
+
+
+def to_bnb(linear: nn.Linear, bits: int, quant_type: QuantType = "nf4") -> nn.Module:
+    """A bitsandbytes layer holding ``linear``'s weight in ``bits`` (8: LLM.int8 with diffusers' and
+    transformers' default outlier threshold 6.0; 4: ``quant_type``, computing in the weight's dtype),
+    quantized on ``linear``'s device, with ``linear``'s bias (frozen)."""
+    if bits not in _CLASSES.values():
+        raise ConfigError(f"bits={bits!r}; bitsandbytes holds Linear weights in 8 or 4 bits")
+    if quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"quant_type={quant_type!r}; bitsandbytes' 4-bit types are 'nf4' and 'fp4'")
+    modules = require("bitsandbytes.nn")
+    weight = linear.weight.detach()
+    device, has_bias = weight.device, linear.bias is not None
+    layer: Any
+    if bits == 8:
+        layer = modules.Linear8bitLt(
+            linear.in_features, linear.out_features, has_bias, has_fp16_weights=False, threshold=6.0
+        )
+        layer.weight = modules.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = modules.Linear4bit(
+            linear.in_features, linear.out_features, has_bias, compute_dtype=weight.dtype, quant_type=quant_type
+        )
+        layer.weight = modules.Params4bit(weight.cpu(), requires_grad=False, quant_type=quant_type, module=layer)
+    if has_bias:
+        layer.bias = nn.Parameter(linear.bias.detach().cpu(), requires_grad=False)  # type: ignore[union-attr]
+    layer = layer.to(device)  # bitsandbytes quantizes here
+    if bits == 8:
+        layer.init_8bit_state()  # CB/SCB in the layer's state, which Linear8bitLt.to moves with it
+    layer.train(linear.training)
+    return layer
+
+
+def from_bnb(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
+    """A float ``nn.Linear`` with a bitsandbytes layer's (dequantized) weight and its bias, frozen,
+    in ``dtype`` (or the dequantized weight's)."""
+    weight = held_weight(module)
+    dtype = dtype or weight.dtype
+    bias: Tensor | None = module.bias  # type: ignore[assignment]
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias is not None, device=weight.device, dtype=dtype)
+    linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=bias.requires_grad)
+    linear.train(module.training)
+    return linear
+
+
+def float_weight(base: nn.Module) -> Tensor:
+    """``base.weight``, or for a bitsandbytes layer its :func:`held_weight`: W as float values in the layer's shape."""
+    return held_weight(base) if bnb_bits(base) is not None else base.weight  # type: ignore[return-value]
