@@ -29,7 +29,7 @@ import bench  # scripts/bench.py: the timing helpers and benchmark models
 import visionlora as vl
 
 
-def _state_mb(model: torch.nn.Module) -> float:
+def state_mb(model: torch.nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
 
 
@@ -44,7 +44,7 @@ def speed(args: argparse.Namespace) -> None:
     print("| --- | --- | --- | --- |")
     for name, m in models.items():
         ratio = bench.paired_ratio(times, name, "fp32 base")
-        print(f"| {name} | {_state_mb(m):.1f} | {statistics.median(times[name]):.3f} | {ratio:.2f} |")
+        print(f"| {name} | {state_mb(m):.1f} | {statistics.median(times[name]):.3f} | {ratio:.2f} |")
 
 
 def quality(args: argparse.Namespace) -> None:
