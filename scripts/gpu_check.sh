@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One prepared check of visionlora's GPU path, within 8 minutes on one H100/H200:
 #   1. install this checkout as the README says (pip install -e ".[train]", plus pytest and peft to test
-#      with); the machine's own CUDA torch is kept. Offline, wheels come from .whl/ when it exists;
-#   2. the tests marked gpu: the recipes in bf16/fp16 with resume, merge math on CUDA, torch.compile;
+#      with, and bitsandbytes); the machine's own CUDA torch is kept. Offline, wheels come from .whl/ when
+#      it exists (without a bitsandbytes wheel there, its tests skip);
+#   2. the tests marked gpu: the recipes in bf16/fp16 with resume, merge math on CUDA, torch.compile,
+#      bitsandbytes bases;
 #   3. scripts/bench.py --device cuda --compile: resnet50 at 224 px batch 64, then an SD-1.5-shaped UNet
 #      at 64x64 latents batch 4, each eager and compiled, against PEFT;
 #   4. every figure in one JSON file, $OUT/gpu_check.json ($OUT set) or ./gpu_check.json.
@@ -34,13 +36,14 @@ phase() {  # phase NAME SECONDS COMMAND...: run it under a time limit (twice as 
 }
 
 install=(-e ".[train]" pytest peft)
+if [ ! -d .whl ] || ls .whl/bitsandbytes-* >/dev/null 2>&1; then install+=(bitsandbytes); fi  # else its tests skip
 if [ -d .whl ]; then install=(--no-index --find-links .whl --no-build-isolation "${install[@]}"); fi
 if [ "$smoke" = 1 ]; then install=(--dry-run --no-index --no-deps --no-build-isolation -e .); fi
 phase install 60 "$python" -m pip install -q "${install[@]}"
 
 if [ "$smoke" = 1 ]; then export VISIONLORA_GPU_TESTS=cpu; fi
 phase tests 170 "$python" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$work/tests.xml" \
-    tests/test_gpu.py tests/test_compat.py tests/train/test_gpu_recipes.py
+    tests/test_gpu.py tests/test_gpu_bnb.py tests/test_compat.py tests/train/test_gpu_recipes.py
 
 if [ "$smoke" = 1 ]; then
     bench=(--device cpu --toy --compile-backend eager --repeats 1 --per-round 1)  # dynamo alone: the tests compile fully

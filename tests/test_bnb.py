@@ -15,11 +15,20 @@ from torch import nn
 
 import visionlora as vl
 from tests.conftest import randomize_lora
-from visionlora.bnb import bnb_bits, from_bnb, held_weight, to_bnb
+from visionlora.bnb import bnb_bits, from_bnb, held_numel, held_weight, to_bnb
 
 bnb = pytest.importorskip("bitsandbytes")
 
 KINDS = [(8, "nf4"), (4, "nf4"), (4, "fp4")]
+
+
+@pytest.fixture(autouse=True)
+def _one_cpu_kernel(monkeypatch):
+    """bitsandbytes repacks 4-bit weights for another kernel in eval mode on CPUs with AVX512-BF16; keep
+    every machine on the same kernel (the repacked layout is tested on its own below)."""
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
+
+
 IDS = ["int8", "nf4", "fp4"]
 
 
@@ -228,7 +237,7 @@ def test_bad_settings_and_a_missing_bitsandbytes_are_named(monkeypatch):
         vl.quantize_base(mlp(), 4, quant_type="int4")  # type: ignore[arg-type]
     with pytest.raises(vl.ConfigError, match="bits=2"):
         to_bnb(mlp()[0], 2)
-    assert type(vl.quantize_base(mlp())[0]).__name__ == "Int8Linear"  # auto on the CPU: visionlora's int8
+    assert type(vl.quantize_base(mlp())[0]).__name__ == "Int8Linear"  # auto, 8 bits: visionlora's int8
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(vl.MissingDependencyError, match=r"'bitsandbytes'.*visionlora\[bnb\]"):
         vl.quantize_base(mlp(), 4)
@@ -243,3 +252,57 @@ def test_fsdp_refuses_a_bitsandbytes_base_by_name_before_sharding():
     fsdp = SimpleNamespace(distributed_type=accelerate.utils.DistributedType.FSDP)
     with pytest.raises(vl.ConfigError, match=r"FSDP: '0' is a bitsandbytes layer.*model.quantize: int8"):
         check_fsdp(fsdp, vl.quantize_base(mlp(), 4))
+
+
+def test_a_weight_bitsandbytes_repacked_for_its_cpu_kernel_reads_back_and_stays_packed():
+    functional = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    layer = to_bnb(nn.Linear(64, 64), 4)
+    expected = held_weight(layer)
+    weight = layer.weight
+    weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    packed = weight.data.clone()
+    read = held_weight(layer)  # bitsandbytes' inverse restores the scales to within their rounding
+    assert (read - expected).abs().max() <= 2e-3 * expected.abs().max()
+    assert torch.equal(held_weight(layer), read)  # reading leaves the layer as it was
+    assert torch.equal(weight.data, packed) and weight.quant_state.packing_format_for_cpu
+
+
+def test_llm_int8_keeps_its_scales_through_a_state_dict_and_its_dtype_through_dequantizing():
+    torch.manual_seed(0)
+    layer = to_bnb(nn.Linear(16, 32).to(torch.bfloat16), 8)
+    other = to_bnb(nn.Linear(16, 32).to(torch.bfloat16), 8)
+    other.load_state_dict(layer.state_dict())  # bitsandbytes reads its SCB back into a quantized layer
+    assert torch.equal(held_weight(other), held_weight(layer)) and held_weight(layer).dtype == torch.bfloat16
+    assert from_bnb(layer).weight.dtype == torch.bfloat16
+
+
+def test_trainable_modules_and_biases_still_train_on_a_bitsandbytes_base():
+    model = vl.quantize_base(mlp(), 4)
+    vl.apply_lora(model, vl.LoraConfig(targets=["0"], rank=2, trainable=["2"]))
+    assert type(model[2]) is nn.Linear and model[2].weight.requires_grad  # made float to train in full
+    biased = vl.apply_lora(mlp(), vl.LoraConfig(targets=["0", "2"], rank=2, bias="lora_only"))
+    vl.quantize_base(biased, 4)  # after apply_lora, as the recipes do
+    assert bnb_bits(biased[0].base) == 4 and biased[0].base.bias.requires_grad
+    biased.train()(torch.randn(4, 16)).sum().backward()
+    assert biased[0].base.bias.grad is not None and biased[0].base.bias.grad.abs().sum() > 0
+    float_count = sum(p.numel() for p in mlp().parameters())
+    assert sum(held_numel(p) for p in vl.quantize_base(mlp(), 4).parameters()) == float_count
+    text = vl.summary(vl.apply_lora(vl.quantize_base(mlp(), 4), vl.LoraConfig(targets=["0"], rank=8)))
+    assert f"384 of {float_count + 384:,}" in text  # LoRA: 8 · (16 + 32)
+
+
+def test_extracting_a_lora_against_a_bitsandbytes_base_uses_its_dequantized_weight():
+    base = vl.quantize_base(mlp(), 8, backend="bitsandbytes")
+    tuned = mlp()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for i in (0, 2):
+            low_rank = torch.randn(tuned[i].out_features, 2, generator=g) @ torch.randn(
+                2, tuned[i].in_features, generator=g
+            )
+            tuned[i].weight.copy_(held_weight(base[i]) + 0.1 * low_rank)
+    vl.extract_lora(base, tuned, vl.LoraConfig(targets=["0", "2"], rank=2, alpha=2))
+    for i in (0, 2):
+        expected = tuned[i].weight - held_weight(base[i].base)
+        torch.testing.assert_close(base[i].delta_weight(), expected, rtol=1e-4, atol=1e-5)

@@ -11,15 +11,17 @@ a float merged export). Nothing here imports bitsandbytes until a layer is built
 
 from __future__ import annotations
 
+import copy
+import math
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from visionlora._deps import require
-from visionlora.errors import ConfigError
+from visionlora.errors import ConfigError, UnsupportedModuleError
 
-__all__ = ["QuantType", "bnb_bits", "float_weight", "from_bnb", "held_weight", "to_bnb"]
+__all__ = ["QuantType", "bnb_bits", "float_weight", "from_bnb", "held_numel", "held_weight", "to_bnb"]
 
 QuantType = Literal["nf4", "fp4"]
 
@@ -36,29 +38,46 @@ def bnb_bits(module: nn.Module) -> int | None:
 
 def held_weight(module: nn.Module) -> Tensor:
     """The float weight ``(out, in)`` a bitsandbytes layer computes with, detached: 4-bit weights
-    dequantized to their original dtype, 8-bit ones as int8 · SCB / 127 in float32 (a weight not
-    yet quantized, before the layer's first ``.to(device)``, as it is)."""
+    dequantized to their original dtype, 8-bit ones as int8 · SCB / 127 in the dtype :func:`to_bnb`
+    recorded (else the bias's, else float32); a weight not yet quantized (before the layer's first
+    ``.to(device)``) as it is. The layer is not changed.
+
+    Raises:
+        UnsupportedModuleError: a packed 4-bit weight without its quantization state.
+    """
     weight: Any = module.weight
+    layer: Any = module
     if bnb_bits(module) == 4:
-        state = weight.quant_state
+        state = weight.quant_state if weight.quant_state is not None else getattr(layer, "quant_state", None)
         if state is None:
-            return weight.detach()
+            if weight.is_floating_point():
+                return weight.detach()
+            raise UnsupportedModuleError(
+                f"{type(module).__name__}: its packed 4-bit weight has no quantization state (weight.quant_state)"
+            )
+        functional = require("bitsandbytes.functional")
         data = weight.data
-        if getattr(state, "packing_format_for_cpu", False):  # repacked for bitsandbytes' CPU kernel
-            functional = require("bitsandbytes.functional")
-            data, state = functional._convert_weight_packed_for_cpu_inverse(data, state)
-        return require("bitsandbytes.functional").dequantize_4bit(data, state)
+        if getattr(state, "packing_format_for_cpu", False):  # repacked by bitsandbytes' CPU inference kernel
+            data, state = functional._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return functional.dequantize_4bit(data, state)
     if weight.dtype != torch.int8:
         return weight.detach()
-    layer: Any = module
-    scb = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB  # where forward moved it
-    return weight.data.float() * (scb.float().reshape(-1, 1) / 127)
+    scb = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB  # forward moves it there
+    bias = module.bias
+    dtype = getattr(module, "held_dtype", None) or (torch.float32 if bias is None else bias.dtype)
+    return (weight.data.float() * (scb.to(weight.device).float().reshape(-1, 1) / 127)).to(dtype)
+
+
+def held_numel(param: Tensor) -> int:
+    """How many numbers ``param`` holds: a packed 4-bit weight counts its unpacked shape."""
+    state = getattr(param, "quant_state", None)
+    return math.prod(state.shape) if state is not None else param.numel()
 
 
 def to_bnb(linear: nn.Linear, bits: int, quant_type: QuantType = "nf4") -> nn.Module:
     """A bitsandbytes layer holding ``linear``'s weight in ``bits`` (8: LLM.int8 with diffusers' and
     transformers' default outlier threshold 6.0; 4: ``quant_type``, computing in the weight's dtype),
-    quantized on ``linear``'s device, with ``linear``'s bias (frozen)."""
+    quantized on ``linear``'s device, with ``linear``'s bias (training if it did)."""
     if bits not in _CLASSES.values():
         raise ConfigError(f"bits={bits!r}; bitsandbytes holds Linear weights in 8 or 4 bits")
     if quant_type not in ("nf4", "fp4"):
@@ -72,18 +91,16 @@ def to_bnb(linear: nn.Linear, bits: int, quant_type: QuantType = "nf4") -> nn.Mo
             linear.in_features, linear.out_features, has_bias, has_fp16_weights=False, threshold=6.0
         )
         layer.weight = modules.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
+        layer.held_dtype = weight.dtype  # int8 keeps no trace of it
     else:
         layer = modules.Linear4bit(
             linear.in_features, linear.out_features, has_bias, compute_dtype=weight.dtype, quant_type=quant_type
         )
         layer.weight = modules.Params4bit(weight.cpu(), requires_grad=False, quant_type=quant_type, module=layer)
-    if has_bias:
-        layer.bias = nn.Parameter(linear.bias.detach().cpu(), requires_grad=False)  # type: ignore[union-attr]
-    layer = layer.to(device)  # bitsandbytes quantizes here
-    if bits == 8:
-        layer.init_8bit_state()  # CB/SCB in the layer's state, which Linear8bitLt.to moves with it
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().cpu(), requires_grad=linear.bias.requires_grad)
     layer.train(linear.training)
-    return layer
+    return layer.to(device)  # bitsandbytes quantizes here; LLM.int8's scales stay with the weight when it moves
 
 
 def from_bnb(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:

@@ -320,6 +320,7 @@ def extract_lora(
             "rank-r LoRA (truncated SVD), which has no DoRA, LoHa or LoKr counterpart; use family='lora'"
         )
     tuned, base = original_parameters(finetuned_model), original_parameters(base_model)
+    base |= {f"{m.name}.weight": float_weight(base_layer(m.module)) for m in matches}  # a bitsandbytes base's too
     extras = list(trained_extras(base_model, cfg, {m.name for m in matches}))
     needed = [f"{m.name}.weight" for m in matches] + extras
     problems = [k for k in needed if k not in tuned or tuned[k].shape != base[k].shape]

@@ -15,7 +15,6 @@ into float ones (e.g. before ``merge``).
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
@@ -150,20 +149,12 @@ def _backend(model: nn.Module, bits: int, backend: Backend, quant_type: QuantTyp
     if bits not in (8, 4):
         raise ConfigError(f"quantize_base: bits={bits!r}; valid: 8, or 4 (bitsandbytes' NF4/FP4)")
     if backend == "auto":
-        cuda = any(p.is_cuda for p in model.parameters())
-        backend = "bitsandbytes" if bits == 4 or (cuda and _installed("bitsandbytes")) else "visionlora"
+        backend = "bitsandbytes" if bits == 4 else "visionlora"
     if backend == "visionlora" and bits != 8:
         raise ConfigError("quantize_base: visionlora holds bases in 8 bits; bits=4 needs backend='bitsandbytes'")
     if backend == "bitsandbytes":
         require("bitsandbytes")  # before any layer changes
     return backend
-
-
-def _installed(package: str) -> bool:
-    try:
-        return importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):  # a None or broken entry in sys.modules
-        return False
 
 
 def quantize_base(
@@ -182,7 +173,8 @@ def quantize_base(
     ``"bitsandbytes"`` replaces the Linear layers by bitsandbytes' ``Linear8bitLt`` (``bits=8``) or
     ``Linear4bit`` (``bits=4``, ``quant_type`` NF4 or FP4), quantized on the model's device, and
     holds the convs in visionlora's int8 (bitsandbytes has no conv). ``"auto"``: bitsandbytes for
-    ``bits=4``, and for ``bits=8`` when the model is on CUDA and bitsandbytes is installed.
+    ``bits=4``, visionlora for ``bits=8`` (the same layers and state-dict keys on every device).
+    bitsandbytes quantizes where the model is: move it to its device first.
 
     Raises:
         ConfigError: ``bits`` other than 8 or 4, 4 bits with the visionlora backend, an unknown backend.
@@ -223,12 +215,14 @@ def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mo
 
 
 def release_trained(model: nn.Module, patterns: Sequence[str]) -> None:
-    """Turn the int8 layers in modules matching ``patterns`` (an adapter's ``trainable`` modules, about to
-    train in full) back into float ones."""
+    """Turn the int8 and bitsandbytes layers in modules matching ``patterns`` (an adapter's ``trainable``
+    modules, about to train in full) back into float ones."""
     kept = {n for n, _ in model.named_modules() if any(pattern_matches(p, n) for p in patterns)}
     for name, module in list(model.named_modules()):
         if isinstance(module, Int8Weight) and is_under(name, kept):
             dequantize_base(cast(nn.Module, module))
+        elif bnb_bits(module) and is_under(name, kept):
+            replace_module(model, name, from_bnb(module))
 
 
 def float_state_dict(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from visionlora.bnb import held_numel
 from visionlora.branches import Adapter
 from visionlora.layers import layer_kind
 from visionlora.state import lora_layers
@@ -55,7 +56,7 @@ def summary(model: nn.Module) -> str:
                     f"{count:,}",
                 )
             )
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(held_numel(p) for p in model.parameters())  # a packed 4-bit weight: its unpacked count
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]

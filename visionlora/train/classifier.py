@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from visionlora._deps import require
+from visionlora.bnb import held_numel
 from visionlora.classify import ClassifierInfo, confusion_matrix, macro_f1
 from visionlora.errors import ConfigError
 from visionlora.inject import apply_lora
@@ -278,7 +279,7 @@ class ClassifierTask(Task):
             "best": None if best is None else {k: state.history[best][k] for k in _METRICS},
             "stopped_early": state.step < run.total,  # only early stopping ends a run before its last step
             "trainable_parameters": trainable,
-            "trainable_percent": 100.0 * trainable / sum(p.numel() for p in params),
+            "trainable_percent": 100.0 * trainable / sum(held_numel(p) for p in params),
             "classes": self.classes,
             "preprocess": self.preprocess.to_dict(),
             "history": state.history,
