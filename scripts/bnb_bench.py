@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # scripts/bench.py: the timing helpers
-from int8_bench import state_mb
+from int8_bench import print_scores, run_tables, state_mb
 
 import visionlora as vl
 
@@ -111,28 +111,8 @@ def quality(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 scores[name].append((model.eval()(vx[second]).argmax(1) == vy[second] - 5).float().mean().item())
         print(f"seed {seed}: " + ", ".join(f"{n}: {s[-1]:.3f}" for n, s in scores.items()), flush=True)
-    print(
-        f"\n| digits 5-9 on an MLP trained on 0-4, LoRA r=8 + new head, {len(args.seeds)} seeds "
-        "| val. accuracy mean ± sd | min – max |"
-    )
-    print("| --- | --- | --- |")
-    for name, s in scores.items():
-        print(f"| {name} | {statistics.mean(s):.3f} ± {statistics.pstdev(s):.3f} | {min(s):.3f} – {max(s):.3f} |")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=["speed", "quality"], default=["speed", "quality"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=300)
-    args = parser.parse_args()
-    if "quality" in args.only:
-        quality(args)
-    if "speed" in args.only:
-        speed(args)
+    print_scores(f"digits 5-9 on an MLP trained on 0-4, LoRA r=8 + new head, {len(args.seeds)} seeds", scores)
 
 
 if __name__ == "__main__":
-    main()
+    run_tables(__doc__, {"quality": quality, "speed": speed}, repeats=6, steps=300)

@@ -16,6 +16,7 @@ import copy
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,25 +66,32 @@ def quality(args: argparse.Namespace) -> None:
                 recipe = parse_recipe(quickstart_recipe(task_b, base, args.epochs, seed, overrides))
                 scores[name].append(run_recipe(recipe, output=out / name[:4], progress=False)["val_accuracy"])
             print(f"seed {seed}: " + ", ".join(f"{n}: {s[-1]:.3f}" for n, s in scores.items()), flush=True)
-    print(f"\n| digits 5-9, quickstart LoRA, {len(args.seeds)} seeds | val. accuracy mean ± sd | min – max |")
+    print_scores(f"digits 5-9, quickstart LoRA, {len(args.seeds)} seeds", scores)
+
+
+def print_scores(title: str, scores: dict[str, list[float]]) -> None:
+    """The accuracy table: mean ± sd and range over seeds, one row per contender."""
+    print(f"\n| {title} | val. accuracy mean ± sd | min – max |")
     print("| --- | --- | --- |")
     for name, s in scores.items():
         print(f"| {name} | {statistics.mean(s):.3f} ± {statistics.pstdev(s):.3f} | {min(s):.3f} – {max(s):.3f} |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=["speed", "quality"], default=["speed", "quality"])
+def run_tables(doc: str, tables: dict[str, Callable[[argparse.Namespace], None]], repeats: int, **extra: int) -> None:
+    """Parse the shared options (``--only``, ``--device``, ``--repeats``, ``--seeds``; ``extra`` as ints)
+    and print the tables asked for."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(tables), default=list(tables))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=6)
+    for name, default in extra.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args()
-    if "speed" in args.only:
-        speed(args)
-    if "quality" in args.only:
-        quality(args)
+    for name, table in tables.items():
+        if name in args.only:
+            table(args)
 
 
 if __name__ == "__main__":
-    main()
+    run_tables(__doc__, {"speed": speed, "quality": quality}, repeats=8, epochs=6)
