@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from tests.io.adapter_mutations import FORMATS, HypothesisChooser, choice, mutate, run_case, seeds_of
 
-EXAMPLES = 200  # per format; scripts/fuzz.py runs the same mutators for longer
+EXAMPLES = 150  # per format; scripts/fuzz.py runs the same mutators for longer
 
 
 @pytest.mark.parametrize("format", FORMATS)
