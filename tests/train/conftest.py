@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +27,19 @@ def digit_folder(root: Path, digits: tuple[int, ...] = (0, 1, 2), per_class: int
         Image.fromarray(pixels).resize((16, 16)).save(folder / f"{counts[label]:03d}.png")
         counts[label] += 1
     return root
+
+
+def side_by_side(commands: list[list[str]], env: dict[str, str]) -> list[subprocess.CompletedProcess[str]]:
+    """Run ``commands`` at the same time (each with OMP_NUM_THREADS=1 in ``env``: a one-process run beside
+    a two-process one shares the 2 cores instead of waiting for them) and return each one's result."""
+    running = [
+        subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands
+    ]
+    results = []
+    for command, process in zip(commands, running, strict=True):
+        out, err = process.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(command, process.returncode, out, err))
+    return results
 
 
 def torchrun(processes: int) -> list[str]:

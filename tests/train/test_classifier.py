@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torchvision
 from safetensors.torch import load_file
 
 import visionlora as vl
-from tests.train.conftest import tiny_recipe, torchrun
+from tests.train.conftest import side_by_side, tiny_recipe, torchrun
 from visionlora.cli import main
 from visionlora.train import dump_recipe, load_recipe, run_recipe
 from visionlora.train.checkpoint import checkpoint_dirs
@@ -159,8 +158,7 @@ def test_two_processes_give_the_adapter_of_one_with_the_same_global_batch(digits
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = [sys.executable, "-m", "visionlora", "train", str(path), *sets, "--output", str(tmp_path / "one")]
     two = [*torchrun(2), "-m", "visionlora", "train", str(path), *sets, "--output", str(tmp_path / "two")]
-    for argv in (one, two):
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    for done in side_by_side([one, two], env):
         assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["processes"] == 2
     a, b = load_file(tmp_path / "one" / "adapter.safetensors"), load_file(tmp_path / "two" / "adapter.safetensors")

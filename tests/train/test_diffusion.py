@@ -160,10 +160,9 @@ def _launch(tmp_path: Path, runs: dict[str, tuple[str, Path]], *extra: str) -> N
     """Train each recipe file as named: ``one`` process, 2 under ``ddp``, 2 under ``fsdp`` (CPU, see fsdp_cpu.py)."""
     import json
     import os
-    import subprocess
     import sys
 
-    from tests.train.conftest import torchrun
+    from tests.train.conftest import side_by_side, torchrun
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VISIONLORA_TEST_FSDP_WRAP": "BasicTransformerBlock"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])
@@ -172,9 +171,11 @@ def _launch(tmp_path: Path, runs: dict[str, tuple[str, Path]], *extra: str) -> N
         "ddp": [*torchrun(2), "-m", "visionlora"],
         "fsdp": [*torchrun(2), str(Path(__file__).with_name("fsdp_cpu.py"))],
     }
-    for name, (how, recipe) in runs.items():
-        argv = [*start[how], "train", str(recipe), "--output", str(tmp_path / name), *extra]
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    argvs = [
+        [*start[how], "train", str(recipe), "--output", str(tmp_path / name), *extra]
+        for name, (how, recipe) in runs.items()
+    ]
+    for (name, (how, _)), done in zip(runs.items(), side_by_side(argvs, env), strict=True):
         assert done.returncode == 0, done.stderr[-3000:]
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         assert metrics["processes"] == (1 if how == "one" else 2)

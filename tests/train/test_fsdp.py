@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import visionlora as vl
-from tests.train.conftest import torchrun
+from tests.train.conftest import side_by_side, torchrun
 
 pytest.importorskip("accelerate")
 pytest.importorskip("matplotlib")
@@ -24,18 +24,26 @@ RECIPE = Path(__file__).parents[2] / "recipes" / "classifier-tiny.yaml"
 LAUNCHER = Path(__file__).with_name("fsdp_cpu.py")
 
 
-def _train(
-    argv: list[str], out: Path, *sets: str, wrap: str = "Block", resume: bool = False
-) -> subprocess.CompletedProcess[str]:
-    env = {
+def _env(wrap: str = "Block") -> dict[str, str]:
+    return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "VISIONLORA_TEST_FSDP_WRAP": wrap,
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
     }
+
+
+def _command(argv: list[str], out: Path, *sets: str, resume: bool = False) -> list[str]:
     command = [*argv, "train", str(RECIPE), *[a for s in sets for a in ("--set", s)], "--output", str(out)]
-    command += ["--resume", "latest"] if resume else []
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return command + (["--resume", "latest"] if resume else [])
+
+
+def _train(
+    argv: list[str], out: Path, *sets: str, wrap: str = "Block", resume: bool = False
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _command(argv, out, *sets, resume=resume), env=_env(wrap), capture_output=True, text=True, timeout=300
+    )
 
 
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tolerance: float) -> None:
@@ -55,8 +63,11 @@ def test_two_fsdp_processes_train_resume_and_write_what_one_process_does(digits_
         "train.checkpoint_every=1",
     )
     fsdp = [*torchrun(2), str(LAUNCHER)]
-    for argv, out in (([sys.executable, "-m", "visionlora"], tmp_path / "one"), (fsdp, tmp_path / "two")):
-        done = _train(argv, out, *sets)
+    runs = [
+        _command([sys.executable, "-m", "visionlora"], tmp_path / "one", *sets),
+        _command(fsdp, tmp_path / "two", *sets),
+    ]
+    for done in side_by_side(runs, _env()):
         assert done.returncode == 0, done.stderr[-6000:]
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["distributed"] == "FSDP"
