@@ -237,6 +237,8 @@ def test_bad_settings_and_a_missing_bitsandbytes_are_named(monkeypatch):
         vl.quantize_base(mlp(), 4, quant_type="int4")  # type: ignore[arg-type]
     with pytest.raises(vl.ConfigError, match="bits=2"):
         to_bnb(mlp()[0], 2)
+    with pytest.raises(vl.UnsupportedModuleError, match=r"itself an nn.Linear.*nn.Sequential\(linear\)"):
+        vl.quantize_base(nn.Linear(4, 4), 4)
     assert type(vl.quantize_base(mlp())[0]).__name__ == "Int8Linear"  # auto, 8 bits: visionlora's int8
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(vl.MissingDependencyError, match=r"'bitsandbytes'.*visionlora\[bnb\]"):

@@ -183,6 +183,11 @@ def quantize_base(
     """
     chosen = _backend(model, bits, backend, quant_type)
     check_not_dynamic(model)
+    if chosen == "bitsandbytes" and type(model) is nn.Linear:
+        raise UnsupportedModuleError(
+            "quantize_base: the model is itself an nn.Linear, which bitsandbytes would replace rather than "
+            "change in place; pass the module that holds it (e.g. nn.Sequential(linear))"
+        )
     for name, module in _targets(model, skip):
         if chosen == "bitsandbytes" and type(module) is nn.Linear:
             replace_module(model, name, to_bnb(module, bits, quant_type))
