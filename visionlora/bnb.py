@@ -30,10 +30,14 @@ _CLASSES = {"Linear8bitLt": 8, "Linear4bit": 4}
 
 def bnb_bits(module: nn.Module) -> int | None:
     """8 or 4 for a bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` (or a subclass), else None."""
-    for cls in type(module).__mro__:
-        if cls.__name__ in _CLASSES and cls.__module__.startswith("bitsandbytes"):
-            return _CLASSES[cls.__name__]
-    return None
+    layer_type = type(module)
+    if layer_type not in _BITS:  # asked on every forward of a LoRA layer's fast path: once per class
+        found = (c for c in layer_type.__mro__ if c.__name__ in _CLASSES and c.__module__.startswith("bitsandbytes"))
+        _BITS[layer_type] = next((_CLASSES[c.__name__] for c in found), None)
+    return _BITS[layer_type]
+
+
+_BITS: dict[type, int | None] = {}
 
 
 def held_weight(module: nn.Module) -> Tensor:
