@@ -120,7 +120,7 @@ def test_quantizing_before_or_after_apply_lora_and_layers_bitsandbytes_built_giv
     with torch.no_grad():
         expected = before.train()(x)
         assert torch.equal(after.train()(x), expected) and torch.equal(built.train()(x), expected)
-    assert {type(m[0].base).__name__ for m in [(before[0],), (after[0],), (built[0],)]} == {"Linear4bit"}
+    assert {type(m[0].base).__name__ for m in (before, after, built)} == {"Linear4bit"}
 
 
 def test_merging_is_refused_and_the_merged_exports_hold_the_dequantized_weight_plus_delta(tmp_path):
