@@ -371,3 +371,11 @@ def transformer_output(model: nn.Module, seed: int = 1) -> Tensor:
 @pytest.fixture
 def net() -> TinyNet:
     return tiny_net()
+
+
+@pytest.fixture
+def one_bnb_cpu_kernel(monkeypatch):
+    """bitsandbytes repacks 4-bit weights for another kernel in eval mode on CPUs with AVX512-BF16; keep
+    every machine on the same kernel (tests/test_bnb.py tests the repacked layout on its own)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False, raising=False)

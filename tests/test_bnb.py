@@ -18,15 +18,9 @@ from tests.conftest import randomize_lora
 from visionlora.bnb import bnb_bits, from_bnb, held_numel, held_weight, to_bnb
 
 bnb = pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.usefixtures("one_bnb_cpu_kernel")
 
 KINDS = [(8, "nf4"), (4, "nf4"), (4, "fp4")]
-
-
-@pytest.fixture(autouse=True)
-def _one_cpu_kernel(monkeypatch):
-    """bitsandbytes repacks 4-bit weights for another kernel in eval mode on CPUs with AVX512-BF16; keep
-    every machine on the same kernel (the repacked layout is tested on its own below)."""
-    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False, raising=False)
 
 
 IDS = ["int8", "nf4", "fp4"]

@@ -16,17 +16,11 @@ import visionlora as vl
 from tests.conftest import GPU_TESTS_DEVICE, needs_gpu, randomize_lora, tiny_unet, unet_input
 from visionlora.bnb import bnb_bits, held_weight
 
-pytestmark = [pytest.mark.gpu, needs_gpu]
+pytestmark = [pytest.mark.gpu, needs_gpu, pytest.mark.usefixtures("one_bnb_cpu_kernel")]
 DEVICE = GPU_TESTS_DEVICE or "cpu"
 bnb = pytest.importorskip("bitsandbytes")
 
 KINDS = [(8, "nf4"), (4, "nf4"), (4, "fp4")]
-
-
-@pytest.fixture(autouse=True)
-def _one_cpu_kernel(monkeypatch):
-    """On the CPU (--smoke): the same bitsandbytes kernel on every machine (see tests/test_bnb.py)."""
-    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False, raising=False)
 
 
 def _mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:

@@ -391,11 +391,7 @@ def test_a_style_run_trains_loha_and_dora_and_its_merged_pipeline_and_exports_ma
             assert (again - expected).abs().max() <= 1e-5 * expected.abs().max(), name
 
 
-def test_a_style_run_on_an_nf4_unet_merges_the_dequantized_weights(style, tmp_path, monkeypatch):
-    bnb = pytest.importorskip("bitsandbytes")
-    monkeypatch.setattr(
-        bnb.nn.modules, "has_avx512bf16", lambda: False, raising=False
-    )  # one CPU kernel on every machine
+def test_a_style_run_on_an_nf4_unet_merges_the_dequantized_weights(style, tmp_path, one_bnb_cpu_kernel):
     recipe = _recipe(style, max_steps=2)
     recipe.model.quantize = "nf4"
     recipe.validation.prompts = []
